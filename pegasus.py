@@ -1,0 +1,1650 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.8"
+# dependencies = ["pyyaml", "pybars3"]
+# ///
+"""pegasus.py: run a bag of shell jobs on the machines you can ssh into.
+
+Write hosts.yaml (where to run) and queue.yaml (what to run), then:
+
+    ./pegasus.py q      queue mode: each job runs once, on the next free slot
+    ./pegasus.py b      broadcast mode: each job runs on every slot, in lock-step
+    ./pegasus.py l      lock mode: lock queue.yaml and open it in an editor
+
+Hosts and jobs may be parametrized (a mapping of lists expands to the
+cartesian product) and are filled in with Handlebars templates. Jobs that
+start move from queue.yaml to consumed.yaml; the queue file keeps the user's
+comments and layout. With -d/--daemon an empty queue does not end the run.
+
+How it works: one ssh ControlMaster per host (the system `ssh`, so the user's
+~/.ssh/config applies), every job a cheap session on it. A single `selectors`
+loop reads every job's output, exits, signals and timers. Each job runs under
+a small `sh` wrapper that kills the job's process group when its ssh
+connection goes away, so jobs never outlive pegasus. An fcntl lock on a
+sidecar file (queue.yaml.lock) guards the queue file against lock mode.
+
+Needs Python 3.8+, OpenSSH 7.6+, Linux or macOS, and two packages: PyYAML and
+pybars3. This is a re-creation of Pegasus (the Rust crate pegasus-ssh) and
+reads the same files.
+"""
+
+import argparse
+import datetime
+import errno
+import fcntl
+import heapq
+import itertools
+import os
+import re
+import resource
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import yaml
+except ImportError:
+    sys.exit("pegasus: needs PyYAML: pip install --user pyyaml pybars3")
+
+__version__ = "0.1.0"
+
+# ----------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------
+
+EXIT_OK = 0            # every job succeeded
+EXIT_FAILED = 1        # at least one job failed
+EXIT_USAGE = 2         # bad command line, bad file, no host reachable
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C or SIGTERM before the queue was done
+
+LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
+
+# sshd's MaxSessions defaults to 10 per connection and the master keeps one
+# session for itself, so at most this many jobs share one master; a hostname
+# with more slots gets a second master.
+SESSIONS_PER_MASTER = 8
+
+# A line longer than this is printed in pieces, so a job that writes
+# gigabytes without a newline cannot exhaust memory.
+MAX_LINE = 1 << 20
+
+READ_SIZE = 1 << 16
+CONNECT_POLL = 0.02    # how often to look for a new master's control socket
+QUEUE_POLL = 0.5       # how often to stat the queue file while waiting on it
+LOCK_RETRY = 0.2       # how often to retry the queue lock while lock mode holds it
+
+# Options for every ssh we start. They come after the user's own -o options
+# because ssh keeps the first value it sees for each option.
+SSH_OPTIONS = (
+    "-o", "BatchMode=yes",            # fail, never prompt for a password
+    "-o", "ConnectTimeout=15",        # a host that does not answer fails in bounded time
+    "-o", "ServerAliveInterval=15",   # a hung connection (frozen host, cut cable)
+    "-o", "ServerAliveCountMax=4",    # ... is declared dead after about a minute
+)
+
+# The script every job runs under, on a host or locally, as
+#   sh -c WRAPPER sh ENCODED_COMMAND
+# It decodes the command (printf %b turns \0NNN back into bytes), runs it with
+# an empty stdin, and watches its own stdin: pegasus never writes to it, so
+# EOF means pegasus closed it on purpose (cancel) or died, or the connection
+# dropped. Then `kill 0` ends the whole process group, which sshd made for
+# this session (and pegasus, locally, with start_new_session). When the job
+# ends normally the watcher is killed first, so what the job left running in
+# the background is left alone. The text holds no backslash, `!`, newline or
+# single quote, so every login shell (sh, bash, zsh, fish, tcsh) passes it
+# through single quotes untouched.
+WRAPPER = (
+    'c=$(printf %b "$1"x);'
+    'exec 3<&0;'
+    'sh -c "${c%x}" sh </dev/null 3<&- & j=$!;'
+    '(cat <&3 >/dev/null 2>&1;kill -TERM 0) & w=$!;'
+    'exec 3<&-;'
+    'wait $j;s=$?;'
+    'kill $w 2>/dev/null;'
+    'exit $s'
+)
+
+# Bytes that may stand as themselves in the encoded command: safe inside
+# single quotes in every shell above. All others become \0NNN.
+SAFE_BYTES = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _./,:=+@-")
+
+# ----------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------
+
+
+class PegasusError(Exception):
+    """A problem the user can fix; str(e) is the whole message."""
+
+
+# ----------------------------------------------------------------------------
+# Files: hosts.yaml and queue.yaml entries, and their cartesian expansion
+# ----------------------------------------------------------------------------
+
+# Scalars stay the text the user wrote ("8", "yes", "1.10"): the base loader
+# resolves no implicit types. The C version is ~6x faster where libyaml exists.
+YAML_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
+
+
+class Job:
+    """One command to run: its template text and its parameters, in file order."""
+
+    __slots__ = ("command", "params")
+
+    def __init__(self, command, params=()):
+        self.command = command     # template text, as written in queue.yaml
+        self.params = dict(params)  # name -> value (str)
+
+    def canonical(self):
+        """The queue.yaml entry that runs exactly this job again."""
+        if not self.params:
+            return self.command
+        entry = {"command": [self.command]}
+        entry.update((key, [value]) for key, value in self.params.items())
+        return entry
+
+    def __eq__(self, other):
+        return isinstance(other, Job) and self.canonical() == other.canonical()
+
+    def __repr__(self):
+        return "Job(%r, %r)" % (self.command, self.params)
+
+
+class Slot:
+    """One place a job can run: a host plus one combination of its parameters."""
+
+    def __init__(self, index, hostname, params):
+        self.index = index          # position in the expanded hosts list
+        self.hostname = hostname    # rendered; what ssh connects to
+        self.params = dict(params)  # name -> value, in file order
+        self.connection = None      # the Connection its jobs run over
+        self.run = None             # the Run in progress here, if any
+        if self.params:
+            pairs = ",".join("%s=%s" % item for item in self.params.items())
+            self.label = "[%s (%s)]" % (hostname, pairs)
+        else:
+            self.label = "[%s]" % hostname
+
+    @property
+    def is_local(self):
+        return self.hostname.strip().lower() in LOCAL_HOSTNAMES
+
+
+def read_text(path):
+    """The file's text; every way it can fail is a PegasusError naming it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise PegasusError("%s: no such file" % path) from None
+    except IsADirectoryError:
+        raise PegasusError("%s: is a directory, not a YAML file" % path) from None
+    except PermissionError:
+        raise PegasusError("%s: cannot read: permission denied" % path) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PegasusError("%s: not UTF-8 text (byte %d)" % (path, e.start)) from None
+
+
+def compose_list(path, text):
+    """The top-level YAML sequence node of `text`, or None for an empty file."""
+    try:
+        root = yaml.compose(text, Loader=YAML_LOADER)
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise PegasusError("%s: invalid YAML: %s" % (path, detail)) from None
+    if root is None:
+        return None
+    if not isinstance(root, yaml.SequenceNode):
+        raise PegasusError("%s:%d: the file must be a YAML list (lines starting with '- '), "
+                           "not a %s" % (path, root.start_mark.line + 1, node_kind(root)))
+    return root
+
+
+def node_kind(node):
+    if isinstance(node, yaml.MappingNode):
+        return "mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "list"
+    return "scalar"
+
+
+def where(path, node, number):
+    return "%s:%d: entry %d" % (path, node.start_mark.line + 1, number)
+
+
+def is_number(node):
+    """True for a plain scalar such as 5 or 1.5: a typo, not a command."""
+    if node.style:  # quoted or block: None or "" (libyaml) for plain
+        return False
+    tag = yaml.SafeLoader.resolve(yaml.SafeLoader, yaml.ScalarNode, node.value, (True, False))
+    return tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def parse_entry(path, node, number, key):
+    """A hosts.yaml or queue.yaml entry as {name: [values]}, `key` first."""
+    here = where(path, node, number)
+    if isinstance(node, yaml.ScalarNode):
+        if is_number(node) or not node.value.strip():
+            raise PegasusError("%s is %r, not a %s (quote it if you mean it)"
+                               % (here, node.value, key))
+        return {key: [node.value]}
+    if isinstance(node, yaml.SequenceNode):
+        raise PegasusError("%s is a nested list; write a string or a mapping with a '%s' key"
+                           % (here, key))
+    spec = {}
+    for key_node, value_node in node.value:
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if name is None:
+            raise PegasusError("%s has a key that is not a plain name" % here)
+        if name in spec:
+            raise PegasusError("%s has the key %r twice" % (here, name))
+        spec[name] = parse_values(here, name, value_node)
+    if key not in spec:
+        raise PegasusError("%s has no '%s' key (keys: %s)" % (here, key, ", ".join(spec)))
+    spec = dict([(key, spec.pop(key))] + list(spec.items()))
+    return spec
+
+
+def parse_values(here, name, node):
+    if isinstance(node, yaml.ScalarNode):
+        return [node.value]
+    if isinstance(node, yaml.SequenceNode):
+        values = []
+        for item in node.value:
+            if not isinstance(item, yaml.ScalarNode):
+                raise PegasusError("%s: '%s' holds a %s; values must be plain strings"
+                                   % (here, name, node_kind(item)))
+            values.append(item.value)
+        if not values:
+            raise PegasusError("%s: '%s' is an empty list, so the entry would expand "
+                               "to nothing" % (here, name))
+        return values
+    raise PegasusError("%s: '%s' is a mapping; give a value or a list of values" % (here, name))
+
+
+def expand(spec):
+    """Every combination of a spec's values: first key outermost, last innermost."""
+    keys = list(spec)
+    for values in itertools.product(*spec.values()):
+        yield dict(zip(keys, values))
+
+
+def expand_jobs(spec):
+    for combo in expand(spec):
+        command = combo.pop("command")
+        yield Job(command, combo)
+
+
+def check_hostname(name, here):
+    # ssh would read "-oProxyCommand=..." as an option; whitespace and control
+    # characters are never part of a real hostname and hide mistakes.
+    if not name or name.startswith("-") or any(c.isspace() or ord(c) < 32 or c == "\x7f"
+                                              for c in name):
+        raise PegasusError("%s: refusing hostname %r: it is empty, starts with '-', "
+                           "or holds whitespace or control characters" % (here, name))
+
+
+def read_hosts(path):
+    """The expanded slots of a hosts file, in order."""
+    text = read_text(path)
+    root = compose_list(path, text)
+    if root is None or not root.value:
+        raise PegasusError("%s: no hosts in the file" % path)
+    slots = []
+    for number, node in enumerate(root.value, 1):
+        here = where(path, node, number)
+        for combo in expand(parse_entry(path, node, number, "hostname")):
+            template = combo.pop("hostname")
+            hostname = render(template, dict(combo, hostname=template),
+                              "hostname of %s" % here)
+            check_hostname(hostname, here)
+            slots.append(Slot(len(slots), hostname, combo))
+    return slots
+
+
+def dump_entry(value, indent=0):
+    """One YAML list item (`- ...` lines) for a canonical entry."""
+    text = yaml.dump([value], Dumper=EntryDumper, default_flow_style=False,
+                     allow_unicode=True, sort_keys=False, width=float("inf"))
+    if indent:
+        pad = " " * indent
+        text = "".join(pad + line for line in text.splitlines(True))
+    return text
+
+
+class EntryDumper(yaml.SafeDumper):
+    """Writes multi-line commands as literal blocks, which people can read."""
+
+
+def _represent_str(dumper, value):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+EntryDumper.add_representer(str, _represent_str)
+
+# ----------------------------------------------------------------------------
+# Templates: Handlebars (pybars3) without HTML escaping, strict about names
+# ----------------------------------------------------------------------------
+
+_compiler = None
+_templates = {}  # template text -> compiled function; compiled once per text
+
+
+class UndefinedName(Exception):
+    """Raised from inside pybars when a template names something not defined."""
+
+
+class Names(dict):
+    """A template's variables. Handlebars renders an unknown name as empty
+    text; for shell commands (`rm -rf /{{dir}}`) that is dangerous, so here
+    looking one up is an error."""
+
+    def __missing__(self, name):
+        raise UndefinedName(name)
+
+
+def load_pybars():
+    # Imported only when some text holds "{{": its grammar costs ~0.3 s.
+    global _compiler
+    if _compiler is None:
+        try:
+            import pybars
+            import pybars._compiler
+        except ImportError:
+            raise PegasusError("templates need pybars3: pip install --user pybars3") from None
+        # {{x}} HTML-escapes & " ' ` < > through this module-level function and
+        # pybars has no switch to turn that off; a shell command needs the text
+        # as written. test_pegasus.py pins this on every one of those characters.
+        pybars._compiler.escape = lambda text: text
+        _compiler = pybars.Compiler()
+    return _compiler
+
+
+def compile_template(text, what):
+    compiled = _templates.get(text)
+    if compiled is None:
+        check_braces(text, what)
+        try:
+            compiled = load_pybars().compile(text)
+        except Exception as e:  # pybars and its parser raise several unrelated types
+            raise PegasusError("%s: template error in %r: %s" % (what, text, e)) from None
+        _templates[text] = compiled
+    return compiled
+
+
+def check_braces(text, what):
+    # pybars quietly takes "{{a" or an unclosed "{{#if}}" as plain text;
+    # Handlebars proper (and so Pegasus) rejects both.
+    depth = 0
+    for tag in re.finditer(r"\{\{(.?)([^{}]*?)(\}\}|$|\{\{)", text):
+        if tag.group(3) != "}}":
+            raise PegasusError("%s: template error in %r: '{{' is never closed" % (what, text))
+        if tag.group(1) == "#":
+            depth += 1
+        elif tag.group(1) == "/":
+            depth -= 1
+        if depth < 0:
+            break
+    if depth:
+        raise PegasusError("%s: template error in %r: a {{#block}} is not matched by "
+                           "its {{/block}}" % (what, text))
+
+
+def render(text, names, what):
+    """Fill in a template; `what` names the job and host for error messages."""
+    if "{{" not in text:
+        return text
+    template = compile_template(text, what)
+    try:
+        return str(template(Names(names), helpers=HELPERS))
+    except UndefinedName as e:
+        raise PegasusError("%s: {{%s}} is not defined (defined here: %s)"
+                           % (what, e.args[0], ", ".join(sorted(names)) or "nothing")) from None
+    except HelperError as e:
+        raise PegasusError("%s: %s" % (what, e)) from None
+    except Exception as e:  # pybars' own errors, e.g. an unknown helper in a subexpression
+        if type(e).__name__ != "PybarsError":
+            raise
+        raise PegasusError("%s: template error in %r: %s" % (what, text, e)) from None
+
+
+class HelperError(Exception):
+    pass
+
+
+def _words(text):
+    return re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", str(text))
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _compare(op):
+    def compare(a, b):
+        x, y = _number(a), _number(b)
+        if x is None or y is None:  # compare as numbers when both are numbers
+            x, y = str(a), str(b)
+        return op(x, y)
+    return compare
+
+
+def _helper(name, function, arity):
+    """Wrap `function` as a pybars helper that checks how many arguments it got."""
+    def helper(this, *args):
+        if arity is not None and len(args) != arity:
+            raise HelperError("helper '%s' takes %d argument%s, got %d"
+                              % (name, arity, "" if arity == 1 else "s", len(args)))
+        return function(*args)
+    return helper
+
+
+_STRING_HELPERS = {
+    # handlebars_misc_helpers' string group, which Pegasus registers.
+    "replace": (lambda s, old, new: str(s).replace(str(old), str(new)), 3),
+    "to_lower_case": (lambda s: str(s).lower(), 1),
+    "to_upper_case": (lambda s: str(s).upper(), 1),
+    "to_snake_case": (lambda s: "_".join(w.lower() for w in _words(s)), 1),
+    "to_screaming_snake_case": (lambda s: "_".join(w.upper() for w in _words(s)), 1),
+    "to_kebab_case": (lambda s: "-".join(w.lower() for w in _words(s)), 1),
+    "to_train_case": (lambda s: "-".join(w.capitalize() for w in _words(s)), 1),
+    "to_title_case": (lambda s: " ".join(w.capitalize() for w in _words(s)), 1),
+    "to_sentence_case": (lambda s: " ".join(_words(s)).capitalize(), 1),
+    "to_camel_case": (lambda s: "".join(w.capitalize() if i else w.lower()
+                                        for i, w in enumerate(_words(s))), 1),
+    "to_pascal_case": (lambda s: "".join(w.capitalize() for w in _words(s)), 1),
+    "trim": (lambda s: str(s).strip(), 1),
+    "trim_start": (lambda s: str(s).lstrip(), 1),
+    "trim_end": (lambda s: str(s).rstrip(), 1),
+    "first_non_empty": (lambda *values: next((str(v) for v in values if str(v)), ""), None),
+    "len": (lambda s: len(str(s)), 1),
+    # Handlebars' comparison helpers; usable as {{#if (eq a "x")}}.
+    "eq": (lambda a, b: str(a) == str(b), 2),
+    "ne": (lambda a, b: str(a) != str(b), 2),
+    "gt": (_compare(lambda a, b: a > b), 2),
+    "gte": (_compare(lambda a, b: a >= b), 2),
+    "lt": (_compare(lambda a, b: a < b), 2),
+    "lte": (_compare(lambda a, b: a <= b), 2),
+    "and": (lambda *values: all(values), None),
+    "or": (lambda *values: any(values), None),
+    "not": (lambda value: not value, 1),
+}
+HELPERS = {name: _helper(name, f, n) for name, (f, n) in _STRING_HELPERS.items()}
+
+
+def job_names(job, slot):
+    """A job's template variables on a slot: host parameters and hostname win."""
+    names = dict(job.params)
+    names.update(slot.params)
+    names["hostname"] = slot.hostname
+    return names
+
+
+def render_job(job, slot):
+    return render(job.command, job_names(job, slot),
+                  "job %r on %s" % (job.command, slot.label))
+
+
+# ----------------------------------------------------------------------------
+# Queue file: a YAML list edited in place, guarded by a sidecar lock file
+# ----------------------------------------------------------------------------
+
+
+class QueueLock:
+    """An flock on queue.yaml.lock, shared by the runner and lock mode.
+
+    A sidecar, not the queue file: editors and pegasus save by renaming a new
+    file over the old one, and a lock on a replaced inode guards nothing.
+    flock, not lockf: a lockf lock vanishes when *any* descriptor of the file
+    in this process closes. The kernel drops it when its holder dies, so a
+    crashed lock mode never blocks the runner. The holder writes who it is
+    into the file so that whoever waits can say.
+    """
+
+    def __init__(self, queue_path, mode):
+        self.path = queue_path + ".lock"
+        self.mode = mode
+        self.file = None
+        self.held = False
+
+    def try_acquire(self):
+        if self.file is None:
+            try:
+                self.file = open(self.path, "a+")
+            except OSError as e:
+                raise PegasusError("%s: cannot open the lock file: %s"
+                                   % (self.path, e.strerror)) from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write("pid %d, pegasus %s, since %s\n" % (
+            os.getpid(), self.mode, datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")))
+        self.file.flush()
+        self.held = True
+        return True
+
+    def release(self):
+        if self.held:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.held = False
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                return f.read().strip() or "another process"
+        except OSError:
+            return "another process"
+
+
+def atomic_write(path, text):
+    """Replace `path` with `text` so that a crash leaves the old or the new file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory):
+    # The rename itself is durable only once the directory is synced.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_durably(path, text):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def file_signature(path):
+    """What changes when someone else writes the file: cheap to compare."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Entry:
+    """A queue.yaml entry: its spec and where its text lies in the file."""
+
+    __slots__ = ("start", "end", "spec", "line")
+
+    def __init__(self, start, end, spec, line):
+        self.start = start  # offsets into QueueFile.text, minus QueueFile.shift
+        self.end = end
+        self.spec = spec    # {"command": [...], name: [...]}
+        self.line = line    # 1-based line, for messages
+
+
+def parse_queue(path, text):
+    """The entries of a queue file, with the span of text each one occupies.
+
+    Returns (entries, editable): editable is False when the entries cannot be
+    cut out one by one (a flow-style list), and the file must be rewritten.
+    """
+    root = compose_list(path, text)
+    if root is None:
+        return [], True
+    specs = [parse_entry(path, node, number, "command")
+             for number, node in enumerate(root.value, 1)]
+    if root.flow_style:
+        return [Entry(0, 0, spec, node.start_mark.line + 1)
+                for spec, node in zip(specs, root.value)], False
+    entries, previous_end = [], root.start_mark.index
+    for spec, node in zip(specs, root.value):
+        start = entry_start(text, previous_end, node.start_mark.index)
+        end = line_end(text, content_end(node))
+        if start is None or end <= start or start < previous_end:
+            return [Entry(0, 0, s, 1) for s in specs], False  # e.g. anchors and aliases
+        entries.append(Entry(start, end, spec, node.start_mark.line + 1))
+        previous_end = end
+    return entries, True
+
+
+def entry_start(text, gap_start, node_start):
+    """Where the line holding an entry's '- ' begins, searching the gap
+    between the previous entry and this one (blank lines and comments)."""
+    position = text.rfind("\n", 0, gap_start) + 1
+    while position <= node_start:
+        stripped = text[position:text.find("\n", position) if "\n" in text[position:] else None]
+        stripped = stripped.lstrip()
+        if stripped.startswith("-") and stripped[1:2] in ("", " ", "\t", "\r"):
+            return position
+        next_line = text.find("\n", position)
+        if next_line < 0:
+            break
+        position = next_line + 1
+    return None
+
+
+def content_end(node):
+    """The offset just after the last character of an entry's own text.
+
+    A block mapping's end mark lies after any comments that follow it, so
+    look at the values inside instead."""
+    if isinstance(node, yaml.ScalarNode) or getattr(node, "flow_style", False):
+        return node.end_mark.index
+    children = node.value
+    if isinstance(node, yaml.MappingNode):
+        children = [part for pair in children for part in pair]
+    return max((content_end(child) for child in children), default=node.start_mark.index)
+
+
+def line_end(text, offset):
+    """Extend an offset to the end of its line (a trailing comment included)."""
+    if offset > 0 and text[offset - 1] == "\n":
+        return offset
+    newline = text.find("\n", offset)
+    return len(text) if newline < 0 else newline + 1
+
+
+class QueueFile:
+    """queue.yaml, its lock, and consumed.yaml beside it.
+
+    The text and parsed entries are cached and re-read only when the file's
+    signature (inode, size, mtime) shows that someone else changed it.
+    """
+
+    def __init__(self, path, mode):
+        self.path = path
+        self.consumed_path = os.path.join(os.path.dirname(path), "consumed.yaml")
+        self.lock = QueueLock(path, mode)
+        self.signature = None  # of the file as last read or written by us
+        self.text = ""
+        self.entries = []
+        self.editable = True
+        self.shift = 0         # added to every Entry offset; see take()
+
+    def changed(self):
+        return file_signature(self.path) != self.signature
+
+    def load(self):
+        """Parse the file if it changed; raises PegasusError if it is broken."""
+        signature = file_signature(self.path)
+        if signature is None:
+            raise PegasusError("%s: no such file" % self.path)
+        if signature == self.signature:
+            return
+        text = read_text(self.path)
+        entries, editable = parse_queue(self.path, text)
+        self.text, self.entries, self.editable, self.shift = text, entries, editable, 0
+        self.signature = signature
+
+    def take(self, slots, render=None):
+        """Take jobs from the head of the queue for some of `slots`, in order.
+
+        Must hold the lock. Each job is rendered for its slot (by `render`,
+        default render_job) before anything is written, so a job that cannot
+        be rendered stays in the file. Returns [(slot, job, rendered)] and the
+        PegasusError that stopped it, if any.
+        """
+        render = render or render_job
+        taken, error = [], None
+        head_jobs, head_index = None, 0
+        for slot in slots:
+            if not self.entries:
+                break
+            if head_jobs is None:
+                head_jobs = list(expand_jobs(self.entries[0].spec))
+            job = head_jobs[head_index]
+            try:
+                rendered = render(job, slot)
+            except PegasusError as e:
+                error = e
+                break
+            taken.append((slot, job, rendered))
+            head_index += 1
+            if head_index == len(head_jobs):
+                self.replace_head([])
+                head_jobs, head_index = None, 0
+        if head_jobs is not None and head_index:
+            self.replace_head(head_jobs[head_index:])
+        if taken:
+            self.commit([job for _, job, _ in taken])
+        return taken, error
+
+    def replace_head(self, jobs):
+        """Cut the head entry's text out; put `jobs` (its leftovers) in its place."""
+        head = self.entries.pop(0)
+        if not self.editable:
+            self.entries[:0] = [Entry(0, 0, job_spec(job), head.line) for job in jobs]
+            return
+        start, end = head.start + self.shift, head.end + self.shift
+        indent = len(self.text[start:end]) - len(self.text[start:end].lstrip(" "))
+        self.insert(start, end, jobs, indent, head.line)
+
+    def insert(self, start, end, jobs, indent, line):
+        """Replace text[start:end] with entries for `jobs`; fix up offsets.
+
+        Only the head of the file changes, so every later entry moves by the
+        same amount: keeping that in self.shift makes this O(1) per entry
+        instead of O(queue length)."""
+        pieces, new_entries, position = [], [], start
+        for job in jobs:
+            piece = dump_entry(job.canonical(), indent)
+            pieces.append(piece)
+            new_entries.append((position, position + len(piece), job_spec(job)))
+            position += len(piece)
+        replacement = "".join(pieces)
+        if replacement and start > 0 and self.text[start - 1] != "\n":
+            replacement = "\n" + replacement
+            new_entries = [(s + 1, e + 1, spec) for s, e, spec in new_entries]
+        self.text = self.text[:start] + replacement + self.text[end:]
+        self.shift += len(replacement) - (end - start)
+        self.entries[:0] = [Entry(s - self.shift, e - self.shift, spec, line)
+                            for s, e, spec in new_entries]
+
+    def put_back(self, jobs):
+        """Return jobs to the head of the queue (must hold the lock)."""
+        self.load()
+        if self.editable:
+            if self.entries:
+                start = self.entries[0].start + self.shift
+            else:
+                start = len(self.text)
+            self.insert(start, start, jobs, 0, 1)
+        else:
+            self.entries[:0] = [Entry(0, 0, job_spec(job), 1) for job in jobs]
+        self.write()
+
+    def commit(self, jobs):
+        # consumed.yaml first: a crash between the two writes leaves a job in
+        # both files (run again by mistake, at worst), never in neither.
+        append_durably(self.consumed_path, "".join(dump_entry(j.canonical()) for j in jobs))
+        self.write()
+
+    def write(self):
+        if not self.editable:
+            self.text = "".join(dump_entry(spec_canonical(e.spec)) for e in self.entries)
+            self.entries, self.editable = parse_queue(self.path, self.text)
+            self.shift = 0
+        atomic_write(self.path, self.text)
+        self.signature = file_signature(self.path)
+
+
+def job_spec(job):
+    spec = {"command": [job.command]}
+    spec.update((key, [value]) for key, value in job.params.items())
+    return spec
+
+
+def spec_canonical(spec):
+    """An entry as written back when the file has to be rewritten whole."""
+    if len(spec) == 1 and len(spec["command"]) == 1:
+        return spec["command"][0]
+    return spec
+
+
+def count_jobs(entries):
+    total = 0
+    for entry in entries:
+        size = 1
+        for values in entry.spec.values():
+            size *= len(values)
+        total += size
+    return total
+
+
+def check_queue(queue, slots):
+    """Render each distinct job shape on each distinct slot shape once, so a
+    typo in a template stops the run before anything connects."""
+    seen = set()
+    for entry in queue.entries:
+        for job in expand_jobs(entry.spec):
+            for slot in slots:
+                shape = (job.command, tuple(job.params), tuple(slot.params))
+                if shape not in seen:
+                    seen.add(shape)
+                    render_job(job, slot)
+
+
+# ----------------------------------------------------------------------------
+# Hosts and ssh: the argv of every ssh we run, and one master per host
+# ----------------------------------------------------------------------------
+
+
+def encode_command(command):
+    """The command as printf %b input: safe bytes as they are, others as \\0NNN."""
+    data = command.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if b in SAFE_BYTES else "\\0%03o" % b for b in data)
+
+
+def wrapped_command(command):
+    """The text a login shell on the host gets: it runs `command` with sh."""
+    return "exec sh -c '%s' sh '%s'" % (WRAPPER, encode_command(command))
+
+
+def local_argv(command):
+    return ["sh", "-c", WRAPPER, "sh", encode_command(command)]
+
+
+def ssh_base(options):
+    argv = [options.ssh]
+    if options.ssh_config:
+        argv += ["-F", options.ssh_config]
+    for option in options.ssh_option:
+        argv += ["-o", option]
+    return argv + list(SSH_OPTIONS)
+
+
+def master_argv(options, hostname, socket):
+    # The master runs `cat` on the host, reading pegasus's pipe: if pegasus
+    # dies, cat sees EOF and the master goes too, instead of idling forever.
+    return ssh_base(options) + [
+        "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-S", socket,
+        "-T", "--", hostname, "cat >/dev/null"]
+
+
+def job_argv(options, hostname, socket, command):
+    return ssh_base(options) + [
+        "-o", "ControlMaster=no", "-S", socket,
+        "-T", "--", hostname, wrapped_command(command)]  # "--": a hostname is never an option
+
+
+class Connection:
+    """One ssh master (or, for localhost, none) that some slots run jobs over."""
+
+    def __init__(self, hostname, socket):
+        self.hostname = hostname
+        self.socket = socket  # ControlPath, or None for a local host
+        self.state = "up" if socket is None else "connecting"  # -> "up" | "down"
+        self.proc = None
+        self.stderr = b""     # the master's last words, for the error message
+
+    def error(self):
+        lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else "ssh exited with status %s" % self.proc.returncode
+
+
+def make_connections(slots, control_dir):
+    """Give every slot a Connection: one per hostname, or more when the
+    hostname has more slots than one master can serve."""
+    connections, per_host = [], {}
+    for slot in slots:
+        count = per_host.get(slot.hostname, 0)
+        per_host[slot.hostname] = count + 1
+        key = (slot.hostname, count // SESSIONS_PER_MASTER)
+        found = next((c for c in connections if (c.hostname, c.group) == key), None)
+        if found is None:
+            socket = None if slot.is_local else os.path.join(control_dir, str(len(connections)))
+            found = Connection(slot.hostname, socket)
+            found.group = key[1]
+            connections.append(found)
+        slot.connection = found
+    return connections
+
+
+def raise_fd_limit():
+    # Every running job holds three pipes; 1024 descriptors run out at ~300.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+# ----------------------------------------------------------------------------
+# The event loop: one selector for every pipe, signal and timer
+# ----------------------------------------------------------------------------
+
+
+class Loop:
+    """A selectors loop with timers. Signals arrive through a wakeup pipe, so
+    their handlers run here, between events, never in the middle of one."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.timers = []                # heap of [when, seq, callback]
+        self.sequence = itertools.count()
+        self.signal_handlers = {}
+        self.after_events = []          # called after each round (flush output)
+        self.wake_read, self.wake_write = os.pipe()
+        for fd in (self.wake_read, self.wake_write):
+            os.set_blocking(fd, False)
+        self.selector.register(self.wake_read, selectors.EVENT_READ, self._on_wakeup)
+        signal.set_wakeup_fd(self.wake_write)
+
+    def on_signal(self, signum, callback):
+        signal.signal(signum, lambda *_: None)  # the real work happens in _on_wakeup
+        self.signal_handlers[signum] = callback
+
+    def _on_wakeup(self, fd):
+        try:
+            data = os.read(fd, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self.signal_handlers.get(signum)
+            if handler:
+                handler(signum)
+
+    def add_reader(self, fd, callback):
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd):
+        self.selector.unregister(fd)
+
+    def call_later(self, delay, callback):
+        timer = [time.monotonic() + delay, next(self.sequence), callback]
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    def cancel(self, timer):
+        timer[2] = None
+
+    def run(self, done):
+        while not done():
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            for key, _ in self.selector.select(timeout):
+                key.data(key.fd)
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                callback = heapq.heappop(self.timers)[2]
+                if callback:
+                    callback()
+            for callback in self.after_events:
+                callback()
+
+    def close(self):
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+
+
+class Run:
+    """One job on one slot, from spawn to exit; owned by the event loop."""
+
+    def __init__(self, slot, job, command, argv, on_line, on_exit):
+        self.slot = slot
+        self.job = job
+        self.command = command  # rendered; what the shell runs
+        self.on_line = on_line
+        self.on_exit = on_exit
+        self.started = time.monotonic()
+        self.returncode = None
+        self.cancelled = False
+        self.partial = {}       # fd -> bytes of an unfinished line
+        self.skip_newline = {}  # fd -> the last chunk ended in "\r"
+        # A new session: Ctrl-C in the terminal reaches pegasus only, which
+        # decides what the jobs should do.
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.open_fds = {self.proc.stdout.fileno(): self.proc.stdout,
+                         self.proc.stderr.fileno(): self.proc.stderr}
+
+    def read(self, fd, loop):
+        try:
+            chunk = os.read(fd, READ_SIZE)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            chunk = b""
+        if chunk:
+            self.take_lines(fd, chunk)
+            return
+        rest = self.partial.pop(fd, b"")
+        if rest:
+            self.on_line(self, rest)
+        loop.remove_reader(fd)
+        self.open_fds.pop(fd).close()
+
+    def take_lines(self, fd, chunk):
+        # "\r" ends a line too (progress bars), and "\r\n" is one line end,
+        # even when a read splits it.
+        if self.skip_newline.pop(fd, False) and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        data = self.partial.pop(fd, b"") + chunk
+        if b"\r" in data:
+            if data.endswith(b"\r"):
+                self.skip_newline[fd] = True
+            lines = re.split(b"\r\n|\r|\n", data)
+        else:
+            lines = data.split(b"\n")
+        rest = lines.pop()
+        while len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        if rest:
+            self.partial[fd] = rest
+        for line in lines:
+            self.on_line(self, line)
+
+    def finished(self):
+        return not self.open_fds and self.proc.poll() is not None
+
+    def cancel(self):
+        """Stop the job: closing its stdin wakes the wrapper's watcher, which
+        kills the job's process group wherever it runs."""
+        self.cancelled = True
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def status(self):
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            try:
+                return "signal %s" % signal.Signals(-code).name
+            except ValueError:
+                return "signal %d" % -code
+        return "exit status %s" % code
+
+
+# ----------------------------------------------------------------------------
+# Output: whole lines, prefixed with their slot; notes on stderr
+# ----------------------------------------------------------------------------
+
+
+class Printer:
+    """Writes job output line by line; one write per round of the loop."""
+
+    def __init__(self, print_period):
+        self.print_period = print_period
+        self.buffer = []
+        self.out = sys.stdout.buffer
+        self.broken = False  # stdout closed (pegasus | head): stop printing
+        self.counts = {}     # run -> lines seen, for --print-period
+
+    def line(self, run, data):
+        if self.print_period == 0:
+            return
+        seen = self.counts.get(run, 0) + 1
+        self.counts[run] = seen
+        if seen % self.print_period:
+            return
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            data = data.decode("utf-8", "replace").encode("utf-8")
+        self.buffer.append(run.slot.label.encode("utf-8", "replace") + b" " + data + b"\n")
+
+    def text(self, label, message):
+        self.buffer.append(("%s %s\n" % (label, message)).encode("utf-8", "replace"))
+
+    def started(self, run):
+        self.text(run.slot.label, "=== run %s ===" % shown(run.command))
+
+    def ended(self, run):
+        self.counts.pop(run, None)
+        elapsed = time.monotonic() - run.started
+        self.text(run.slot.label, "=== done (%s, %s) ===" % (run.status(), duration(elapsed)))
+
+    def flush(self):
+        if not self.buffer:
+            return
+        data, self.buffer = b"".join(self.buffer), []
+        if self.broken:
+            return
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except OSError:  # EPIPE (pegasus | head), EIO (the terminal closed)
+            self.broken = True
+
+
+def shown(command):
+    """A command on one line, for headers and summaries."""
+    return "'%s'" % command.replace("\n", "\\n")
+
+
+def duration(seconds):
+    if seconds < 60:
+        return "%.1fs" % seconds
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return "%dh%02dm" % (hours, minutes) if hours else "%dm%02ds" % (minutes, seconds)
+
+
+def note(message):
+    """A message from pegasus itself, as opposed to job output."""
+    try:
+        print("[pegasus] %s" % message, file=sys.stderr, flush=True)
+    except OSError:  # the terminal is gone; the run goes on
+        pass
+
+
+# ----------------------------------------------------------------------------
+# Modes: what queue and broadcast mode share, then each of them, then lock
+# ----------------------------------------------------------------------------
+
+
+class Runner:
+    """Connects to the hosts, runs jobs on slots, and reports. Queue and
+    broadcast mode differ only in which job goes to which slot, when."""
+
+    def __init__(self, options, slots, queue, printer):
+        self.options = options
+        self.slots = slots
+        self.queue = queue
+        self.printer = printer
+        self.loop = Loop()
+        self.loop.after_events.append(printer.flush)
+        self.control_dir = tempfile.mkdtemp(prefix="pegasus-", dir=short_temp_dir())
+        self.connections = make_connections(slots, self.control_dir)
+        self.runs = set()
+        self.exiting = set()      # runs whose pipes closed before their process exited
+        self.failures = []        # (slot label, command, status) of every failed job
+        self.cut_short = []       # jobs cancelled and returned to the queue
+        self.succeeded = 0
+        self.stopping = False     # no new jobs (first Ctrl-C)
+        self.done = False
+        self.exit_code = None     # set when the run must end with this code
+        self.wait_timer = None    # the pending look at the queue file, if any
+        self.blocked = False      # the queue is locked or broken: take nothing
+        self.reported = None      # the last queue problem told to the user
+
+    # -- connections --------------------------------------------------------
+
+    def connect(self):
+        for connection in self.connections:
+            if connection.socket is None:
+                continue
+            argv = master_argv(self.options, connection.hostname, connection.socket)
+            connection.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True)
+            fd = connection.proc.stderr.fileno()
+            self.loop.add_reader(fd, lambda fd, c=connection: self.read_master(c, fd))
+        if any(c.state == "connecting" for c in self.connections):
+            self.loop.call_later(CONNECT_POLL, self.poll_connections)
+
+    def read_master(self, connection, fd):
+        chunk = os.read(fd, READ_SIZE)
+        if chunk:
+            connection.stderr = (connection.stderr + chunk)[-4096:]
+        else:
+            self.loop.remove_reader(fd)
+            connection.proc.stderr.close()
+            self.check_masters()
+
+    def poll_connections(self):
+        for connection in self.connections:
+            if connection.state == "connecting" and os.path.exists(connection.socket):
+                connection.state = "up"
+                note("connected to %s" % connection.hostname)
+                self.connection_up(connection)
+        self.check_masters()
+        if any(c.state == "connecting" for c in self.connections):
+            self.loop.call_later(CONNECT_POLL, self.poll_connections)
+
+    def check_masters(self):
+        for connection in self.connections:
+            if connection.proc is None or connection.state == "down":
+                continue
+            if connection.proc.poll() is not None:
+                was = connection.state
+                connection.state = "down"
+                if was == "connecting":
+                    note("cannot connect to %s: %s" % (connection.hostname, connection.error()))
+                else:
+                    note("lost the connection to %s: %s"
+                         % (connection.hostname, connection.error()))
+                self.connection_down(connection)
+
+    def connection_up(self, connection):
+        self.schedule()
+
+    def connection_down(self, connection):
+        if all(c.state == "down" for c in self.connections):
+            note("no host can be reached")
+            if not self.failures and not self.succeeded:
+                self.exit_code = EXIT_USAGE
+            self.stopping = True
+        self.schedule()
+
+    def usable_slots(self):
+        return [s for s in self.slots if s.connection.state == "up"]
+
+    def close_connections(self):
+        for connection in self.connections:
+            proc = connection.proc
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdin and not proc.stdin.closed:
+                proc.stdin.close()
+        shutil.rmtree(self.control_dir, ignore_errors=True)
+
+    # -- jobs ----------------------------------------------------------------
+
+    def start_run(self, slot, job, command):
+        connection = slot.connection
+        if connection.socket is None:
+            argv = local_argv(command)
+        else:
+            argv = job_argv(self.options, connection.hostname, connection.socket, command)
+        run = Run(slot, job, command, argv, self.printer.line, self.run_finished)
+        slot.run = run
+        self.runs.add(run)
+        self.printer.started(run)
+        for fd in list(run.open_fds):
+            self.loop.add_reader(fd, lambda fd, r=run: self.read_run(r, fd))
+
+    def read_run(self, run, fd):
+        run.read(fd, self.loop)
+        if not run.open_fds:
+            self.check_exit(run)
+
+    def check_exit(self, run):
+        if run.finished():
+            self.exiting.discard(run)
+            run.proc.stdin.close()
+            self.runs.discard(run)
+            run.slot.run = None
+            self.printer.ended(run)
+            run.on_exit(run)
+        else:
+            self.exiting.add(run)  # SIGCHLD will tell when it exits
+
+    def on_child(self, signum):
+        for run in list(self.exiting):
+            self.check_exit(run)
+        self.check_masters()
+
+    def record(self, run):
+        """Count a finished run; True if it succeeded."""
+        if run.proc.returncode == 0:
+            self.succeeded += 1
+            return True
+        self.failures.append((run.slot.label, run.command, run.status()))
+        return False
+
+    # -- the queue -------------------------------------------------------------
+
+    def take(self, slots, render=None):
+        """Take jobs for `slots` from the queue file. While the file is locked
+        or broken, returns [] and blocks taking until a retry succeeds."""
+        lock = self.queue.lock
+        if not lock.try_acquire():
+            self.block("waiting for %s, held by %s" % (lock.path, lock.holder()),
+                       LOCK_RETRY, until_changed=False)
+            return []
+        try:
+            self.queue.load()
+            taken, error = self.queue.take(slots, render)
+        except PegasusError as e:
+            taken, error = [], e
+        finally:
+            lock.release()
+        if error is not None:
+            self.block("%s; waiting for %s to change" % (error, self.queue.path),
+                       QUEUE_POLL, until_changed=True)
+        else:
+            self.reported = None
+        return taken
+
+    def block(self, message, delay, until_changed):
+        if message != self.reported:
+            note(message)
+            self.reported = message
+        self.blocked = True
+        self.retry_later(delay, until_changed)
+
+    def retry_later(self, delay, until_changed):
+        """Call schedule() again after `delay`, or once the queue file changes."""
+        if self.wait_timer is not None:
+            self.loop.cancel(self.wait_timer)
+        start = file_signature(self.queue.path)
+
+        def retry():
+            self.wait_timer = None
+            if until_changed and file_signature(self.queue.path) == start:
+                self.retry_later(delay, True)
+                return
+            self.blocked = False
+            self.schedule()
+        self.wait_timer = self.loop.call_later(delay, retry)
+
+    def watch_queue(self):
+        """Notice jobs added to the queue file while slots are free."""
+        if self.wait_timer is None:
+            self.retry_later(QUEUE_POLL, until_changed=True)
+
+    # -- running -------------------------------------------------------------
+
+    def interrupt(self, signum):
+        if signum == signal.SIGINT and not self.stopping:
+            self.stopping = True
+            note("Ctrl-C: no new jobs; waiting for %d running job%s to finish "
+                 "(Ctrl-C again to cancel them)" % (len(self.runs), "" if len(self.runs) == 1
+                                                     else "s"))
+        elif self.runs:
+            self.stopping = True
+            note("cancelling %d running job%s" % (len(self.runs), "" if len(self.runs) == 1
+                                                  else "s"))
+            for run in self.runs:
+                run.cancel()
+        self.exit_code = EXIT_INTERRUPTED
+        self.schedule()
+
+    def run(self):
+        raise_fd_limit()
+        self.loop.on_signal(signal.SIGCHLD, self.on_child)
+        self.loop.on_signal(signal.SIGINT, self.interrupt)
+        self.loop.on_signal(signal.SIGTERM, self.interrupt)
+        self.loop.on_signal(signal.SIGHUP, self.interrupt)
+        try:
+            self.connect()
+            self.schedule()
+            self.loop.run(lambda: self.done)
+        finally:
+            for run in list(self.runs):
+                run.cancel()
+            self.close_connections()
+            self.loop.close()
+            self.printer.flush()
+        return self.report()
+
+    def finish_if_idle(self):
+        if not self.runs:
+            self.done = True
+
+    def report(self):
+        total = self.succeeded + len(self.failures)
+        if self.cut_short:
+            note("cut short and put back at the head of %s: %s" % (
+                self.queue.path, ", ".join(shown(job.command) for job in self.cut_short)))
+        for label, command, status in self.failures:
+            note("failed: %s %s: %s" % (label, shown(command), status))
+        note("%d job%s run: %d succeeded, %d failed" % (
+            total, "" if total == 1 else "s", self.succeeded, len(self.failures)))
+        if self.exit_code is not None:
+            return self.exit_code
+        return EXIT_FAILED if self.failures else EXIT_OK
+
+
+class QueueRunner(Runner):
+    """Queue mode: each job once, on the next free slot."""
+
+    def schedule(self):
+        if self.done:
+            return
+        if self.stopping:
+            self.finish_if_idle()
+            return
+        free = [s for s in self.usable_slots() if s.run is None]
+        if free and not self.blocked:
+            taken = self.take(free)
+            for slot, job, command in taken:
+                self.start_run(slot, job, command)
+            free = free[len(taken):]
+        if self.blocked:
+            return  # the retry calls schedule() again
+        if self.runs or any(c.state == "connecting" for c in self.connections):
+            if free:
+                self.watch_queue()
+        elif self.options.daemon:
+            self.watch_queue()
+        else:
+            self.done = True
+
+    def run_finished(self, run):
+        if run.cancelled and run.proc.returncode != 0:
+            self.cut_short.append(run.job)
+            self.put_back(run.job)
+        else:
+            self.record(run)
+        self.schedule()
+
+    def put_back(self, job):
+        # Cancelling must not wait on a lock-mode editor that may hold the
+        # lock for minutes; then the job is named in the summary instead.
+        lock = self.queue.lock
+        if lock.try_acquire():
+            try:
+                self.queue.put_back([job])
+            finally:
+                lock.release()
+        else:
+            note("%s is locked by %s; cut-short job not put back: %s"
+                 % (self.queue.path, lock.holder(), shown(job.command)))
+
+
+class BroadcastRunner(Runner):
+    """Broadcast mode: each job on every slot; the next starts when all are done."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.step_failed = []  # labels of the slots that failed this step
+
+    def schedule(self):
+        if self.done or self.runs or self.blocked:
+            return
+        if any(c.state == "connecting" for c in self.connections):
+            return
+        slots = self.usable_slots()
+        if self.stopping or not slots:
+            self.done = True
+            return
+        if self.step_failed and not self.options.ignore_errors:
+            note("stopping: the last job failed on %s (use -i to go on)"
+                 % ", ".join(self.step_failed))
+            self.done = True
+            return
+        self.step_failed = []
+        # Every slot must be able to render the job before it is taken.
+        taken = self.take(slots[:1], lambda job, _: [render_job(job, s) for s in slots])
+        if taken:
+            _, job, commands = taken[0]
+            for slot, command in zip(slots, commands):
+                self.start_run(slot, job, command)
+        elif not self.blocked:
+            if self.options.daemon:
+                self.watch_queue()
+            else:
+                self.done = True
+
+    def run_finished(self, run):
+        if not self.record(run):
+            self.step_failed.append(run.slot.label)
+        self.schedule()
+
+
+def short_temp_dir():
+    # Control sockets must fit in 104 bytes (macOS), and macOS's $TMPDIR is long.
+    return "/tmp" if os.path.isdir("/tmp") else None
+
+
+def load_slots(options):
+    """The slots from the hosts file, or this machine alone if there is none."""
+    path = options.hosts_file
+    if path is None:
+        path = "hosts.yaml"
+        if not os.path.exists(path):
+            note("no hosts.yaml here: running jobs on this machine, one at a time "
+                 "(write hosts.yaml to use others)")
+            return [Slot(0, "localhost", {})]
+    return read_hosts(path)
+
+
+def open_queue(options, slots):
+    queue = QueueFile(options.queue_file, options.mode)
+    if not os.path.exists(options.queue_file):
+        raise PegasusError("%s: no such file (write one job per line as '- command', "
+                           "or name another with --queue-file)" % options.queue_file)
+    queue.load()
+    check_queue(queue, slots)
+    return queue
+
+
+def mode_run(options, runner_class):
+    slots = load_slots(options)
+    if not all(slot.is_local for slot in slots):
+        found = shutil.which(options.ssh)
+        if found is None:
+            raise PegasusError("cannot find %r on PATH; pegasus runs jobs through it"
+                               % options.ssh)
+        options.ssh = found
+    queue = open_queue(options, slots)
+    kind = "queue" if runner_class is QueueRunner else "broadcast"
+    note("%s mode: %d job%s queued, %d slot%s on %d host%s" % (
+        kind, count_jobs(queue.entries), plural(count_jobs(queue.entries)),
+        len(slots), plural(len(slots)),
+        len({s.hostname for s in slots}), plural(len({s.hostname for s in slots}))))
+    runner = runner_class(options, slots, queue, Printer(options.print_period))
+    return runner.run()
+
+
+def plural(count):
+    return "" if count == 1 else "s"
+
+
+def mode_queue(options):
+    return mode_run(options, QueueRunner)
+
+
+def mode_broadcast(options):
+    return mode_run(options, BroadcastRunner)
+
+
+def mode_lock(options):
+    """Hold the queue lock while the user edits the queue file."""
+    editor = options.editor or os.environ.get("EDITOR") or "vim"
+    lock = QueueLock(options.queue_file, "l")
+    told = False
+    while not lock.try_acquire():
+        if not told:
+            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
+            told = True
+        time.sleep(LOCK_RETRY)
+    try:
+        try:
+            status = subprocess.call(shlex.split(editor) + [options.queue_file])
+        except FileNotFoundError:
+            raise PegasusError("editor %r not found (set $EDITOR or use --editor)"
+                               % editor) from None
+    finally:
+        lock.release()
+    if os.path.exists(options.queue_file):
+        try:
+            entries, _ = parse_queue(options.queue_file, read_text(options.queue_file))
+            note("%s: %d job%s queued" % (options.queue_file, count_jobs(entries),
+                                           plural(count_jobs(entries))))
+        except PegasusError as e:
+            note("warning: %s (a running pegasus waits until it is fixed)" % e)
+    return EXIT_OK if status == 0 else EXIT_FAILED
+
+
+MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock}
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+EPILOG = """\
+examples:
+  pegasus.py q                 run every job in queue.yaml once, on the next free host
+  pegasus.py b                 run every job in queue.yaml on every host, step by step
+  pegasus.py l                 lock queue.yaml and edit it while a run goes on
+  pegasus.py q -d              keep running; start jobs added to queue.yaml later
+
+exit status: 0 every job succeeded, 1 some job failed, 2 bad usage or files or
+no host reachable, 130 interrupted (Ctrl-C, SIGTERM)."""
+
+
+def file_hash():
+    import hashlib
+    try:
+        with open(os.path.abspath(__file__), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:12]
+    except OSError:
+        return "unknown"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="pegasus.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a queue of shell jobs on many hosts over ssh.")
+    parser.add_argument("mode", choices=["q", "b", "l"],
+                        help="q: queue mode, b: broadcast mode, l: lock the queue and edit it")
+    parser.add_argument("-d", "--daemon", action="store_true",
+                        help="when the queue is empty, wait for more jobs instead of exiting")
+    parser.add_argument("-i", "--ignore-errors", action="store_true",
+                        help="(broadcast) go on to the next job even if one failed")
+    parser.add_argument("-e", "--error-aborts", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--editor", help="(lock) the editor to open (default: $EDITOR, vim)")
+    parser.add_argument("-p", "--print-period", type=non_negative, default=1, metavar="N",
+                        help="print every Nth line of job output; 0 prints none (default 1)")
+    parser.add_argument("--queue-file", default="queue.yaml", metavar="FILE",
+                        help="the job queue (default queue.yaml)")
+    parser.add_argument("--hosts-file", metavar="FILE",
+                        help="the hosts (default hosts.yaml; without it, this machine)")
+    parser.add_argument("-F", "--ssh-config", metavar="FILE",
+                        help="an ssh config file to use instead of ~/.ssh/config")
+    parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                        help="an ssh -o option, e.g. --ssh-option Port=2222 (repeatable)")
+    parser.add_argument("--ssh", default="ssh", help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version",
+                        version="pegasus.py %s (file %s)" % (__version__, file_hash()))
+    return parser
+
+
+def non_negative(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is not a whole number of 0 or more" % text)
+    return value
+
+
+def main(argv=None):
+    options = build_parser().parse_args(argv)
+    try:
+        return MODES[options.mode](options)
+    except PegasusError as e:
+        print("pegasus: error: %s" % e, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,913 @@
+"""Tests for pegasus.py, in the file's own section order.
+
+Three tiers: pure functions as tables; the runner on this machine (local
+slots, no ssh); and the real thing, the CLI as a subprocess against real sshd
+processes on loopback addresses (127.0.0.0/8), each test host its own sshd.
+Tests that need sshd skip, saying why, where it is missing.
+"""
+
+import getpass
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+import pegasus
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEGASUS = os.path.join(HERE, "pegasus.py")
+README = os.path.join(HERE, "README.md")
+
+# ----------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------
+
+
+def write(path, text):
+    with open(str(path), "w") as f:
+        f.write(textwrap.dedent(text).lstrip("\n"))
+
+
+def read(path):
+    with open(str(path)) as f:
+        return f.read()
+
+
+def run_pegasus(cwd, *args, ssh_config=None, timeout=60, env=None):
+    argv = [sys.executable, PEGASUS, *args]
+    if ssh_config:
+        argv += ["-F", str(ssh_config)]
+    return subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def start_pegasus(cwd, *args, ssh_config=None):
+    argv = [sys.executable, PEGASUS, *args]
+    if ssh_config:
+        argv += ["-F", str(ssh_config)]
+    return subprocess.Popen(argv, cwd=str(cwd), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def job_lines(stdout, label=None):
+    """Output lines of jobs, without the run/done headers."""
+    lines = []
+    for line in stdout.splitlines():
+        if "] === run " in line or "] === done " in line:
+            continue
+        if label is None or line.startswith(label):
+            lines.append(line)
+    return lines
+
+
+def done_count(stdout):
+    return sum(1 for line in stdout.splitlines() if "] === done (" in line)
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def pids_of(pattern):
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+# ----------------------------------------------------------------------------
+# sshd on loopback: one server per test host
+# ----------------------------------------------------------------------------
+
+SSHD_CONFIG = """\
+ListenAddress {address}:{port}
+HostKey {dir}/host_key
+AuthorizedKeysFile {dir}/authorized_keys
+PidFile none
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+MaxStartups 100:30:200
+LogLevel ERROR
+SetEnv HOME={dir}/home PEGASUS_TEST_HOST={name}
+"""
+
+SSH_CONFIG_HOST = """\
+Host {name}
+  HostName {address}
+"""
+
+SSH_CONFIG_ALL = """\
+Host *
+  Port {port}
+  User {user}
+  IdentityFile {dir}/user_key
+  IdentitiesOnly yes
+  UserKnownHostsFile /dev/null
+  StrictHostKeyChecking no
+  LogLevel ERROR
+"""
+
+
+def free_port(addresses):
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for address in addresses:
+                with socket.socket() as s:
+                    s.bind((address, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def wait_for_port(address, port, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((address, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("sshd on %s:%d did not start" % (address, port))
+
+
+class SshHosts:
+    """Several sshd servers on 127.0.0.x, and an ssh config naming them."""
+
+    def __init__(self, directory, names, first_address=20):
+        self.dir = str(directory)
+        self.sshd = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/usr/bin")
+        self.names = list(names)
+        self.addresses = {name: "127.0.0.%d" % (first_address + i)
+                          for i, name in enumerate(self.names)}
+        self.servers = {}
+        os.makedirs(os.path.join(self.dir, "home"), exist_ok=True)
+        write(os.path.join(self.dir, "home", ".bashrc"), "")
+        for key in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            os.path.join(self.dir, key)], check=True)
+        shutil.copy(os.path.join(self.dir, "user_key.pub"),
+                    os.path.join(self.dir, "authorized_keys"))
+        self.port = free_port(self.addresses.values())
+        self.config = os.path.join(self.dir, "ssh_config")
+        with open(self.config, "w") as f:
+            for name in self.names:
+                f.write(SSH_CONFIG_HOST.format(name=name, address=self.addresses[name]))
+            f.write(SSH_CONFIG_ALL.format(port=self.port, user=getpass.getuser(), dir=self.dir))
+        os.makedirs("/run/sshd", exist_ok=True) if os.geteuid() == 0 else None
+        for name in self.names:
+            self.start(name)
+
+    def start(self, name):
+        config = os.path.join(self.dir, "sshd_%s" % name)
+        with open(config, "w") as f:
+            f.write(SSHD_CONFIG.format(address=self.addresses[name], port=self.port,
+                                       dir=self.dir, name=name))
+        self.servers[name] = subprocess.Popen([self.sshd, "-D", "-e", "-f", config],
+                                              stderr=subprocess.DEVNULL)
+        wait_for_port(self.addresses[name], self.port)
+
+    def stop(self, name):
+        """Kill a host: its sshd and every session it serves."""
+        server = self.servers.pop(name)
+        address = self.addresses[name]
+        subprocess.run(["pkill", "-KILL", "-f", "sshd.*%s" % re.escape("sshd_%s" % name)])
+        server.kill()
+        server.wait()
+        # sshd's per-connection children outlive the listener; end them too.
+        out = subprocess.run(["ss", "-Htnp", "state", "established", "src", address],
+                             capture_output=True, text=True).stdout
+        for pid in re.findall(r"pid=(\d+)", out):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self):
+        for name in list(self.servers):
+            server = self.servers.pop(name)
+            server.terminate()
+            server.wait()
+
+
+def sshd_missing():
+    if not shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/usr/bin"):
+        return "needs sshd (apt-get install openssh-server)"
+    if not shutil.which("ssh"):
+        return "needs ssh (apt-get install openssh-client)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def hosts(tmp_path_factory):
+    """Three sshd hosts, h1..h3, plus the README's node-1..node-3 on the same servers."""
+    reason = sshd_missing()
+    if reason:
+        pytest.skip(reason)
+    hosts = SshHosts(tmp_path_factory.mktemp("sshd"), ["h1", "h2", "h3"])
+    with open(hosts.config, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        for i, name in enumerate(["node-1", "node-2", "node-3"]):
+            f.write(SSH_CONFIG_HOST.format(name=name, address=hosts.addresses["h%d" % (i + 1)]))
+        f.write(text)
+    yield hosts
+    hosts.close()
+
+
+# ----------------------------------------------------------------------------
+# Files: parsing and expansion
+# ----------------------------------------------------------------------------
+
+
+def test_hosts_expand_hostname_outermost_then_keys_in_file_order(tmp_path):
+    write(tmp_path / "hosts.yaml", """
+        - hostname: [node-1, node-2]
+          container: [gpu0, gpu1]
+          zone: z
+        - plain
+        """)
+    slots = pegasus.read_hosts(str(tmp_path / "hosts.yaml"))
+    assert [s.label for s in slots] == [
+        "[node-1 (container=gpu0,zone=z)]", "[node-1 (container=gpu1,zone=z)]",
+        "[node-2 (container=gpu0,zone=z)]", "[node-2 (container=gpu1,zone=z)]", "[plain]"]
+
+
+def test_hostname_may_be_a_template_of_its_parameters(tmp_path):
+    write(tmp_path / "hosts.yaml", """
+        - hostname: "gpu-{{ rack }}"
+          rack: [a, b]
+        """)
+    slots = pegasus.read_hosts(str(tmp_path / "hosts.yaml"))
+    assert [s.hostname for s in slots] == ["gpu-a", "gpu-b"]
+
+
+def test_queue_expands_commands_outermost_then_keys_in_file_order(tmp_path):
+    write(tmp_path / "queue.yaml", """
+        - command: [a, b]
+          x: [1, 2]
+          y: [p, q]
+        """)
+    entries, _ = pegasus.parse_queue("queue.yaml", read(tmp_path / "queue.yaml"))
+    jobs = [(j.command, j.params["x"], j.params["y"])
+            for j in pegasus.expand_jobs(entries[0].spec)]
+    assert jobs == [("a", "1", "p"), ("a", "1", "q"), ("a", "2", "p"), ("a", "2", "q"),
+                    ("b", "1", "p"), ("b", "1", "q"), ("b", "2", "p"), ("b", "2", "q")]
+
+
+@pytest.mark.parametrize("written, value", [
+    ("8", "8"), ("yes", "yes"), ("1.10", "1.10"), ("0x1F", "0x1F"), ("null", "null"),
+    ("'08'", "08"), ("on", "on"), ("1e3", "1e3")])
+def test_parameter_values_stay_the_text_written(written, value):
+    entries, _ = pegasus.parse_queue("q", "- command: echo {{v}}\n  v: %s\n" % written)
+    assert entries[0].spec["v"] == [value]
+
+
+def test_commands_yes_and_true_are_commands_not_booleans():
+    entries, _ = pegasus.parse_queue("q", "- true\n- yes | head -1\n")
+    assert [e.spec["command"] for e in entries] == [["true"], ["yes | head -1"]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("command: x\n", "must be a YAML list"),
+    ("- 5\n", "entry 1 is '5', not a command"),
+    ("- [a, b]\n", "entry 1 is a nested list"),
+    ("- echo\n- x: 1\n", "queue.yaml:2: entry 2 has no 'command' key"),
+    ("- command: x\n  p: {a: 1}\n", "'p' is a mapping"),
+    ("- command: x\n  p: [[1]]\n", "'p' holds a list"),
+    ("- command: x\n  p: []\n", "'p' is an empty list"),
+    ("- command: x\n  command: y\n", "has the key 'command' twice"),
+    ("- a\n\t- b\n", "invalid YAML"),
+    ("- 'unclosed\n", "invalid YAML"),
+])
+def test_bad_queue_files_are_named_errors(text, message):
+    with pytest.raises(pegasus.PegasusError) as e:
+        pegasus.parse_queue("queue.yaml", text)
+    assert message in str(e.value)
+    assert str(e.value).startswith("queue.yaml")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("hostname", ["-oProxyCommand=touch /tmp/x", "a b", "a\tb", "x\x1by"])
+def test_hostnames_that_ssh_would_misread_are_refused(tmp_path, hostname):
+    (tmp_path / "hosts.yaml").write_text(yaml.safe_dump([hostname]))
+    with pytest.raises(pegasus.PegasusError) as e:
+        pegasus.read_hosts(str(tmp_path / "hosts.yaml"))
+    assert "refusing hostname" in str(e.value) and "hosts.yaml:1: entry 1" in str(e.value)
+
+
+def test_not_utf8_and_missing_files_are_named(tmp_path):
+    (tmp_path / "bad.yaml").write_bytes(b"- caf\xe9\n")
+    with pytest.raises(pegasus.PegasusError, match="bad.yaml: not UTF-8"):
+        pegasus.read_text(str(tmp_path / "bad.yaml"))
+    with pytest.raises(pegasus.PegasusError, match="nope.yaml: no such file"):
+        pegasus.read_text(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("job", [
+    pegasus.Job("echo hi"),
+    pegasus.Job("python train.py --bs {{bs}}", {"bs": "8", "lr": "1.10"}),
+    pegasus.Job("multi\nline 'quoted' \"x\" $HOME", {"flag": "yes"}),
+    pegasus.Job("8"), pegasus.Job("null"), pegasus.Job("- dash: colon"),
+])
+def test_canonical_entries_read_back_as_the_same_job(job):
+    text = pegasus.dump_entry(job.canonical())
+    entries, _ = pegasus.parse_queue("consumed.yaml", text)
+    assert list(pegasus.expand_jobs(entries[0].spec)) == [job]
+
+
+# ----------------------------------------------------------------------------
+# Templates
+# ----------------------------------------------------------------------------
+
+SLOT = pegasus.Slot(0, "node-1", {"container": "gpu0"})
+
+
+@pytest.mark.parametrize("template, params, expected", [
+    ("echo {{v}}", {"v": "a&b \"c\" 'd' `e` <f> \\g"}, "echo a&b \"c\" 'd' `e` <f> \\g"),
+    ("echo {{{v}}}", {"v": "<&>"}, "echo <&>"),
+    ("{{ replace model \"/\" \"--\" }}", {"model": "meta/llama-3"}, "meta--llama-3"),
+    ("{{to_lower_case v}} {{to_upper_case v}}", {"v": "Hello foo-bars"},
+     "hello foo-bars HELLO FOO-BARS"),
+    ("{{to_snake_case v}} {{to_kebab_case v}} {{to_camel_case v}} {{to_pascal_case v}}",
+     {"v": "Hello foo-bars"}, "hello_foo_bars hello-foo-bars helloFooBars HelloFooBars"),
+    ("{{to_screaming_snake_case v}}|{{trim w}}|{{to_title_case v}}",
+     {"v": "Hello foo-bars", "w": "  x  "}, "HELLO_FOO_BARS|x|Hello Foo Bars"),
+    ("{{#if (eq v \"a\")}}A{{else}}B{{/if}}", {"v": "a"}, "A"),
+    ("{{#if (gt v \"9\")}}big{{else}}small{{/if}}", {"v": "10"}, "big"),
+    ("{{#if (and (lt v \"3\") (ne w \"x\"))}}yes{{/if}}", {"v": "2", "w": "y"}, "yes"),
+    ("{{#if (not (or (eq v \"1\") (eq v \"2\")))}}other{{/if}}", {"v": "3"}, "other"),
+    ("{{#if v}}set{{else}}empty{{/if}}", {"v": ""}, "empty"),
+    ("{{first_non_empty v w}}", {"v": "", "w": "b"}, "b"),
+    ("no braces $HOME {x}", {}, "no braces $HOME {x}"),
+])
+def test_render(template, params, expected):
+    assert pegasus.render(template, params, "test") == expected
+
+
+def test_host_parameters_and_hostname_win_over_job_parameters():
+    job = pegasus.Job("{{hostname}} {{container}} {{bs}}",
+                      {"hostname": "x", "container": "y", "bs": "8"})
+    assert pegasus.render_job(job, SLOT) == "node-1 gpu0 8"
+
+
+@pytest.mark.parametrize("template, message", [
+    ("rm -rf /{{ dir }}", "{{dir}} is not defined"),
+    ("{{#if flag}}x{{/if}}", "{{flag}} is not defined"),
+    ("{{ shout bs }}", "{{shout}} is not defined"),
+    ("{{ replace bs }}", "helper 'replace' takes 3 arguments, got 1"),
+    ("echo {{bs", "'{{' is never closed"),
+    ("{{#if bs}}x", "is not matched"),
+    ("{{/if}}", "template error"),
+])
+def test_template_errors_name_the_variable_the_job_and_the_host(template, message):
+    with pytest.raises(pegasus.PegasusError) as e:
+        pegasus.render_job(pegasus.Job(template, {"bs": "8"}), SLOT)
+    assert message in str(e.value)
+    assert "[node-1 (container=gpu0)]" in str(e.value) and repr(template) in str(e.value)
+
+
+# ----------------------------------------------------------------------------
+# Queue file: cutting entries out in place
+# ----------------------------------------------------------------------------
+
+QUEUE_WITH_NOTES = """\
+# Sweep for the paper; ask Ann before removing.
+- echo first   # the smoke test
+
+- command:
+    - python train.py --bs {{ bs }}
+  bs: [8, 16]
+# after the sweep:
+- 'echo "quoted"'
+- |
+  echo multi
+  echo line
+"""
+
+
+def take(queue, count):
+    slots = [pegasus.Slot(i, "localhost", {}) for i in range(count)]
+    queue.lock.try_acquire()
+    try:
+        queue.load()
+        taken, error = queue.take(slots)
+    finally:
+        queue.lock.release()
+    assert error is None
+    return [job for _, job, _ in taken]
+
+
+def test_taking_jobs_cuts_only_their_text_and_keeps_comments(tmp_path):
+    write(tmp_path / "queue.yaml", QUEUE_WITH_NOTES)
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    assert [j.command for j in take(queue, 1)] == ["echo first"]
+    assert read(tmp_path / "queue.yaml") == QUEUE_WITH_NOTES.replace(
+        "- echo first   # the smoke test\n", "")
+    assert [j.params for j in take(queue, 1)] == [{"bs": "8"}]
+    assert read(tmp_path / "queue.yaml") == textwrap.dedent("""\
+        # Sweep for the paper; ask Ann before removing.
+
+        - command:
+          - python train.py --bs {{ bs }}
+          bs:
+          - '16'
+        # after the sweep:
+        - 'echo "quoted"'
+        - |
+          echo multi
+          echo line
+        """)
+    assert [j.command for j in take(queue, 5)] == [
+        "python train.py --bs {{ bs }}", 'echo "quoted"', "echo multi\necho line\n"]
+    assert read(tmp_path / "queue.yaml") == (
+        "# Sweep for the paper; ask Ann before removing.\n\n# after the sweep:\n")
+    consumed = yaml.safe_load(read(tmp_path / "consumed.yaml"))
+    assert consumed == ["echo first", {"command": ["python train.py --bs {{ bs }}"],
+                                       "bs": ["8"]},
+                        {"command": ["python train.py --bs {{ bs }}"], "bs": ["16"]},
+                        'echo "quoted"', "echo multi\necho line\n"]
+
+
+def test_edits_by_others_are_seen_and_offsets_stay_right(tmp_path):
+    write(tmp_path / "queue.yaml", "- command: [a, b, c]\n- d\n")
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    assert [j.command for j in take(queue, 1)] == ["a"]
+    assert [j.command for j in take(queue, 1)] == ["b"]
+    with open(str(tmp_path / "queue.yaml"), "a") as f:
+        f.write("- e  # added by hand\n")
+    assert [j.command for j in take(queue, 3)] == ["c", "d", "e"]
+    assert read(tmp_path / "queue.yaml") == ""
+
+
+def test_flow_style_queue_is_rewritten_whole(tmp_path):
+    write(tmp_path / "queue.yaml", "[a, b, {command: c, x: [1, 2]}]\n")
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    assert [j.command for j in take(queue, 1)] == ["a"]
+    entries, _ = pegasus.parse_queue("q", read(tmp_path / "queue.yaml"))
+    assert pegasus.count_jobs(entries) == 3
+
+
+def test_a_job_that_cannot_be_rendered_stays_in_the_queue(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo ok\n- echo {{missing}}\n- echo later\n")
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    slots = [pegasus.Slot(i, "localhost", {}) for i in range(3)]
+    queue.load()
+    taken, error = queue.take(slots)
+    assert [job.command for _, job, _ in taken] == ["echo ok"]
+    assert "{{missing}} is not defined" in str(error)
+    assert read(tmp_path / "queue.yaml") == "- echo {{missing}}\n- echo later\n"
+
+
+def test_put_back_goes_to_the_head(tmp_path):
+    write(tmp_path / "queue.yaml", "# notes\n- b\n")
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    queue.put_back([pegasus.Job("a", {"x": "1"})])
+    assert read(tmp_path / "queue.yaml") == "# notes\n- command:\n  - a\n  x:\n  - '1'\n- b\n"
+
+
+# ----------------------------------------------------------------------------
+# Quoting: what the user wrote is what sh runs, whatever the login shell
+# ----------------------------------------------------------------------------
+
+TRICKY = ("printf '%s|' \"it's\" '$HOME' \"`echo bt`\" 'back\\slash' 'ünï ☃' 'a!b' "
+          "'{{x}}' '%d' '  spaced  '; printf '\\n'\necho second line\n")
+TRICKY_OUTPUT = "it's|$HOME|bt|back\\slash|ünï ☃|a!b|{{x}}|%d|  spaced  |\nsecond line\n"
+
+
+def run_wrapped(argv):
+    """Run a wrapped command as pegasus does: its own session, and a stdin
+    pipe held open (EOF there means "cancel")."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    out = proc.stdout.read().decode()
+    proc.stderr.read()
+    code = proc.wait(timeout=20)
+    proc.stdin.close()
+    return out, code
+
+
+def test_local_wrapper_runs_the_command_verbatim():
+    assert run_wrapped(pegasus.local_argv(TRICKY)) == (TRICKY_OUTPUT, 0)
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash", "dash", "zsh", "fish", "tcsh"])
+def test_wrapped_command_survives_any_login_shell(shell):
+    path = shutil.which(shell)
+    if path is None:
+        pytest.skip("%s is not installed" % shell)
+    # sshd runs the login shell as `shell -c <command string>`.
+    assert run_wrapped([path, "-c", pegasus.wrapped_command(TRICKY)]) == (TRICKY_OUTPUT, 0)
+
+
+def test_exit_status_and_empty_stdin_pass_through_the_wrapper():
+    assert run_wrapped(pegasus.local_argv("cat; echo read-nothing; exit 7")) == (
+        "read-nothing\n", 7)
+
+
+def test_closing_stdin_kills_the_job_and_its_children():
+    child, job = "sleep 71%d" % os.getpid(), "sleep 72%d" % os.getpid()
+    proc = subprocess.Popen(pegasus.local_argv("%s & %s" % (child, job)),
+                            stdin=subprocess.PIPE, start_new_session=True)
+    wait_for(lambda: pids_of("^" + child) and pids_of("^" + job), what="the job")
+    proc.stdin.close()
+    assert proc.wait(timeout=10) != 0
+    wait_for(lambda: not pids_of("^" + child) and not pids_of("^" + job), what="the kill")
+
+
+@pytest.mark.parametrize("name", ["a", "node-1", "h"])
+def test_ssh_argv_ends_options_before_the_hostname(name):
+    class Options:
+        ssh, ssh_config, ssh_option = "ssh", "cfg", ["Port=2"]
+    argv = pegasus.job_argv(Options, name, "/tmp/s", "true")
+    assert argv[:5] == ["ssh", "-F", "cfg", "-o", "Port=2"]  # user's options first
+    assert argv[-3:-1] == ["--", name] and "BatchMode=yes" in argv
+
+
+# ----------------------------------------------------------------------------
+# The runner on this machine (no hosts file: one local slot)
+# ----------------------------------------------------------------------------
+
+
+def test_without_hosts_file_runs_locally_and_says_so(tmp_path):
+    write(tmp_path / "queue.yaml", """
+        - echo one
+        - echo "two $SSH_CONNECTION"
+        """)
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 0, out.stderr
+    assert "no hosts.yaml here: running jobs on this machine" in out.stderr
+    assert job_lines(out.stdout) == ["[localhost] one", "[localhost] two "]
+    assert read(tmp_path / "queue.yaml") == ""
+    assert yaml.safe_load(read(tmp_path / "consumed.yaml")) == ["echo one",
+                                                                'echo "two $SSH_CONNECTION"']
+
+
+def test_output_lines_are_whole_prefixed_and_never_lost(tmp_path):
+    write(tmp_path / "queue.yaml", r"""
+        - printf '10%%\r20%%\rdone\r\nbad \377 utf8\n'; printf 'x%.0s' $(seq 1 70000); printf '\nno newline at end'
+        - printf 'err line\n' >&2
+        """)
+    out = run_pegasus(tmp_path, "q")
+    lines = job_lines(out.stdout)
+    assert lines[:4] == ["[localhost] 10%", "[localhost] 20%", "[localhost] done",
+                         "[localhost] bad \ufffd utf8"]
+    assert lines[4] == "[localhost] " + "x" * 70000
+    assert lines[5:] == ["[localhost] no newline at end", "[localhost] err line"]
+
+
+def test_print_period(tmp_path):
+    write(tmp_path / "queue.yaml", "- seq 1 10\n")
+    out = run_pegasus(tmp_path, "q", "-p", "3")
+    assert job_lines(out.stdout) == ["[localhost] 3", "[localhost] 6", "[localhost] 9"]
+    write(tmp_path / "queue.yaml", "- seq 1 10\n")
+    out = run_pegasus(tmp_path, "q", "-p", "0")
+    assert job_lines(out.stdout) == [] and done_count(out.stdout) == 1
+
+
+def test_failed_jobs_are_summarized_and_exit_1(tmp_path):
+    write(tmp_path / "queue.yaml", "- exit 3\n- 'true'\n- kill -9 $$\n")
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 1
+    assert "failed: [localhost] 'exit 3': exit status 3" in out.stderr
+    assert "failed: [localhost] 'kill -9 $$': exit status 137" in out.stderr
+    assert "3 jobs run: 1 succeeded, 2 failed" in out.stderr
+
+
+@pytest.mark.parametrize("hosts_text, queue_text, message", [
+    ("- hostname: [a]\n  x: {y: 1}\n", "- echo\n", "hosts.yaml:1: entry 1: 'x' is a mapping"),
+    ("- x: 1\n", "- echo\n", "hosts.yaml:1: entry 1 has no 'hostname' key"),
+    ("", "- echo\n", "hosts.yaml: no hosts in the file"),
+    ("- localhost\n", "- echo {{ dir }}\n", "{{dir}} is not defined"),
+    ("- localhost\n", "- {command: x\n", "queue.yaml: invalid YAML"),
+    ("- localhost\n", "- command: [a]\n  p: [1, [2]]\n", "'p' holds a list"),
+    ("- localhost\n", "- echo {{#if x}}\n", "is not matched"),
+])
+def test_bad_files_exit_2_before_anything_runs(tmp_path, hosts_text, queue_text, message):
+    (tmp_path / "hosts.yaml").write_text(hosts_text)
+    (tmp_path / "queue.yaml").write_text(queue_text)
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert out.stderr.count("pegasus: error:") == 1
+    assert read(tmp_path / "queue.yaml") == queue_text
+    assert not (tmp_path / "consumed.yaml").exists()
+
+
+def test_missing_queue_file_and_bad_flags(tmp_path):
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2 and "queue.yaml: no such file" in out.stderr
+    out = run_pegasus(tmp_path, "x")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = run_pegasus(tmp_path, "q", "-p", "-1")
+    assert out.returncode == 2
+
+
+def test_broken_queue_mid_run_is_waited_on_and_never_rewritten(tmp_path):
+    write(tmp_path / "queue.yaml", "- sleep 1\n- echo second\n")
+    proc = start_pegasus(tmp_path, "q")
+    time.sleep(0.5)
+    broken = "- sleep 1\n- echo second\n- {oops\n"
+    (tmp_path / "queue.yaml").write_text(broken)
+    wait_for(lambda: read(tmp_path / "consumed.yaml").count("-") >= 1, what="first job")
+    time.sleep(1.5)
+    assert read(tmp_path / "queue.yaml") == broken  # never rewritten after a failed parse
+    (tmp_path / "queue.yaml").write_text("- echo second\n- echo fixed\n")
+    out, err = proc.communicate(timeout=20)
+    assert "queue.yaml: invalid YAML" in err and "waiting for" in err
+    assert job_lines(out) == ["[localhost] second", "[localhost] fixed"]
+    assert proc.returncode == 0
+
+
+def test_first_ctrl_c_stops_taking_jobs_and_waits_for_running_ones(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  n: [1, 2]\n")
+    write(tmp_path / "queue.yaml", "- sleep 1; echo finished\n" * 4)
+    proc = start_pegasus(tmp_path, "q")
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml")
+             and read(tmp_path / "consumed.yaml").count("\n") == 2, what="two jobs")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert "Ctrl-C: no new jobs; waiting for 2 running jobs" in err
+    assert job_lines(out).count("[localhost (n=1)] finished") == 1
+    assert len(job_lines(out)) == 2
+    assert read(tmp_path / "queue.yaml").count("- sleep") == 2
+    assert proc.returncode == 130
+
+
+def test_daemon_picks_up_jobs_added_later(tmp_path):
+    write(tmp_path / "queue.yaml", "")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    time.sleep(0.5)
+    added = time.monotonic()
+    with open(str(tmp_path / "queue.yaml"), "a") as f:
+        f.write("- echo late\n")
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="late job")
+    assert time.monotonic() - added < 2.0
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert job_lines(out) == ["[localhost] late"]
+
+
+# ----------------------------------------------------------------------------
+# Lock mode
+# ----------------------------------------------------------------------------
+
+
+def editor_script(tmp_path, body):
+    path = tmp_path / "editor.sh"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_lock_mode_edits_a_running_daemon_queue(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo before\n")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="first job")
+    editor = editor_script(tmp_path, 'echo "- echo added by editor" >> "$1"\n')
+    out = run_pegasus(tmp_path, "l", "--editor", editor)
+    assert out.returncode == 0 and "queue.yaml: 1 job queued" in out.stderr
+    wait_for(lambda: "added by editor" in read(tmp_path / "consumed.yaml"), what="edit")
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=20)
+    assert job_lines(stdout) == ["[localhost] before", "[localhost] added by editor"]
+
+
+def test_runner_waits_for_lock_and_says_who_holds_it(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo queued\n")
+    editor = editor_script(tmp_path, "sleep 2\n")
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
+    wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.lock")
+             and "pegasus l" in read(tmp_path / "queue.yaml.lock"), what="lock")
+    out = run_pegasus(tmp_path, "q")
+    assert "waiting for %s, held by pid %d, pegasus l, since" % (
+        "queue.yaml.lock", lock_mode.pid) in out.stderr
+    assert job_lines(out.stdout) == ["[localhost] queued"]
+    assert lock_mode.wait(timeout=10) == 0
+
+
+def test_lock_of_a_killed_lock_mode_is_released(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo ok\n")
+    editor = editor_script(tmp_path, "sleep 60\n")
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
+    wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.lock")
+             and "pegasus l" in read(tmp_path / "queue.yaml.lock"), what="lock")
+    lock_mode.kill()
+    lock_mode.wait()
+    subprocess.run(["pkill", "-f", editor])
+    out = run_pegasus(tmp_path, "q", timeout=20)
+    assert job_lines(out.stdout) == ["[localhost] ok"]
+
+
+# ----------------------------------------------------------------------------
+# Over ssh: real sshd hosts
+# ----------------------------------------------------------------------------
+
+
+def test_queue_mode_over_ssh_runs_each_job_once_on_the_hosts(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- h1\n- h2\n- h3\n")
+    write(tmp_path / "queue.yaml", """
+        - command: sleep 0.2; echo "job {{n}} on $PEGASUS_TEST_HOST"
+          n: [1, 2, 3, 4, 5, 6]
+        """)
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    lines = job_lines(out.stdout)
+    assert sorted(line.split("] ")[1].split(" on ")[0] for line in lines) == [
+        "job %d" % n for n in range(1, 7)]
+    for line in lines:  # each job ran on the host its prefix names
+        label, text = line.split(" ", 1)
+        assert text.endswith(label.strip("[]"))
+    assert {line.split(" ")[0] for line in lines} == {"[h1]", "[h2]", "[h3]"}
+    assert len(yaml.safe_load(read(tmp_path / "consumed.yaml"))) == 6
+
+
+def test_the_command_reaches_the_host_verbatim(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    # {{x}} renders as itself: a value is never rendered again.
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([{"command": TRICKY, "x": "{{x}}"}]))
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert job_lines(out.stdout) == ["[h1] " + line for line in TRICKY_OUTPUT.splitlines()]
+
+
+def test_localhost_runs_without_ssh(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- localhost\n- h1\n")
+    write(tmp_path / "queue.yaml", """
+        - 'echo "{{hostname}} conn=[$SSH_CONNECTION]"'
+        """)
+    out = run_pegasus(tmp_path, "b", ssh_config=hosts.config)
+    lines = job_lines(out.stdout)
+    assert "[localhost] localhost conn=[]" in lines
+    assert any(line.startswith("[h1] h1 conn=[127.") for line in lines)
+
+
+def test_broadcast_runs_in_lock_step_on_every_slot(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- h1\n- hostname: h2\n  c: [x, y]\n")
+    write(tmp_path / "queue.yaml", """
+        - sleep 0.{{#if (eq hostname "h1")}}5{{else}}1{{/if}}; echo step1
+        - echo step2
+        """)
+    out = run_pegasus(tmp_path, "b", ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    last_step1 = max(i for i, line in enumerate(lines) if "step1" in line)
+    first_step2 = min(i for i, line in enumerate(lines) if "step2" in line)
+    assert last_step1 < first_step2
+    assert sorted(job_lines(out.stdout)) == sorted(
+        ["[h1] step1", "[h2 (c=x)] step1", "[h2 (c=y)] step1",
+         "[h1] step2", "[h2 (c=x)] step2", "[h2 (c=y)] step2"])
+
+
+def test_broadcast_stops_after_a_failed_step_unless_told_to_go_on(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
+    queue = '- test "$PEGASUS_TEST_HOST" = h1\n- echo next\n'
+    write(tmp_path / "queue.yaml", queue)
+    out = run_pegasus(tmp_path, "b", ssh_config=hosts.config)
+    assert out.returncode == 1
+    assert "stopping: the last job failed on [h2] (use -i to go on)" in out.stderr
+    assert "next" not in out.stdout
+    assert read(tmp_path / "queue.yaml") == "- echo next\n"
+    write(tmp_path / "queue.yaml", queue)
+    out = run_pegasus(tmp_path, "b", "-i", ssh_config=hosts.config)
+    assert out.returncode == 1 and sorted(job_lines(out.stdout)) == ["[h1] next", "[h2] next"]
+
+
+def test_masters_are_closed_and_sockets_removed_at_exit(tmp_path, hosts):
+    before = set(os.listdir("/tmp"))
+    write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
+    write(tmp_path / "queue.yaml", "- 'true'\n")
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert out.returncode == 0
+    assert not [d for d in set(os.listdir("/tmp")) - before if d.startswith("pegasus-")]
+    assert not pids_of("ssh .*ControlMaster=yes.*%s" % re.escape(hosts.config))
+
+
+def test_a_host_down_at_start_is_reported_and_the_others_work(tmp_path, hosts):
+    with open(hosts.config) as f:
+        config = f.read()
+    dead = tmp_path / "ssh_config"
+    dead.write_text("Host dead\n  HostName 127.0.0.99\n" + config)
+    write(tmp_path / "hosts.yaml", "- dead\n- h1\n")
+    write(tmp_path / "queue.yaml", "- echo a\n- echo b\n")
+    out = run_pegasus(tmp_path, "q", ssh_config=dead)
+    assert "cannot connect to dead: " in out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[h1] a", "[h1] b"]
+    assert out.returncode == 0
+    write(tmp_path / "hosts.yaml", "- dead\n")
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    out = run_pegasus(tmp_path, "q", ssh_config=dead)
+    assert out.returncode == 2 and "no host can be reached" in out.stderr
+    assert read(tmp_path / "queue.yaml") == "- echo a\n"
+
+
+def test_consumed_entries_rerun_the_same_jobs(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- hostname: h1\n  gpu: [0, 1]\n")
+    write(tmp_path / "queue.yaml", """
+        - command:
+            - echo "bs={{bs}} lr={{lr}}"
+            - printf '%s\\n' 'it''s {{bs}}'
+          bs: [8, 16]
+          lr: ["1.10", 3e-4]
+        """)
+    first = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert first.returncode == 0, first.stderr
+    assert done_count(first.stdout) == 8
+    (tmp_path / "queue.yaml").write_text(read(tmp_path / "consumed.yaml"))
+    os.unlink(str(tmp_path / "consumed.yaml"))
+    again = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+
+    def outputs(stdout):
+        return sorted(line.split("] ", 1)[1] for line in job_lines(stdout))
+    assert outputs(again.stdout) == outputs(first.stdout)
+    assert "bs=16 lr=1.10" in outputs(first.stdout)
+    assert "its 8" in outputs(first.stdout)  # the shell joins 'it' and 's 8'
+
+
+# ----------------------------------------------------------------------------
+# The README: every example runs as documented
+# ----------------------------------------------------------------------------
+
+
+def readme_examples():
+    """{heading: {"hosts.yaml": text, "queue.yaml": text, "mode": "q"|"b"}}
+
+    An example without a hosts.yaml uses the one shown before it, as the
+    README's reader would."""
+    examples, heading, hosts = {}, None, None
+    text = read(README)
+    for match in re.finditer(r"^(#{2,4}) ([^\n]+)$|^```(\w+)\n(.*?)^```", text, re.S | re.M):
+        if match.group(2):
+            heading = match.group(2).strip()
+            continue
+        kind, body = match.group(3), match.group(4)
+        example = examples.setdefault(heading, {})
+        if kind == "yaml" and body.startswith("# "):
+            name = body.split("\n", 1)[0][2:].strip()
+            example[name] = body
+            if name == "hosts.yaml":
+                hosts = body
+            elif "hosts.yaml" not in example and hosts:
+                example["hosts.yaml"] = hosts
+        elif kind in ("console", "sh"):
+            found = re.search(r"^\$ \./pegasus\.py ([qb])\b", body, re.M)
+            if found:
+                example["mode"] = found.group(1)
+    return {h: e for h, e in examples.items() if "queue.yaml" in e}
+
+
+# How many commands each README example runs.
+README_COUNTS = {
+    "Queue mode: a bag of jobs": 4,
+    "Broadcast mode: set up every host": 3 * 2,
+    "Splitting hosts into slots": 4,
+    "Parametrizing commands": 4,
+    "Quiz": 9,
+    "Templates and helpers": 2,
+}
+
+
+def test_readme_examples_are_all_tested():
+    assert set(readme_examples()) == set(README_COUNTS)
+
+
+@pytest.mark.parametrize("heading", sorted(README_COUNTS))
+def test_readme_example_runs_as_documented(tmp_path, hosts, heading):
+    example = readme_examples()[heading]
+    (tmp_path / "queue.yaml").write_text(example["queue.yaml"])
+    (tmp_path / "hosts.yaml").write_text(example["hosts.yaml"])
+    out = run_pegasus(tmp_path, example.get("mode", "q"), ssh_config=hosts.config,
+                      timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert done_count(out.stdout) == README_COUNTS[heading]
+    assert pegasus.parse_queue("q", read(tmp_path / "queue.yaml"))[0] == []
+
+
+def test_readme_quiz_answer_is_9(tmp_path):
+    example = readme_examples()["Quiz"]
+    (tmp_path / "hosts.yaml").write_text(example["hosts.yaml"])
+    entries, _ = pegasus.parse_queue("q", example["queue.yaml"])
+    assert pegasus.count_jobs(entries) == 9
+    assert "9" in read(README).split("### Quiz", 1)[1].split("###", 1)[0]
+
+
+def test_ci_runs_the_test_command_in_the_readme():
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        ci = f.read()
+    assert "README.md" in ci and "pytest" in read(README)
