@@ -77,6 +77,11 @@ READ_SIZE = 1 << 16
 CONNECT_POLL = 0.02    # how often to look for a new master's control socket
 QUEUE_POLL = 0.5       # how often to stat the queue file while waiting on it
 LOCK_RETRY = 0.2       # how often to retry the queue lock while lock mode holds it
+HOST_CHECK_DELAY = 0.5  # after a job's ssh exits 255, when to look whether its master died
+RECONNECT_FIRST = 2.0  # seconds before reconnecting a lost host; doubles each failure ...
+RECONNECT_MAX = 60.0   # ... up to this
+WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try again
+PUT_BACK_WAIT = 30.0   # at exit, how long to wait for the lock to put cut-short jobs back
 
 # Options for every ssh we start. They come after the user's own -o options
 # because ssh keeps the first value it sees for each option.
@@ -121,6 +126,10 @@ SAFE_BYTES = frozenset(
 
 class PegasusError(Exception):
     """A problem the user can fix; str(e) is the whole message."""
+
+
+class QueueWriteError(PegasusError):
+    """queue.yaml or consumed.yaml could not be written (disk full, permissions)."""
 
 
 # ----------------------------------------------------------------------------
@@ -785,10 +794,22 @@ class QueueFile:
     def commit(self, jobs):
         # consumed.yaml first: a crash between the two writes leaves a job in
         # both files (run again by mistake, at worst), never in neither.
-        append_durably(self.consumed_path, "".join(dump_entry(j.canonical()) for j in jobs))
+        try:
+            append_durably(self.consumed_path,
+                           "".join(dump_entry(j.canonical()) for j in jobs))
+        except OSError as e:
+            self.signature = None  # the cached text no longer matches the file
+            raise QueueWriteError("cannot write %s: %s" % (self.consumed_path, e.strerror))
         self.write()
 
     def write(self):
+        try:
+            self.write_text()
+        except OSError as e:
+            self.signature = None
+            raise QueueWriteError("cannot write %s: %s" % (self.path, e.strerror))
+
+    def write_text(self):
         if not self.editable:
             self.text = "".join(dump_entry(spec_canonical(e.spec)) for e in self.entries)
             self.entries, self.editable = parse_queue(self.path, self.text)
@@ -881,32 +902,35 @@ class Connection:
 
     def __init__(self, hostname, socket):
         self.hostname = hostname
-        self.socket = socket  # ControlPath, or None for a local host
-        self.state = "up" if socket is None else "connecting"  # -> "up" | "down"
-        self.proc = None
-        self.stderr = b""     # the master's last words, for the error message
+        self.socket = socket   # ControlPath, or None for a local host
+        self.state = "up" if socket is None else "down"  # "connecting" | "up" | "down"
+        self.proc = None       # the master ssh process
+        self.stderr = b""      # the master's last words, for the error message
+        self.ever_up = socket is None
+        self.failures = 0      # failed attempts in a row, for the backoff
 
     def error(self):
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
         return lines[-1] if lines else "ssh exited with status %s" % self.proc.returncode
 
+    def alive(self):
+        """The master runs (a master whose connection broke exits: keepalives)."""
+        return self.socket is None or (self.proc is not None and self.proc.poll() is None)
+
 
 def make_connections(slots, control_dir):
     """Give every slot a Connection: one per hostname, or more when the
     hostname has more slots than one master can serve."""
-    connections, per_host = [], {}
+    connections, per_host = {}, {}
     for slot in slots:
         count = per_host.get(slot.hostname, 0)
         per_host[slot.hostname] = count + 1
         key = (slot.hostname, count // SESSIONS_PER_MASTER)
-        found = next((c for c in connections if (c.hostname, c.group) == key), None)
-        if found is None:
+        if key not in connections:
             socket = None if slot.is_local else os.path.join(control_dir, str(len(connections)))
-            found = Connection(slot.hostname, socket)
-            found.group = key[1]
-            connections.append(found)
-        slot.connection = found
-    return connections
+            connections[key] = Connection(slot.hostname, socket)
+        slot.connection = connections[key]
+    return list(connections.values())
 
 
 def raise_fd_limit():
@@ -1001,8 +1025,10 @@ class Run:
         self.on_line = on_line
         self.on_exit = on_exit
         self.started = time.monotonic()
-        self.returncode = None
         self.cancelled = False
+        self.host_lost = False  # it ended because its host went away
+        self.attempt = 1        # 2 for the first retry, ...
+        self.avoid = set()      # labels of slots this job failed on before
         self.partial = {}       # fd -> bytes of an unfinished line
         self.skip_newline = {}  # fd -> the last chunk ended in "\r"
         # A new session: Ctrl-C in the terminal reaches pegasus only, which
@@ -1151,6 +1177,8 @@ class Runner:
     """Connects to the hosts, runs jobs on slots, and reports. Queue and
     broadcast mode differ only in which job goes to which slot, when."""
 
+    reconnect = False  # whether a lost host is connected again in the background
+
     def __init__(self, options, slots, queue, printer):
         self.options = options
         self.slots = slots
@@ -1171,21 +1199,22 @@ class Runner:
         self.wait_timer = None    # the pending look at the queue file, if any
         self.blocked = False      # the queue is locked or broken: take nothing
         self.reported = None      # the last queue problem told to the user
+        self.unreturned = []      # jobs to put back once the queue lock is free
 
     # -- connections --------------------------------------------------------
 
-    def connect(self):
-        for connection in self.connections:
-            if connection.socket is None:
-                continue
-            argv = master_argv(self.options, connection.hostname, connection.socket)
-            connection.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=True)
-            fd = connection.proc.stderr.fileno()
-            self.loop.add_reader(fd, lambda fd, c=connection: self.read_master(c, fd))
-        if any(c.state == "connecting" for c in self.connections):
-            self.loop.call_later(CONNECT_POLL, self.poll_connections)
+    def connect(self, connection):
+        if os.path.lexists(connection.socket):
+            os.unlink(connection.socket)  # left by a master that was killed
+        argv = master_argv(self.options, connection.hostname, connection.socket)
+        connection.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True)
+        connection.state = "connecting"
+        connection.stderr = b""
+        fd = connection.proc.stderr.fileno()
+        self.loop.add_reader(fd, lambda fd, c=connection: self.read_master(c, fd))
+        self.loop.call_later(CONNECT_POLL, lambda: self.poll_connection(connection))
 
     def read_master(self, connection, fd):
         chunk = os.read(fd, READ_SIZE)
@@ -1196,40 +1225,47 @@ class Runner:
             connection.proc.stderr.close()
             self.check_masters()
 
-    def poll_connections(self):
-        for connection in self.connections:
-            if connection.state == "connecting" and os.path.exists(connection.socket):
-                connection.state = "up"
-                note("connected to %s" % connection.hostname)
-                self.connection_up(connection)
-        self.check_masters()
-        if any(c.state == "connecting" for c in self.connections):
-            self.loop.call_later(CONNECT_POLL, self.poll_connections)
+    def poll_connection(self, connection):
+        # A master creates its control socket once it has logged in.
+        if connection.state != "connecting":
+            return
+        if os.path.exists(connection.socket) and connection.alive():
+            connection.state = "up"
+            note("%s %s" % ("reconnected to" if connection.ever_up else "connected to",
+                            connection.hostname))
+            connection.ever_up = True
+            connection.failures = 0
+            self.schedule()
+        else:
+            self.check_masters()
+            if connection.state == "connecting":
+                self.loop.call_later(CONNECT_POLL, lambda: self.poll_connection(connection))
 
     def check_masters(self):
         for connection in self.connections:
-            if connection.proc is None or connection.state == "down":
+            if connection.state == "down" or connection.alive():
                 continue
-            if connection.proc.poll() is not None:
-                was = connection.state
-                connection.state = "down"
-                if was == "connecting":
-                    note("cannot connect to %s: %s" % (connection.hostname, connection.error()))
-                else:
-                    note("lost the connection to %s: %s"
-                         % (connection.hostname, connection.error()))
-                self.connection_down(connection)
-
-    def connection_up(self, connection):
-        self.schedule()
+            if connection.state == "connecting" and connection.failures == 0:
+                note("cannot connect to %s: %s" % (connection.hostname, connection.error()))
+            elif connection.state == "up":
+                note("lost the connection to %s: %s" % (connection.hostname, connection.error()))
+            connection.state = "down"
+            connection.failures += 1
+            self.connection_down(connection)
 
     def connection_down(self, connection):
-        if all(c.state == "down" for c in self.connections):
+        if not any(c.ever_up or c.state == "connecting" for c in self.connections):
             note("no host can be reached")
-            if not self.failures and not self.succeeded:
-                self.exit_code = EXIT_USAGE
+            self.exit_code = EXIT_USAGE
             self.stopping = True
+        elif self.reconnect and not self.stopping:
+            delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** (connection.failures - 1))
+            self.loop.call_later(delay, lambda: self.reconnect_later(connection))
         self.schedule()
+
+    def reconnect_later(self, connection):
+        if connection.state == "down" and not self.stopping:
+            self.connect(connection)
 
     def usable_slots(self):
         return [s for s in self.slots if s.connection.state == "up"]
@@ -1247,24 +1283,26 @@ class Runner:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            if proc.stdin and not proc.stdin.closed:
+            if not proc.stdin.closed:
                 proc.stdin.close()
         shutil.rmtree(self.control_dir, ignore_errors=True)
 
     # -- jobs ----------------------------------------------------------------
 
-    def start_run(self, slot, job, command):
+    def start_run(self, slot, job, command, attempt=1):
         connection = slot.connection
         if connection.socket is None:
             argv = local_argv(command)
         else:
             argv = job_argv(self.options, connection.hostname, connection.socket, command)
         run = Run(slot, job, command, argv, self.printer.line, self.run_finished)
+        run.attempt = attempt
         slot.run = run
         self.runs.add(run)
         self.printer.started(run)
         for fd in list(run.open_fds):
             self.loop.add_reader(fd, lambda fd, r=run: self.read_run(r, fd))
+        return run
 
     def read_run(self, run, fd):
         run.read(fd, self.loop)
@@ -1272,15 +1310,25 @@ class Runner:
             self.check_exit(run)
 
     def check_exit(self, run):
-        if run.finished():
-            self.exiting.discard(run)
-            run.proc.stdin.close()
-            self.runs.discard(run)
-            run.slot.run = None
-            self.printer.ended(run)
-            run.on_exit(run)
-        else:
+        if not run.finished():
             self.exiting.add(run)  # SIGCHLD will tell when it exits
+            return
+        self.exiting.discard(run)
+        run.proc.stdin.close()
+        if run.proc.returncode == 255 and run.slot.connection.socket and not run.cancelled:
+            # 255 is ssh's own failure, or the job's exit status. Wait a moment:
+            # if the master goes too, the host was lost, not the job.
+            self.loop.call_later(HOST_CHECK_DELAY, lambda: self.end_run(run))
+        else:
+            self.end_run(run)
+
+    def end_run(self, run):
+        self.check_masters()
+        run.host_lost = run.proc.returncode == 255 and not run.slot.connection.alive()
+        self.runs.discard(run)
+        run.slot.run = None
+        self.printer.ended(run)
+        run.on_exit(run)
 
     def on_child(self, signum):
         for run in list(self.exiting):
@@ -1308,6 +1356,9 @@ class Runner:
         try:
             self.queue.load()
             taken, error = self.queue.take(slots, render)
+        except QueueWriteError as e:
+            taken, error = [], None
+            self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
         except PegasusError as e:
             taken, error = [], e
         finally:
@@ -1315,7 +1366,7 @@ class Runner:
         if error is not None:
             self.block("%s; waiting for %s to change" % (error, self.queue.path),
                        QUEUE_POLL, until_changed=True)
-        else:
+        elif not self.blocked:
             self.reported = None
         return taken
 
@@ -1346,18 +1397,49 @@ class Runner:
         if self.wait_timer is None:
             self.retry_later(QUEUE_POLL, until_changed=True)
 
+    def put_back(self, jobs):
+        """Return jobs to the head of the queue file. A lock-mode editor may
+        hold the lock for minutes; then they wait in memory and go back as
+        soon as it is free (at the latest, before pegasus exits)."""
+        self.unreturned.extend(jobs)
+        lock = self.queue.lock
+        if not lock.try_acquire():
+            return False
+        try:
+            self.queue.put_back(self.unreturned)
+            self.unreturned = []
+        except PegasusError as e:
+            note("%s; will try again" % e)
+        finally:
+            lock.release()
+        return not self.unreturned
+
+    def return_jobs_before_exit(self):
+        deadline = time.monotonic() + PUT_BACK_WAIT
+        told = False
+        while self.unreturned and time.monotonic() < deadline:
+            if self.put_back([]):
+                break
+            if not told:
+                note("waiting for %s, held by %s, to put jobs back"
+                     % (self.queue.lock.path, self.queue.lock.holder()))
+                told = True
+            time.sleep(LOCK_RETRY)
+        if self.unreturned:
+            note("could not put these back in %s (add them by hand):\n%s" % (
+                self.queue.path, "".join(dump_entry(j.canonical()) for j in self.unreturned)))
+
     # -- running -------------------------------------------------------------
 
     def interrupt(self, signum):
+        running = len(self.runs)
         if signum == signal.SIGINT and not self.stopping:
             self.stopping = True
             note("Ctrl-C: no new jobs; waiting for %d running job%s to finish "
-                 "(Ctrl-C again to cancel them)" % (len(self.runs), "" if len(self.runs) == 1
-                                                     else "s"))
+                 "(Ctrl-C again to cancel them)" % (running, plural(running)))
         elif self.runs:
             self.stopping = True
-            note("cancelling %d running job%s" % (len(self.runs), "" if len(self.runs) == 1
-                                                  else "s"))
+            note("cancelling %d running job%s" % (running, plural(running)))
             for run in self.runs:
                 run.cancel()
         self.exit_code = EXIT_INTERRUPTED
@@ -1366,11 +1448,12 @@ class Runner:
     def run(self):
         raise_fd_limit()
         self.loop.on_signal(signal.SIGCHLD, self.on_child)
-        self.loop.on_signal(signal.SIGINT, self.interrupt)
-        self.loop.on_signal(signal.SIGTERM, self.interrupt)
-        self.loop.on_signal(signal.SIGHUP, self.interrupt)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.loop.on_signal(signum, self.interrupt)
         try:
-            self.connect()
+            for connection in self.connections:
+                if connection.socket is not None:
+                    self.connect(connection)
             self.schedule()
             self.loop.run(lambda: self.done)
         finally:
@@ -1379,6 +1462,7 @@ class Runner:
             self.close_connections()
             self.loop.close()
             self.printer.flush()
+            self.return_jobs_before_exit()
         return self.report()
 
     def finish_if_idle(self):
@@ -1393,14 +1477,22 @@ class Runner:
         for label, command, status in self.failures:
             note("failed: %s %s: %s" % (label, shown(command), status))
         note("%d job%s run: %d succeeded, %d failed" % (
-            total, "" if total == 1 else "s", self.succeeded, len(self.failures)))
+            total, plural(total), self.succeeded, len(self.failures)))
         if self.exit_code is not None:
             return self.exit_code
         return EXIT_FAILED if self.failures else EXIT_OK
 
 
 class QueueRunner(Runner):
-    """Queue mode: each job once, on the next free slot."""
+    """Queue mode: each job once, on the next free slot. A job whose host was
+    lost goes back to the queue; a failed job is retried (--retries) on
+    another slot when there is one."""
+
+    reconnect = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.retries = []  # [job, attempt, failed slot labels, last run] waiting for a slot
 
     def schedule(self):
         if self.done:
@@ -1408,42 +1500,66 @@ class QueueRunner(Runner):
         if self.stopping:
             self.finish_if_idle()
             return
-        free = [s for s in self.usable_slots() if s.run is None]
+        free = self.start_retries([s for s in self.usable_slots() if s.run is None])
+        drained = False
         if free and not self.blocked:
             taken = self.take(free)
             for slot, job, command in taken:
                 self.start_run(slot, job, command)
             free = free[len(taken):]
+            drained = bool(free) and not self.blocked
         if self.blocked:
             return  # the retry calls schedule() again
-        if self.runs or any(c.state == "connecting" for c in self.connections):
-            if free:
-                self.watch_queue()
-        elif self.options.daemon:
-            self.watch_queue()
-        else:
+        if drained and not self.runs and not self.retries and not self.options.daemon:
             self.done = True
+        elif free:
+            self.watch_queue()
+
+    def start_retries(self, free):
+        """Start waiting retries on free slots, each on a slot it has not
+        failed on when there is one; return the slots left free."""
+        for item in list(self.retries):
+            job, attempt, avoid, last = item
+            if not free:
+                break
+            fresh = [s for s in free if s.label not in avoid]
+            others_exist = any(s.label not in avoid for s in self.usable_slots())
+            if not fresh and others_exist:
+                continue  # wait for a slot it has not failed on
+            slot = (fresh or free)[0]
+            try:
+                command = render_job(job, slot)
+            except PegasusError as e:
+                note("cannot retry: %s" % e)
+                continue
+            self.retries.remove(item)
+            free.remove(slot)
+            self.start_run(slot, job, command, attempt).avoid = avoid
+        return free
 
     def run_finished(self, run):
         if run.cancelled and run.proc.returncode != 0:
             self.cut_short.append(run.job)
-            self.put_back(run.job)
+            self.put_back([run.job])
+        elif run.host_lost:
+            note("%s lost its host; %s goes back to the head of %s"
+                 % (run.slot.label, shown(run.job.command), self.queue.path))
+            self.put_back([run.job])
+        elif run.proc.returncode != 0 and run.attempt <= self.options.retries:
+            note("%s %s failed (%s); retry %d of %d" % (
+                run.slot.label, shown(run.command), run.status(), run.attempt,
+                self.options.retries))
+            avoid = run.avoid | {run.slot.label}
+            self.retries.append([run.job, run.attempt + 1, avoid, run])
         else:
             self.record(run)
         self.schedule()
 
-    def put_back(self, job):
-        # Cancelling must not wait on a lock-mode editor that may hold the
-        # lock for minutes; then the job is named in the summary instead.
-        lock = self.queue.lock
-        if lock.try_acquire():
-            try:
-                self.queue.put_back([job])
-            finally:
-                lock.release()
-        else:
-            note("%s is locked by %s; cut-short job not put back: %s"
-                 % (self.queue.path, lock.holder(), shown(job.command)))
+    def finish_if_idle(self):
+        for job, attempt, avoid, last in self.retries:
+            self.record(last)  # not retried: stopping
+        self.retries = []
+        super().finish_if_idle()
 
 
 class BroadcastRunner(Runner):
@@ -1481,6 +1597,15 @@ class BroadcastRunner(Runner):
                 self.done = True
 
     def run_finished(self, run):
+        if run.host_lost:
+            note("%s lost its host during %s" % (run.slot.label, shown(run.command)))
+        elif (run.proc.returncode != 0 and not run.cancelled
+              and run.attempt <= self.options.retries and not self.stopping):
+            note("%s %s failed (%s); retry %d of %d" % (
+                run.slot.label, shown(run.command), run.status(), run.attempt,
+                self.options.retries))
+            self.start_run(run.slot, run.job, run.command, run.attempt + 1)
+            return
         if not self.record(run):
             self.step_failed.append(run.slot.label)
         self.schedule()
@@ -1510,6 +1635,13 @@ def open_queue(options, slots):
                            "or name another with --queue-file)" % options.queue_file)
     queue.load()
     check_queue(queue, slots)
+    directory = os.path.dirname(os.path.abspath(options.queue_file))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PegasusError("%s: cannot write in this directory, so jobs could not be "
+                           "moved from %s to consumed.yaml" % (directory, options.queue_file))
+    for path in (options.queue_file, queue.consumed_path):
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PegasusError("%s: not writable" % path)
     return queue
 
 
@@ -1609,6 +1741,9 @@ def build_parser():
                         help="(broadcast) go on to the next job even if one failed")
     parser.add_argument("-e", "--error-aborts", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--editor", help="(lock) the editor to open (default: $EDITOR, vim)")
+    parser.add_argument("--retries", type=non_negative, default=0, metavar="N",
+                        help="run a job that failed again, up to N more times "
+                             "(queue mode: on another slot when there is one)")
     parser.add_argument("-p", "--print-period", type=non_negative, default=1, metavar="N",
                         help="print every Nth line of job output; 0 prints none (default 1)")
     parser.add_argument("--queue-file", default="queue.yaml", metavar="FILE",
