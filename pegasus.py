@@ -199,7 +199,8 @@ def read_text(path):
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PegasusError("%s: not UTF-8 text (byte %d)" % (path, e.start)) from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PegasusError("%s:%d: not UTF-8 text (save it as UTF-8)" % (path, line)) from None
 
 
 def compose_list(path, text):
@@ -1523,7 +1524,8 @@ class QueueRunner(Runner):
             if not free:
                 break
             fresh = [s for s in free if s.label not in avoid]
-            others_exist = any(s.label not in avoid for s in self.usable_slots())
+            others_exist = any(s.label not in avoid and s.connection.state != "down"
+                               for s in self.slots)
             if not fresh and others_exist:
                 continue  # wait for a slot it has not failed on
             slot = (fresh or free)[0]
@@ -1543,7 +1545,7 @@ class QueueRunner(Runner):
             self.put_back([run.job])
         elif run.host_lost:
             note("%s lost its host; %s goes back to the head of %s"
-                 % (run.slot.label, shown(run.job.command), self.queue.path))
+                 % (run.slot.label, shown(run.command), self.queue.path))
             self.put_back([run.job])
         elif run.proc.returncode != 0 and run.attempt <= self.options.retries:
             note("%s %s failed (%s); retry %d of %d" % (
@@ -1654,6 +1656,9 @@ def mode_run(options, runner_class):
                                % options.ssh)
         options.ssh = found
     queue = open_queue(options, slots)
+    if not queue.entries and not options.daemon:
+        note("%s is empty: nothing to do" % options.queue_file)
+        return EXIT_OK
     kind = "queue" if runner_class is QueueRunner else "broadcast"
     note("%s mode: %d job%s queued, %d slot%s on %d host%s" % (
         kind, count_jobs(queue.entries), plural(count_jobs(queue.entries)),

@@ -14,8 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import random
+import collections
 
 import pytest
 import yaml
@@ -151,20 +154,25 @@ def wait_for_port(address, port, timeout=10):
 class SshHosts:
     """Several sshd servers on 127.0.0.x, and an ssh config naming them."""
 
-    def __init__(self, directory, names, first_address=20):
-        self.dir = str(directory)
+    def __init__(self, names, first_address=20):
+        # Not under pytest's private tmp: users with other login shells must
+        # read authorized_keys and use the home directory.
+        self.dir = tempfile.mkdtemp(prefix="pegasus-sshd-")
+        os.chmod(self.dir, 0o755)
         self.sshd = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/usr/bin")
         self.names = list(names)
         self.addresses = {name: "127.0.0.%d" % (first_address + i)
                           for i, name in enumerate(self.names)}
         self.servers = {}
         os.makedirs(os.path.join(self.dir, "home"), exist_ok=True)
+        os.chmod(os.path.join(self.dir, "home"), 0o777)
         write(os.path.join(self.dir, "home", ".bashrc"), "")
         for key in ("host_key", "user_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                             os.path.join(self.dir, key)], check=True)
         shutil.copy(os.path.join(self.dir, "user_key.pub"),
                     os.path.join(self.dir, "authorized_keys"))
+        os.chmod(os.path.join(self.dir, "authorized_keys"), 0o644)
         self.port = free_port(self.addresses.values())
         self.config = os.path.join(self.dir, "ssh_config")
         with open(self.config, "w") as f:
@@ -205,6 +213,7 @@ class SshHosts:
             server = self.servers.pop(name)
             server.terminate()
             server.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def sshd_missing():
@@ -221,7 +230,7 @@ def hosts(tmp_path_factory):
     reason = sshd_missing()
     if reason:
         pytest.skip(reason)
-    hosts = SshHosts(tmp_path_factory.mktemp("sshd"), ["h1", "h2", "h3"])
+    hosts = SshHosts(["h1", "h2", "h3"])
     with open(hosts.config, "r+") as f:
         text = f.read()
         f.seek(0)
@@ -314,8 +323,8 @@ def test_hostnames_that_ssh_would_misread_are_refused(tmp_path, hostname):
 
 
 def test_not_utf8_and_missing_files_are_named(tmp_path):
-    (tmp_path / "bad.yaml").write_bytes(b"- caf\xe9\n")
-    with pytest.raises(pegasus.PegasusError, match="bad.yaml: not UTF-8"):
+    (tmp_path / "bad.yaml").write_bytes(b"- ok\n- caf\xe9\n")
+    with pytest.raises(pegasus.PegasusError, match="bad.yaml:2: not UTF-8"):
         pegasus.read_text(str(tmp_path / "bad.yaml"))
     with pytest.raises(pegasus.PegasusError, match="nope.yaml: no such file"):
         pegasus.read_text(str(tmp_path / "nope.yaml"))
@@ -838,6 +847,254 @@ def test_consumed_entries_rerun_the_same_jobs(tmp_path, hosts):
     assert outputs(again.stdout) == outputs(first.stdout)
     assert "bs=16 lr=1.10" in outputs(first.stdout)
     assert "its 8" in outputs(first.stdout)  # the shell joins 'it' and 's 8'
+
+
+# ----------------------------------------------------------------------------
+# When things go wrong: dead hosts, cancelling, crashes, hostile input
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fault_hosts():
+    """Hosts of this test alone, which it may kill."""
+    reason = sshd_missing()
+    if reason:
+        pytest.skip(reason)
+    hosts = SshHosts(["f1", "f2", "f3"], first_address=40)
+    yield hosts
+    hosts.close()
+
+
+def test_a_host_killed_mid_run_loses_no_job(tmp_path, fault_hosts):
+    write(tmp_path / "hosts.yaml", "- f1\n- f2\n- f3\n")
+    write(tmp_path / "queue.yaml", """
+        - command: sleep 0.3; echo "job {{n}} on $PEGASUS_TEST_HOST"
+          n: [%s]
+        """ % ", ".join(str(n) for n in range(1, 41)))
+    proc = start_pegasus(tmp_path, "q", ssh_config=fault_hosts.config)
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml")
+             and read(tmp_path / "consumed.yaml").count("- command") >= 6, what="six jobs")
+    fault_hosts.stop("f2")
+    time.sleep(1)
+    fault_hosts.start("f2")
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    ran = re.findall(r"^\[(f\d)\] job (\d+) on (f\d)$", out, re.M)
+    assert all(label == host for label, _, host in ran)
+    assert collections.Counter(int(n) for _, n, _ in ran) == {n: 1 for n in range(1, 41)}
+    assert "lost the connection to f2" in err
+    lost = re.findall(r"\[f2\] lost its host; 'sleep 0.3; echo \"job (\d+) on", err)
+    assert lost, err  # f2 was running a job when it died
+    assert [host for _, n, host in ran if n == lost[0]] != ["f2"]  # it ran elsewhere
+    assert "reconnected to f2" in err
+    reconnected_at = err.index("reconnected to f2")
+    assert reconnected_at > err.index("lost the connection to f2")
+
+
+def sleeper(tag):
+    """A command whose processes can be found by pgrep: a job and its child."""
+    base = "%d%d" % (tag, os.getpid() % 100000)
+    return "sleep 1%s & sleep 2%s; echo never" % (base, base), "^sleep [12]%s$" % base
+
+
+@pytest.mark.parametrize("how", ["two Ctrl-C", "SIGTERM"])
+def test_cancelling_kills_the_remote_jobs_and_puts_them_back(tmp_path, hosts, how):
+    command, pattern = sleeper(1 if how == "SIGTERM" else 2)
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    (tmp_path / "queue.yaml").write_text("# notes\n- %s\n- echo next\n" % command)
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(pids_of(pattern)) == 2, what="the remote job and its child")
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    wait_for(lambda: not pids_of(pattern), timeout=5, what="the remote processes to go")
+    assert "cut short and put back at the head of queue.yaml" in err
+    assert read(tmp_path / "queue.yaml") == "# notes\n- %s\n- echo next\n" % command
+
+
+@pytest.mark.parametrize("where", ["h1", "localhost"])
+def test_killing_pegasus_kills_its_jobs(tmp_path, hosts, where):
+    command, pattern = sleeper(3 if where == "h1" else 4)
+    write(tmp_path / "hosts.yaml", "- %s\n" % where)
+    (tmp_path / "queue.yaml").write_text("- %s\n" % command)
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(pids_of(pattern)) == 2, what="the job and its child")
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not pids_of(pattern), timeout=10, what="the orphaned job to end")
+    # and no master connection lingers for this run
+    wait_for(lambda: not [p for p in pids_of("ControlMaster=yes") if
+                          str(tmp_path) in read("/proc/%d/cmdline" % p)
+                          or hosts.config in read("/proc/%d/cmdline" % p).replace("\0", " ")],
+             timeout=10, what="the master to exit")
+
+
+def jobs_in(text):
+    entries, _ = pegasus.parse_queue("q", text)
+    return [(job.command, tuple(job.params.items()))
+            for entry in entries for job in pegasus.expand_jobs(entry.spec)]
+
+
+def test_sigkill_at_random_moments_never_loses_a_job(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  s: [1, 2, 3, 4]\n")
+    queue = "# a sweep\n" + "".join("- true plain%d\n" % i for i in range(60)) + (
+        "- command: true {{n}} {{m}}\n  n: [%s]\n  m: [a, b]\n" % ", ".join(map(str, range(40))))
+    (tmp_path / "queue.yaml").write_text(queue)
+    everything = set(jobs_in(queue))
+    rng = random.Random(1234)
+    for _ in range(12):
+        proc = start_pegasus(tmp_path, "q")
+        time.sleep(rng.uniform(0.2, 1.2))
+        proc.kill()
+        proc.wait()
+        left = set(jobs_in(read(tmp_path / "queue.yaml")))  # the file always parses
+        consumed = set(jobs_in(read(tmp_path / "consumed.yaml"))) \
+            if os.path.exists(tmp_path / "consumed.yaml") else set()
+        assert everything <= left | consumed
+    out = run_pegasus(tmp_path, "q", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert jobs_in(read(tmp_path / "queue.yaml")) == []
+    assert set(jobs_in(read(tmp_path / "consumed.yaml"))) == everything
+
+
+def test_retries_run_a_failed_job_again_on_another_slot(tmp_path, hosts):
+    marker = tmp_path / "failed-once"
+    write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
+    write(tmp_path / "queue.yaml", """
+        - test -e %s || { touch %s; echo "fail on $PEGASUS_TEST_HOST"; exit 4; }; echo "ok on $PEGASUS_TEST_HOST"
+        """ % (marker, marker))
+    out = run_pegasus(tmp_path, "q", "--retries", "2", ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    assert "retry 1 of 2" in out.stderr
+    failed_on = re.search(r"fail on (h\d)", out.stdout).group(1)
+    ok_on = re.search(r"ok on (h\d)", out.stdout).group(1)
+    assert failed_on != ok_on
+    write(tmp_path / "queue.yaml", "- exit 5\n")
+    out = run_pegasus(tmp_path, "q", "--retries", "1", ssh_config=hosts.config)
+    assert out.returncode == 1 and done_count(out.stdout) == 2
+    assert "1 job run: 0 succeeded, 1 failed" in out.stderr
+
+
+def test_a_job_exiting_255_on_a_healthy_host_is_a_job_failure(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- exit 255\n- echo after\n")
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert out.returncode == 1
+    assert "failed: [h1] 'exit 255': exit status 255" in out.stderr
+    assert "lost its host" not in out.stderr and "[h1] after" in out.stdout
+    assert read(tmp_path / "queue.yaml") == ""
+
+
+LOGIN_SHELLS = ["bash", "dash", "zsh", "fish", "tcsh"]
+
+
+@pytest.fixture(scope="session")
+def shell_users(hosts):
+    """Test users on the sshd hosts whose login shells are not bash."""
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd to create users with other login shells")
+    users = []
+    for shell in LOGIN_SHELLS:
+        path = shutil.which(shell)
+        if path:
+            user = "pgtest-" + shell
+            subprocess.run(["userdel", user], capture_output=True)
+            # "*", not the default "!": sshd without PAM refuses "locked" accounts.
+            subprocess.run(["useradd", "-M", "-d", "/", "-p", "*", "-s", path, user], check=True)
+            users.append(shell)
+    config = os.path.join(hosts.dir, "ssh_config_shells")
+    with open(config, "w") as f:
+        for shell in users:
+            f.write("Host as-%s\n  HostName %s\n  User pgtest-%s\n"
+                    % (shell, hosts.addresses["h1"], shell))
+        f.write(read(hosts.config))
+    yield config, users
+    for shell in users:
+        subprocess.run(["userdel", "pgtest-" + shell], capture_output=True)
+
+
+def test_the_command_is_verbatim_whatever_the_login_shell(tmp_path, shell_users):
+    config, shells = shell_users
+    missing = set(LOGIN_SHELLS) - set(shells)
+    write(tmp_path / "hosts.yaml", "".join("- as-%s\n" % shell for shell in shells))
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
+        {"command": 'echo "shell=$(ps -o comm= -p $PPID)"'},
+        {"command": TRICKY, "x": "{{x}}"}]))
+    out = run_pegasus(tmp_path, "b", ssh_config=config)
+    assert out.returncode == 0, out.stderr
+    for shell in shells:
+        assert job_lines(out.stdout, "[as-%s]" % shell)[1:] == [
+            "[as-%s] %s" % (shell, line) for line in TRICKY_OUTPUT.splitlines()]
+    if missing:
+        pytest.skip("tested %s; not installed: %s" % (", ".join(shells), ", ".join(missing)))
+
+
+def as_nobody():
+    """argv prefix running a command as an unprivileged user, or None."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"] if setpriv else None
+
+
+@pytest.mark.parametrize("case", ["unreadable queue", "unreadable hosts", "unwritable directory"])
+def test_files_pegasus_cannot_read_or_write(case):
+    prefix = as_nobody()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permissions cannot be tested")
+    directory = tempfile.mkdtemp(prefix="pegasus-perm-")
+    try:
+        os.chmod(directory, 0o755 if case == "unwritable directory" else 0o777)
+        write(os.path.join(directory, "queue.yaml"), "- echo hi\n")
+        write(os.path.join(directory, "hosts.yaml"), "- localhost\n")
+        os.chmod(os.path.join(directory, "queue.yaml" if case == "unreadable queue"
+                              else "hosts.yaml"), 0o200 if case != "unwritable directory"
+                 else 0o644)
+        out = subprocess.run(prefix + [sys.executable, PEGASUS, "q"], cwd=directory,
+                             capture_output=True, text=True, timeout=30)
+        expected = {"unreadable queue": "queue.yaml: cannot read: permission denied",
+                    "unreadable hosts": "hosts.yaml: cannot read: permission denied",
+                    "unwritable directory": "cannot write in this directory"}[case]
+        assert out.returncode == 2 and expected in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1
+        assert not os.path.exists(os.path.join(directory, "consumed.yaml"))
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_empty_and_odd_files(tmp_path):
+    (tmp_path / "queue.yaml").write_text("# nothing yet\n")
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 0 and "queue.yaml is empty: nothing to do" in out.stderr
+    (tmp_path / "queue.yaml").write_bytes(b"- echo caf\xe9\n")
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2 and "queue.yaml:1: not UTF-8 text" in out.stderr
+    (tmp_path / "queue.yaml").write_text("- echo ok\n")
+    (tmp_path / "hosts.yaml").write_text("- -oProxyCommand=touch%20pwned\n")
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2 and "refusing hostname '-oProxyCommand" in out.stderr
+
+
+def test_huge_lines_binary_output_and_closed_stdout_do_not_break_the_runner(tmp_path):
+    write(tmp_path / "queue.yaml", r"""
+        - head -c 3000000 /dev/zero | tr '\0' 'y'; echo
+        - head -c 200000 /dev/urandom; echo; echo after-binary
+        - exec >&-; sleep 0.3; echo still-running >&2
+        - echo last
+        """)
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    huge = [line for line in lines if line.startswith("[localhost] yyy")]
+    assert sum(len(line) - len("[localhost] ") for line in huge) == 3000000
+    assert all(len(line) <= len("[localhost] ") + pegasus.MAX_LINE for line in huge)
+    assert "[localhost] after-binary" in lines and "[localhost] still-running" in lines
+    assert lines[-2:] == ["[localhost] last", lines[-1]] and done_count(out.stdout) == 4
 
 
 # ----------------------------------------------------------------------------
