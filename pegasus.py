@@ -1598,6 +1598,14 @@ class BroadcastRunner(Runner):
             else:
                 self.done = True
 
+    def report(self):
+        # Broadcast is for every host: one that never connected missed every job.
+        for slot in self.slots:
+            if not slot.connection.ever_up:
+                note("not run on %s: unreachable" % slot.label)
+                self.failures.append((slot.label, "(every job)", "unreachable"))
+        return super().report()
+
     def run_finished(self, run):
         if run.host_lost:
             note("%s lost its host during %s" % (run.slot.label, shown(run.command)))

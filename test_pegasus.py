@@ -195,16 +195,24 @@ class SshHosts:
     def stop(self, name):
         """Kill a host: its sshd and every session it serves."""
         server = self.servers.pop(name)
-        address = self.addresses[name]
-        subprocess.run(["pkill", "-KILL", "-f", "sshd.*%s" % re.escape("sshd_%s" % name)])
         server.kill()
         server.wait()
-        # sshd's per-connection children outlive the listener; end them too.
-        out = subprocess.run(["ss", "-Htnp", "state", "established", "src", address],
-                             capture_output=True, text=True).stdout
-        for pid in re.findall(r"pid=(\d+)", out):
+        for pid in self.session_pids(name):
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def session_pids(self, name):
+        """sshd's per-connection processes for a host (they outlive the listener)."""
+        out = subprocess.run(["ss", "-Htnp", "state", "established", "src",
+                              self.addresses[name]], capture_output=True, text=True).stdout
+        return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+    def signal(self, name, signum):
+        for pid in {self.servers[name].pid} | self.session_pids(name):
+            try:
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -889,6 +897,52 @@ def test_a_host_killed_mid_run_loses_no_job(tmp_path, fault_hosts):
     assert "reconnected to f2" in err
     reconnected_at = err.index("reconnected to f2")
     assert reconnected_at > err.index("lost the connection to f2")
+
+
+def test_a_frozen_host_is_noticed_by_keepalives(tmp_path, fault_hosts):
+    write(tmp_path / "hosts.yaml", "- f1\n- f2\n")
+    write(tmp_path / "queue.yaml", """
+        - command: sleep 1; echo "job {{n}} on $PEGASUS_TEST_HOST"
+          n: [1, 2, 3, 4, 5, 6]
+        """)
+    proc = start_pegasus(tmp_path, "q", "--ssh-option", "ServerAliveInterval=1",
+                         "--ssh-option", "ServerAliveCountMax=2", ssh_config=fault_hosts.config)
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml")
+                 and read(tmp_path / "consumed.yaml").count("- command") >= 2, what="2 jobs")
+        fault_hosts.signal("f2", signal.SIGSTOP)  # frozen: no answer, no close
+        out, err = proc.communicate(timeout=60)
+    finally:
+        fault_hosts.signal("f2", signal.SIGCONT)
+    assert proc.returncode == 0, err
+    assert "lost the connection to f2" in err and "lost its host" in err
+    done = re.findall(r"^\[f\d\] job (\d+) on", out, re.M)
+    assert sorted(map(int, done)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_broadcast_fails_the_step_of_a_host_that_dies(tmp_path, fault_hosts):
+    write(tmp_path / "hosts.yaml", "- f1\n- f2\n- f3\n")
+    write(tmp_path / "queue.yaml", "- sleep 2; echo step1\n- echo step2\n")
+    proc = start_pegasus(tmp_path, "b", ssh_config=fault_hosts.config)
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first step")
+    time.sleep(0.5)
+    fault_hosts.stop("f3")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "[f3] lost its host during 'sleep 2; echo step1'" in err
+    assert "stopping: the last job failed on [f3]" in err
+    assert sorted(job_lines(out)) == ["[f1] step1", "[f2] step1"]
+    assert read(tmp_path / "queue.yaml") == "- echo step2\n"
+
+
+def test_broadcast_to_a_host_down_at_start_is_a_failure(tmp_path, hosts):
+    dead = tmp_path / "ssh_config"
+    dead.write_text("Host dead\n  HostName 127.0.0.99\n" + read(hosts.config))
+    write(tmp_path / "hosts.yaml", "- dead\n- h1\n")
+    write(tmp_path / "queue.yaml", "- echo step\n")
+    out = run_pegasus(tmp_path, "b", ssh_config=dead)
+    assert job_lines(out.stdout) == ["[h1] step"]
+    assert out.returncode == 1 and "not run on [dead]: unreachable" in out.stderr
 
 
 def sleeper(tag):
