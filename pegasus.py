@@ -34,6 +34,7 @@ import errno
 import fcntl
 import heapq
 import itertools
+import json
 import os
 import re
 import resource
@@ -81,6 +82,8 @@ HOST_CHECK_DELAY = 0.5  # after a job's ssh exits 255, when to look whether its 
 RECONNECT_FIRST = 2.0  # seconds before reconnecting a lost host; doubles each failure ...
 RECONNECT_MAX = 60.0   # ... up to this
 WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try again
+STATUS_PERIOD = 0.25   # status line redraws and state file saves, at most this often
+PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often
 PUT_BACK_WAIT = 30.0   # at exit, how long to wait for the lock to put cut-short jobs back
 
 # Options for every ssh we start. They come after the user's own -o options
@@ -302,6 +305,28 @@ def check_hostname(name, here):
                            "or holds whitespace or control characters" % (here, name))
 
 
+RANGE = re.compile(r"\[(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)\]")
+
+
+def expand_ranges(name):
+    """Host ranges as pdsh and clush write them: node-[01-16], gpu[1-4,7],
+    rack[1-2]-n[1-3] (leftmost range outermost). A range whose first number
+    has a leading zero keeps that width."""
+    match = RANGE.search(name)
+    if match is None:
+        return [name]
+    numbers = []
+    for part in match.group(1).split(","):
+        first, _, last = part.partition("-")
+        last = last or first
+        if int(last) < int(first):
+            raise PegasusError("host range [%s] in %r goes backwards" % (part, name))
+        width = len(first) if first.startswith("0") else 0
+        numbers += [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+    head, tail = name[:match.start()], name[match.end():]
+    return [head + number + rest for number in numbers for rest in expand_ranges(tail)]
+
+
 def read_hosts(path):
     """The expanded slots of a hosts file, in order."""
     text = read_text(path)
@@ -311,7 +336,12 @@ def read_hosts(path):
     slots = []
     for number, node in enumerate(root.value, 1):
         here = where(path, node, number)
-        for combo in expand(parse_entry(path, node, number, "hostname")):
+        spec = parse_entry(path, node, number, "hostname")
+        try:
+            spec["hostname"] = [h for value in spec["hostname"] for h in expand_ranges(value)]
+        except PegasusError as e:
+            raise PegasusError("%s: %s" % (here, e)) from None
+        for combo in expand(spec):
             template = combo.pop("hostname")
             hostname = render(template, dict(combo, hostname=template),
                               "hostname of %s" % here)
@@ -699,6 +729,7 @@ class QueueFile:
         self.entries = []
         self.editable = True
         self.shift = 0         # added to every Entry offset; see take()
+        self.count = 0         # jobs in the queue, once expanded
 
     def changed(self):
         return file_signature(self.path) != self.signature
@@ -713,6 +744,7 @@ class QueueFile:
         text = read_text(self.path)
         entries, editable = parse_queue(self.path, text)
         self.text, self.entries, self.editable, self.shift = text, entries, editable, 0
+        self.count = count_jobs(entries)
         self.signature = signature
 
     def take(self, slots, render=None):
@@ -746,6 +778,7 @@ class QueueFile:
             self.replace_head(head_jobs[head_index:])
         if taken:
             self.commit([job for _, job, _ in taken])
+            self.count -= len(taken)
         return taken, error
 
     def replace_head(self, jobs):
@@ -790,6 +823,7 @@ class QueueFile:
             self.insert(start, start, jobs, 0, 1)
         else:
             self.entries[:0] = [Entry(0, 0, job_spec(job), 1) for job in jobs]
+        self.count += len(jobs)
         self.write()
 
     def commit(self, jobs):
@@ -1097,19 +1131,47 @@ class Run:
 
 
 # ----------------------------------------------------------------------------
-# Output: whole lines, prefixed with their slot; notes on stderr
+# Output: whole lines prefixed with their slot, the status line, notes on
+# stderr, and the records a run leaves (--joblog, --output-dir, failed.yaml)
 # ----------------------------------------------------------------------------
+
+# 256-colour codes that stay readable on dark and light backgrounds.
+PALETTE = (39, 208, 70, 170, 178, 33, 203, 36, 141, 166, 75, 132)
+
+_status = None  # the StatusLine on screen, if any; note() clears it first
 
 
 class Printer:
-    """Writes job output line by line; one write per round of the loop."""
+    """Writes job output line by line; one write per round of the loop.
 
-    def __init__(self, print_period):
+    On a terminal, prefixes are coloured per slot (unless NO_COLOR is set)
+    and long lines are wrapped to the window's width with the prefix repeated.
+    """
+
+    def __init__(self, print_period, stream=None):
         self.print_period = print_period
         self.buffer = []
-        self.out = sys.stdout.buffer
+        self.stream = stream or sys.stdout
+        self.out = self.stream.buffer
         self.broken = False  # stdout closed (pegasus | head): stop printing
         self.counts = {}     # run -> lines seen, for --print-period
+        self.tty = self.stream.isatty()
+        self.color = self.tty and not os.environ.get("NO_COLOR")
+        self.width = None
+        self.prefixes = {}   # slot -> prefix bytes
+        self.resize()
+
+    def resize(self, *_):
+        self.width = shutil.get_terminal_size().columns if self.tty else None
+
+    def prefix(self, slot):
+        cached = self.prefixes.get(slot)
+        if cached is None:
+            label = slot.label
+            if self.color:
+                label = "\x1b[38;5;%dm%s\x1b[0m" % (PALETTE[slot.index % len(PALETTE)], label)
+            cached = self.prefixes[slot] = label.encode("utf-8", "replace") + b" "
+        return cached
 
     def line(self, run, data):
         if self.print_period == 0:
@@ -1122,18 +1184,26 @@ class Printer:
             data.decode("utf-8")
         except UnicodeDecodeError:
             data = data.decode("utf-8", "replace").encode("utf-8")
-        self.buffer.append(run.slot.label.encode("utf-8", "replace") + b" " + data + b"\n")
+        self.add(run.slot, data)
 
-    def text(self, label, message):
-        self.buffer.append(("%s %s\n" % (label, message)).encode("utf-8", "replace"))
+    def add(self, slot, data):
+        prefix = self.prefix(slot)
+        room = (self.width or 0) - len(slot.label) - 1
+        if room < 20 or len(data) <= room:
+            self.buffer.append(prefix + data + b"\n")
+            return
+        text = data.decode("utf-8", "replace")
+        for start in range(0, len(text), room):
+            self.buffer.append(prefix + text[start:start + room].encode("utf-8") + b"\n")
 
     def started(self, run):
-        self.text(run.slot.label, "=== run %s ===" % shown(run.command))
+        self.add(run.slot, ("=== run %s ===" % shown(run.command)).encode("utf-8", "replace"))
 
     def ended(self, run):
         self.counts.pop(run, None)
         elapsed = time.monotonic() - run.started
-        self.text(run.slot.label, "=== done (%s, %s) ===" % (run.status(), duration(elapsed)))
+        self.add(run.slot, ("=== done (%s, %s) ===" % (run.status(), duration(elapsed))
+                            ).encode("utf-8", "replace"))
 
     def flush(self):
         if not self.buffer:
@@ -1141,11 +1211,39 @@ class Printer:
         data, self.buffer = b"".join(self.buffer), []
         if self.broken:
             return
+        if _status is not None:
+            _status.clear()
         try:
             self.out.write(data)
             self.out.flush()
         except OSError:  # EPIPE (pegasus | head), EIO (the terminal closed)
             self.broken = True
+
+
+class StatusLine:
+    """One line at the bottom of a terminal (stderr), redrawn in place."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.shown = False
+
+    def draw(self, text):
+        width = shutil.get_terminal_size().columns
+        try:
+            self.stream.write("\r\x1b[K" + text[:max(0, width - 1)])
+            self.stream.flush()
+            self.shown = True
+        except OSError:
+            pass
+
+    def clear(self):
+        if self.shown:
+            try:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+            except OSError:
+                pass
+            self.shown = False
 
 
 def shown(command):
@@ -1163,10 +1261,125 @@ def duration(seconds):
 
 def note(message):
     """A message from pegasus itself, as opposed to job output."""
+    if _status is not None:
+        _status.clear()
     try:
         print("[pegasus] %s" % message, file=sys.stderr, flush=True)
     except OSError:  # the terminal is gone; the run goes on
         pass
+
+
+JOBLOG_HEADER = "Seq\tSlot\tHost\tStarttime\tJobRuntime\tExitval\tSignal\tCommand\n"
+
+
+class Records:
+    """What a run leaves behind besides its output: one joblog line per
+    finished job (as GNU parallel's --joblog), each job's output in a file of
+    its own (--output-dir), and failed jobs in failed.yaml, ready to requeue."""
+
+    def __init__(self, options, queue_path):
+        self.sequence = itertools.count(1)
+        self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
+        self.output_dir = options.output_dir
+        self.joblog = None
+        try:
+            if self.output_dir:
+                os.makedirs(self.output_dir, exist_ok=True)
+            if options.joblog:
+                self.joblog = open(options.joblog, "a", encoding="utf-8")
+                if self.joblog.tell() == 0:
+                    self.joblog.write(JOBLOG_HEADER)
+                    self.joblog.flush()
+        except OSError as e:
+            raise PegasusError("%s: %s" % (e.filename, e.strerror)) from None
+
+    def started(self, run):
+        run.sequence = next(self.sequence)
+        run.wall_start = time.time()
+        run.output = None
+        if self.output_dir:
+            name = "%06d-%s.log" % (run.sequence, run.slot.hostname.replace("/", "_"))
+            run.output = open(os.path.join(self.output_dir, name), "wb")
+
+    def line(self, run, data):
+        if run.output is not None:
+            run.output.write(data + b"\n")
+
+    def ended(self, run):
+        if run.output is not None:
+            run.output.close()
+        if self.joblog is not None:
+            code = run.proc.returncode
+            fields = (run.sequence, run.slot.label, run.slot.hostname, "%.3f" % run.wall_start,
+                      "%.3f" % (time.monotonic() - run.started),
+                      code if code >= 0 else -1, -code if code < 0 else 0,
+                      run.command.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t"))
+            self.joblog.write("\t".join(map(str, fields)) + "\n")
+            self.joblog.flush()
+
+    def failed(self, job):
+        try:
+            append_durably(self.failed_path, dump_entry(job.canonical()))
+        except OSError as e:
+            note("cannot write %s: %s" % (self.failed_path, e.strerror))
+
+    def close(self):
+        if self.joblog is not None:
+            self.joblog.close()
+
+
+class StateFile:
+    """queue.yaml.state: what runs where right now, for `pegasus.py s` and
+    `pegasus.py stop` in another terminal. Rewritten atomically (no fsync:
+    it describes the moment, and a crash makes it stale anyway)."""
+
+    def __init__(self, queue_path):
+        self.path = queue_path + ".state"
+
+    def write(self, state):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, temp = tempfile.mkstemp(dir=directory, prefix=".pegasus-state.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f, indent=1)
+            os.replace(temp, self.path)
+        except OSError as e:
+            note("cannot write %s: %s" % (self.path, e.strerror))
+
+    def read(self):
+        """The state of a live runner; a PegasusError if there is none."""
+        try:
+            with open(self.path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            raise PegasusError("no pegasus is running on this queue (%s does not exist)"
+                               % self.path) from None
+        except (OSError, ValueError) as e:
+            raise PegasusError("%s: unreadable: %s" % (self.path, e)) from None
+        if not process_alive(state.get("pid")):
+            raise PegasusError("pegasus (pid %s) is no longer running; %s is stale"
+                               % (state.get("pid"), self.path))
+        return state
+
+    def remove(self):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def process_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    cmdline = "/proc/%d/cmdline" % int(pid)
+    if os.path.exists(cmdline):  # Linux: make sure the pid was not reused
+        with open(cmdline, "rb") as f:
+            return b"pegasus" in f.read()
+    return True
 
 
 # ----------------------------------------------------------------------------
@@ -1201,6 +1414,12 @@ class Runner:
         self.blocked = False      # the queue is locked or broken: take nothing
         self.reported = None      # the last queue problem told to the user
         self.unreturned = []      # jobs to put back once the queue lock is free
+        self.records = Records(options, queue.path)
+        self.state = StateFile(queue.path)
+        self.state_dirty = True
+        self.started_at = time.monotonic()
+        self.run_seconds = 0.0    # summed durations of finished jobs, for the estimate
+        self.progress_shown = 0   # tenths of the way reported (stderr not a terminal)
 
     # -- connections --------------------------------------------------------
 
@@ -1296,14 +1515,20 @@ class Runner:
             argv = local_argv(command)
         else:
             argv = job_argv(self.options, connection.hostname, connection.socket, command)
-        run = Run(slot, job, command, argv, self.printer.line, self.run_finished)
+        run = Run(slot, job, command, argv, self.on_line, self.run_finished)
         run.attempt = attempt
         slot.run = run
         self.runs.add(run)
+        self.records.started(run)
         self.printer.started(run)
+        self.state_dirty = True
         for fd in list(run.open_fds):
             self.loop.add_reader(fd, lambda fd, r=run: self.read_run(r, fd))
         return run
+
+    def on_line(self, run, data):
+        self.printer.line(run, data)
+        self.records.line(run, data)
 
     def read_run(self, run, fd):
         run.read(fd, self.loop)
@@ -1329,7 +1554,11 @@ class Runner:
         self.runs.discard(run)
         run.slot.run = None
         self.printer.ended(run)
+        self.records.ended(run)
+        self.run_seconds += time.monotonic() - run.started
+        self.state_dirty = True
         run.on_exit(run)
+        self.show_progress()
 
     def on_child(self, signum):
         for run in list(self.exiting):
@@ -1341,7 +1570,8 @@ class Runner:
         if run.proc.returncode == 0:
             self.succeeded += 1
             return True
-        self.failures.append((run.slot.label, run.command, run.status()))
+        self.failures.append((run.slot.label, run.command, "%s after %s" % (
+            run.status(), duration(time.monotonic() - run.started))))
         return False
 
     # -- the queue -------------------------------------------------------------
@@ -1446,11 +1676,73 @@ class Runner:
         self.exit_code = EXIT_INTERRUPTED
         self.schedule()
 
+    # -- what the operator sees ------------------------------------------------
+
+    def counts(self):
+        done = self.succeeded + len(self.failures)
+        return done, len(self.runs), self.queue.count
+
+    def status_text(self):
+        done, running, queued = self.counts()
+        slots = self.usable_slots()
+        down = sum(1 for c in self.connections if c.state != "up")
+        elapsed = time.monotonic() - self.started_at
+        text = "%d done, %d failed, %d running, %d queued | %d/%d slots busy" % (
+            self.succeeded, len(self.failures), running, queued,
+            sum(1 for s in slots if s.run), len(self.slots))
+        if down:
+            text += ", %d host%s down" % (down, plural(down))
+        text += " | %s" % duration(elapsed)
+        if done and (running or queued) and slots:
+            left = self.run_seconds / done * (running + queued) / len(slots)
+            text += ", ~%s left" % duration(left)
+        return text
+
+    def show_progress(self):
+        """Without a terminal: a line at every tenth of the way."""
+        if _status is not None:
+            return
+        done, running, queued = self.counts()
+        total = done + running + queued
+        if total >= 10 and done * 10 // total > self.progress_shown:
+            self.progress_shown = done * 10 // total
+            note("progress: " + self.status_text())
+
+    def tick(self):
+        """Every STATUS_PERIOD: redraw the status line, save the state file."""
+        if _status is not None:
+            _status.draw("[pegasus] " + self.status_text())
+        elif time.monotonic() - self.last_progress >= PROGRESS_PERIOD:
+            self.last_progress = time.monotonic()
+            note("progress: " + self.status_text())
+        if self.state_dirty:
+            self.state_dirty = False
+            self.state.write(self.state_snapshot())
+        self.loop.call_later(STATUS_PERIOD, self.tick)
+
+    def state_snapshot(self):
+        now, wall = time.monotonic(), time.time()
+        return {
+            "pid": os.getpid(), "mode": self.options.mode, "queue": self.queue.path,
+            "started": wall - (now - self.started_at),
+            "done": self.succeeded, "failed": len(self.failures),
+            "running": len(self.runs), "queued": self.queue.count,
+            "slots": [{"slot": s.label, "host": s.hostname, "connection": s.connection.state,
+                       "job": s.run.command if s.run else None,
+                       "since": wall - (now - s.run.started) if s.run else None}
+                      for s in self.slots]}
+
     def run(self):
+        global _status
+        if sys.stderr.isatty():
+            _status = StatusLine(sys.stderr)
+        self.last_progress = time.monotonic()
         raise_fd_limit()
         self.loop.on_signal(signal.SIGCHLD, self.on_child)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self.loop.on_signal(signum, self.interrupt)
+        self.loop.on_signal(signal.SIGWINCH, self.printer.resize)
+        self.tick()
         try:
             for connection in self.connections:
                 if connection.socket is not None:
@@ -1463,6 +1755,11 @@ class Runner:
             self.close_connections()
             self.loop.close()
             self.printer.flush()
+            if _status is not None:
+                _status.clear()
+                _status = None
+            self.state.remove()
+            self.records.close()
             self.return_jobs_before_exit()
         return self.report()
 
@@ -1477,8 +1774,9 @@ class Runner:
                 self.queue.path, ", ".join(shown(job.command) for job in self.cut_short)))
         for label, command, status in self.failures:
             note("failed: %s %s: %s" % (label, shown(command), status))
-        note("%d job%s run: %d succeeded, %d failed" % (
-            total, plural(total), self.succeeded, len(self.failures)))
+        note("%d job%s run in %s: %d succeeded, %d failed" % (
+            total, plural(total), duration(time.monotonic() - self.started_at),
+            self.succeeded, len(self.failures)))
         if self.exit_code is not None:
             return self.exit_code
         return EXIT_FAILED if self.failures else EXIT_OK
@@ -1553,13 +1851,14 @@ class QueueRunner(Runner):
                 self.options.retries))
             avoid = run.avoid | {run.slot.label}
             self.retries.append([run.job, run.attempt + 1, avoid, run])
-        else:
-            self.record(run)
+        elif not self.record(run):
+            self.records.failed(run.job)
         self.schedule()
 
     def finish_if_idle(self):
         for job, attempt, avoid, last in self.retries:
             self.record(last)  # not retried: stopping
+            self.records.failed(job)
         self.retries = []
         super().finish_if_idle()
 
@@ -1570,6 +1869,7 @@ class BroadcastRunner(Runner):
     def __init__(self, *args):
         super().__init__(*args)
         self.step_failed = []  # labels of the slots that failed this step
+        self.step_job = None   # the job of this step
 
     def schedule(self):
         if self.done or self.runs or self.blocked:
@@ -1580,6 +1880,9 @@ class BroadcastRunner(Runner):
         if self.stopping or not slots:
             self.done = True
             return
+        if self.step_failed and self.step_job is not None:
+            self.records.failed(self.step_job)  # once, however many hosts it failed on
+            self.step_job = None
         if self.step_failed and not self.options.ignore_errors:
             note("stopping: the last job failed on %s (use -i to go on)"
                  % ", ".join(self.step_failed))
@@ -1590,6 +1893,7 @@ class BroadcastRunner(Runner):
         taken = self.take(slots[:1], lambda job, _: [render_job(job, s) for s in slots])
         if taken:
             _, job, commands = taken[0]
+            self.step_job = job
             for slot, command in zip(slots, commands):
                 self.start_run(slot, job, command)
         elif not self.blocked:
@@ -1645,6 +1949,8 @@ def open_queue(options, slots):
                            "or name another with --queue-file)" % options.queue_file)
     queue.load()
     check_queue(queue, slots)
+    if options.dry_run:
+        return queue
     directory = os.path.dirname(os.path.abspath(options.queue_file))
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PegasusError("%s: cannot write in this directory, so jobs could not be "
@@ -1664,6 +1970,8 @@ def mode_run(options, runner_class):
                                % options.ssh)
         options.ssh = found
     queue = open_queue(options, slots)
+    if options.dry_run:
+        return dry_run(slots, queue, runner_class is BroadcastRunner)
     if not queue.entries and not options.daemon:
         note("%s is empty: nothing to do" % options.queue_file)
         return EXIT_OK
@@ -1674,6 +1982,24 @@ def mode_run(options, runner_class):
         len({s.hostname for s in slots}), plural(len({s.hostname for s in slots}))))
     runner = runner_class(options, slots, queue, Printer(options.print_period))
     return runner.run()
+
+
+def dry_run(slots, queue, broadcast):
+    """Show what would run; connect to nothing and change no file."""
+    jobs = [job for entry in queue.entries for job in expand_jobs(entry.spec)]
+    print("%d slot%s:" % (len(slots), plural(len(slots))))
+    for slot in slots:
+        print("  " + slot.label)
+    print("%d job%s in %s:" % (len(jobs), plural(len(jobs)), queue.path))
+    for number, job in enumerate(jobs, 1):
+        # Queue mode: shown on the slot it would get if all slots were free
+        # and every job took equally long; in a run, the next free one.
+        for slot in slots if broadcast else [slots[(number - 1) % len(slots)]]:
+            print("  %d. %s %s" % (number, slot.label, render_job(job, slot)))
+    commands = len(jobs) * (len(slots) if broadcast else 1)
+    print("%d command%s would run (%s mode)" % (
+        commands, plural(commands), "broadcast" if broadcast else "queue"))
+    return EXIT_OK
 
 
 def plural(count):
@@ -1716,18 +2042,59 @@ def mode_lock(options):
     return EXIT_OK if status == 0 else EXIT_FAILED
 
 
-MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock}
+def mode_status(options):
+    """Print what a running pegasus is doing, from its state file."""
+    state = StateFile(options.queue_file).read()
+    now = time.time()
+    print("pegasus pid %s, %s mode on %s, running for %s: %d done, %d failed, "
+          "%d running, %d queued" % (state["pid"], state["mode"], state["queue"],
+                                     duration(now - state["started"]), state["done"],
+                                     state["failed"], state["running"], state["queued"]))
+    rows = [("SLOT", "HOST", "FOR", "JOB")]
+    for slot in state["slots"]:
+        if slot["job"] is None:
+            rows.append((slot["slot"], slot["connection"], "", "(idle)"))
+        else:
+            rows.append((slot["slot"], slot["connection"], duration(now - slot["since"]),
+                         shown(slot["job"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return EXIT_OK
+
+
+def mode_stop(options):
+    """Ask a running pegasus to stop: after its running jobs, or (--now) at once."""
+    state = StateFile(options.queue_file).read()
+    os.kill(int(state["pid"]), signal.SIGTERM if options.now else signal.SIGINT)
+    if options.now:
+        note("asked pegasus (pid %s) to cancel its %d running job%s and exit"
+             % (state["pid"], state["running"], plural(state["running"])))
+    else:
+        note("asked pegasus (pid %s) to start no new job and exit when its %d running "
+             "job%s finish" % (state["pid"], state["running"], plural(state["running"])))
+    return EXIT_OK
+
+
+MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock,
+         "s": mode_status, "stop": mode_stop}
 
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
 EPILOG = """\
-examples:
-  pegasus.py q                 run every job in queue.yaml once, on the next free host
-  pegasus.py b                 run every job in queue.yaml on every host, step by step
-  pegasus.py l                 lock queue.yaml and edit it while a run goes on
-  pegasus.py q -d              keep running; start jobs added to queue.yaml later
+modes, with an example each:
+  q     pegasus.py q           run every job in queue.yaml once, on the next free host
+  b     pegasus.py b -i        run every job on every host, step by step, despite failures
+  l     pegasus.py l           lock queue.yaml and edit it while a run goes on
+  s     pegasus.py s           show what a running pegasus is doing, slot by slot
+  stop  pegasus.py stop --now  make a running pegasus cancel its jobs and exit
+
+more examples:
+  pegasus.py q --dry-run       show the slots and the commands that would run
+  pegasus.py q -d --joblog jobs.tsv
+                               keep waiting for jobs; log each finished one
 
 exit status: 0 every job succeeded, 1 some job failed, 2 bad usage or files or
 no host reachable, 130 interrupted (Ctrl-C, SIGTERM)."""
@@ -1746,8 +2113,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="pegasus.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a queue of shell jobs on many hosts over ssh.")
-    parser.add_argument("mode", choices=["q", "b", "l"],
-                        help="q: queue mode, b: broadcast mode, l: lock the queue and edit it")
+    parser.add_argument("mode", choices=list(MODES), metavar="MODE",
+                        help="q (queue), b (broadcast), l (lock and edit the queue), "
+                             "s (status of a running pegasus), stop (stop it)")
     parser.add_argument("-d", "--daemon", action="store_true",
                         help="when the queue is empty, wait for more jobs instead of exiting")
     parser.add_argument("-i", "--ignore-errors", action="store_true",
@@ -1759,6 +2127,15 @@ def build_parser():
                              "(queue mode: on another slot when there is one)")
     parser.add_argument("-p", "--print-period", type=non_negative, default=1, metavar="N",
                         help="print every Nth line of job output; 0 prints none (default 1)")
+    parser.add_argument("-n", "--dry-run", action="store_true",
+                        help="show the slots and the commands that would run; "
+                             "connect to nothing, change no file")
+    parser.add_argument("--joblog", metavar="FILE",
+                        help="append a tab-separated line per finished job to FILE")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="also keep each job's output in a file of its own in DIR")
+    parser.add_argument("--now", action="store_true",
+                        help="(stop) cancel the running jobs instead of waiting for them")
     parser.add_argument("--queue-file", default="queue.yaml", metavar="FILE",
                         help="the job queue (default queue.yaml)")
     parser.add_argument("--hosts-file", metavar="FILE",
