@@ -1162,7 +1162,7 @@ class Printer:
         self.resize()
 
     def resize(self, *_):
-        self.width = shutil.get_terminal_size().columns if self.tty else None
+        self.width = terminal_width(self.stream) if self.tty else None
 
     def prefix(self, slot):
         cached = self.prefixes.get(slot)
@@ -1228,7 +1228,7 @@ class StatusLine:
         self.shown = False
 
     def draw(self, text):
-        width = shutil.get_terminal_size().columns
+        width = terminal_width(self.stream)
         try:
             self.stream.write("\r\x1b[K" + text[:max(0, width - 1)])
             self.stream.flush()
@@ -1244,6 +1244,14 @@ class StatusLine:
             except OSError:
                 pass
             self.shown = False
+
+
+def terminal_width(stream):
+    # The terminal's own size, which follows resizes; $COLUMNS may be stale.
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except OSError:
+        return shutil.get_terminal_size().columns
 
 
 def shown(command):
@@ -1687,7 +1695,7 @@ class Runner:
         slots = self.usable_slots()
         down = sum(1 for c in self.connections if c.state != "up")
         elapsed = time.monotonic() - self.started_at
-        text = "%d done, %d failed, %d running, %d queued | %d/%d slots busy" % (
+        text = "%d done, %d failed, %d running, %d queued | %d/%d busy" % (
             self.succeeded, len(self.failures), running, queued,
             sum(1 for s in slots if s.run), len(self.slots))
         if down:

@@ -205,9 +205,11 @@ class SshHosts:
 
     def session_pids(self, name):
         """sshd's per-connection processes for a host (they outlive the listener)."""
-        out = subprocess.run(["ss", "-Htnp", "state", "established", "src",
-                              self.addresses[name]], capture_output=True, text=True).stdout
-        return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+        local = "%s:%d" % (self.addresses[name], self.port)
+        out = subprocess.run(["ss", "-Htnp", "state", "established"],
+                             capture_output=True, text=True).stdout
+        return {int(pid) for line in out.splitlines() if line.split()[2:3] == [local]
+                for pid in re.findall(r"pid=(\d+)", line)}
 
     def signal(self, name, signum):
         for pid in {self.servers[name].pid} | self.session_pids(name):
@@ -1223,3 +1225,193 @@ def test_ci_runs_the_test_command_in_the_readme():
     with open(os.path.join(HERE, ".ci", "run")) as f:
         ci = f.read()
     assert "README.md" in ci and "pytest" in read(README)
+
+
+# ----------------------------------------------------------------------------
+# The operator's view: dry run, host ranges, records, status, terminals
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, expanded", [
+    ("node-[01-03]", ["node-01", "node-02", "node-03"]),
+    ("gpu[1-4,7]", ["gpu1", "gpu2", "gpu3", "gpu4", "gpu7"]),
+    ("rack[1-2]-n[1-3]", ["rack1-n1", "rack1-n2", "rack1-n3", "rack2-n1", "rack2-n2",
+                          "rack2-n3"]),
+    ("x[8-10]", ["x8", "x9", "x10"]),
+    ("n[007-009]", ["n007", "n008", "n009"]),
+    ("plain", ["plain"]),
+])
+def test_host_ranges(name, expanded):
+    assert pegasus.expand_ranges(name) == expanded
+
+
+def test_host_ranges_in_hosts_file_and_dry_run(tmp_path):
+    write(tmp_path / "hosts.yaml", """
+        - node-[01-02]
+        - hostname: gpu[1-2,4]
+          container: [a, b]
+        """)
+    write(tmp_path / "queue.yaml", "- echo {{hostname}}\n")
+    out = run_pegasus(tmp_path, "b", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:9] == [
+        "8 slots:", "  [node-01]", "  [node-02]", "  [gpu1 (container=a)]",
+        "  [gpu1 (container=b)]", "  [gpu2 (container=a)]", "  [gpu2 (container=b)]",
+        "  [gpu4 (container=a)]", "  [gpu4 (container=b)]"]
+    assert "  1. [gpu4 (container=b)] echo gpu4" in out.stdout
+    assert out.stdout.splitlines()[-1] == "8 commands would run (broadcast mode)"
+    write(tmp_path / "hosts.yaml", "- n[3-1]\n")
+    out = run_pegasus(tmp_path, "q", "--dry-run")
+    assert out.returncode == 2 and "hosts.yaml:1: entry 1: host range [3-1]" in out.stderr
+
+
+@pytest.mark.parametrize("heading", sorted(README_COUNTS))
+def test_dry_run_counts_the_readme_examples(tmp_path, heading):
+    example = readme_examples()[heading]
+    (tmp_path / "queue.yaml").write_text(example["queue.yaml"])
+    (tmp_path / "hosts.yaml").write_text(example["hosts.yaml"])
+    before = sorted(os.listdir(str(tmp_path)))
+    out = run_pegasus(tmp_path, example.get("mode", "q"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith(
+        "%d command%s would run" % (README_COUNTS[heading], "" if README_COUNTS[heading] == 1
+                                    else "s"))
+    assert sorted(os.listdir(str(tmp_path))) == before  # no file written
+    assert read(tmp_path / "queue.yaml") == example["queue.yaml"]
+
+
+def test_joblog_output_dir_and_failed_yaml(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2]\n")
+    write(tmp_path / "queue.yaml", """
+        - command: echo "out {{n}}"; echo "err {{n}}" >&2; exit {{code}}
+          n: [a]
+          code: [0, 3]
+        - printf 'tab\\there\\n'
+        """)
+    out = run_pegasus(tmp_path, "q", "--joblog", "jobs.tsv", "--output-dir", "out")
+    assert out.returncode == 1
+    rows = [line.split("\t") for line in read(tmp_path / "jobs.tsv").splitlines()]
+    assert rows[0] == ["Seq", "Slot", "Host", "Starttime", "JobRuntime", "Exitval", "Signal",
+                       "Command"]
+    assert sorted(row[0] for row in rows[1:]) == ["1", "2", "3"]
+    by_command = {row[7]: row for row in rows[1:]}
+    failing = by_command['echo "out a"; echo "err a" >&2; exit 3']
+    assert failing[2] == "localhost" and failing[5] == "3" and failing[6] == "0"
+    assert failing[1].startswith("[localhost (k=")
+    assert float(failing[3]) > 1.7e9 and float(failing[4]) >= 0
+    assert "printf 'tab\\\\there\\\\n'" in by_command  # tabs/newlines/backslashes escaped
+    files = sorted(os.listdir(str(tmp_path / "out")))
+    assert files == ["000001-localhost.log", "000002-localhost.log", "000003-localhost.log"]
+    contents = sorted(read(tmp_path / "out" / name) for name in files)
+    assert contents == ["out a\nerr a\n", "out a\nerr a\n", "tab\there\n"]
+    assert yaml.safe_load(read(tmp_path / "failed.yaml")) == [
+        {"command": ['echo "out {{n}}"; echo "err {{n}}" >&2; exit {{code}}'],
+         "n": ["a"], "code": ["3"]}]
+    # appending runs keeps a single header
+    write(tmp_path / "queue.yaml", "- 'true'\n")
+    run_pegasus(tmp_path, "q", "--joblog", "jobs.tsv")
+    assert read(tmp_path / "jobs.tsv").count("Seq\t") == 1
+
+
+def test_status_and_stop_from_another_terminal(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2]\n")
+    write(tmp_path / "queue.yaml", "- sleep 1.5; echo one\n- sleep 30; echo never\n- echo z\n")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.state")
+             and '"running": 2' in read(tmp_path / "queue.yaml.state"), what="state")
+    status = run_pegasus(tmp_path, "s")
+    assert status.returncode == 0, status.stderr
+    assert "pegasus pid %d, q mode" % proc.pid in status.stdout
+    assert re.search(r"\[localhost \(k=1\)\]\s+up\s+\d", status.stdout)
+    assert "'sleep 30; echo never'" in status.stdout and "1 queued" in status.stdout
+    stop = run_pegasus(tmp_path, "stop")
+    assert stop.returncode == 0 and "start no new job" in stop.stderr
+    time.sleep(2)
+    assert proc.poll() is None  # still waiting for the 30 s job
+    stop = run_pegasus(tmp_path, "stop", "--now")
+    assert stop.returncode == 0 and "cancel its 1 running job" in stop.stderr
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and job_lines(out) == ["[localhost (k=1)] one"]
+    assert read(tmp_path / "queue.yaml") == "- sleep 30; echo never\n- echo z\n"
+    assert not os.path.exists(tmp_path / "queue.yaml.state")
+    status = run_pegasus(tmp_path, "s")
+    assert status.returncode == 2 and "no pegasus is running" in status.stderr
+
+
+def run_in_terminal(cwd, args, env=None, columns=80):
+    """Run pegasus with a pseudo-terminal as stdout and stderr; the screen bytes."""
+    import fcntl as fcntl_module
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl_module.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, PEGASUS] + args, cwd=str(cwd), stdin=slave,
+                            stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the last writer closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=30)
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace"), proc.returncode
+
+
+def test_status_line_on_a_terminal_never_corrupts_output(tmp_path):
+    write(tmp_path / "queue.yaml", "".join(
+        "- sleep 0.1; echo line-%d-of-output\n" % i for i in range(12)))
+    screen, code = run_in_terminal(tmp_path, ["q"], env=dict(os.environ, NO_COLOR="1"),
+                                   columns=120)
+    assert code == 0
+    assert re.search(r"\r\x1b\[K\[pegasus\] \d+ done, 0 failed, 1 running, \d+ queued", screen)
+    assert "~" in screen and "left" in screen  # an estimate once jobs finished
+    for i in range(12):
+        # each output line is whole: the status line was cleared before it
+        assert re.search(r"(^|\n|\x1b\[K)\[localhost\] line-%d-of-output\r?\n" % i, screen)
+    assert "\x1b[38;5;" not in screen  # NO_COLOR
+
+
+def test_colors_and_wrapping_on_a_terminal_only(tmp_path):
+    write(tmp_path / "queue.yaml", "- printf '%080d\\n' 7\n")
+    screen, _ = run_in_terminal(tmp_path, ["q"], columns=50)
+    assert "\x1b[38;5;39m[localhost]\x1b[0m " in screen
+    wrapped = [line for line in screen.replace("\r", "").split("\n")
+               if line.startswith("\x1b[38;5;39m[localhost]\x1b[0m 0")]
+    assert [len(line) - len("\x1b[38;5;39m[localhost]\x1b[0m ") for line in wrapped] == [
+        38, 38, 4]
+    write(tmp_path / "queue.yaml", "- printf '%080d\\n' 7\n")
+    out = run_pegasus(tmp_path, "q")  # pipes: no colour, no wrapping, no status line
+    assert "[localhost] " + "0" * 79 + "7" in out.stdout
+    assert "\x1b" not in out.stdout + out.stderr
+
+
+def test_missing_dependencies_say_how_to_install_them(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo {{x}}\n")
+    out = subprocess.run([sys.executable, "-S", PEGASUS, "q"], cwd=str(tmp_path),
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
+    assert out.returncode != 0
+    assert "pegasus: needs PyYAML: pip install --user pyyaml pybars3" in out.stderr
+    only_yaml = tmp_path / "only-yaml"
+    only_yaml.mkdir()
+    os.symlink(os.path.dirname(yaml.__file__), str(only_yaml / "yaml"))
+    out = subprocess.run([sys.executable, "-S", PEGASUS, "q"], cwd=str(tmp_path),
+                         capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(only_yaml)))
+    assert out.returncode == 2
+    assert "templates need pybars3: pip install --user pybars3" in out.stderr
+
+
+def test_version_and_help(tmp_path):
+    out = run_pegasus(tmp_path, "--version")
+    assert re.match(r"pegasus\.py \d+\.\d+\.\d+ \(file [0-9a-f]{12}\)", out.stdout)
+    out = run_pegasus(tmp_path, "--help")
+    for mode in ("q ", "b ", "l ", "s ", "stop "):
+        assert "\n  %s" % mode in out.stdout
+
+
