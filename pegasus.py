@@ -84,7 +84,8 @@ RECONNECT_MAX = 60.0   # ... up to this
 WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try again
 STATUS_PERIOD = 0.25   # status line redraws and state file saves, at most this often
 PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often
-PUT_BACK_WAIT = 30.0   # at exit, how long to wait for the lock to put cut-short jobs back
+PUT_BACK_WAIT = 30.0
+MAX_CONNECTING = 64    # ssh handshakes in flight at once   # at exit, how long to wait for the lock to put cut-short jobs back
 
 # Options for every ssh we start. They come after the user's own -o options
 # because ssh keeps the first value it sees for each option.
@@ -1407,7 +1408,8 @@ class Runner:
         self.queue = queue
         self.printer = printer
         self.loop = Loop()
-        self.loop.after_events.append(printer.flush)
+        self.loop.after_events += [self.run_schedule, printer.flush]
+        self.schedule_pending = False
         self.control_dir = tempfile.mkdtemp(prefix="pegasus-", dir=short_temp_dir())
         self.connections = make_connections(slots, self.control_dir)
         self.runs = set()
@@ -1432,6 +1434,11 @@ class Runner:
     # -- connections --------------------------------------------------------
 
     def connect(self, connection):
+        """Start a master, or queue it while MAX_CONNECTING others log in:
+        a thousand handshakes at once would only exhaust processes and fds."""
+        if sum(1 for c in self.connections if c.state == "connecting") >= MAX_CONNECTING:
+            connection.state = "queued"
+            return
         if os.path.lexists(connection.socket):
             os.unlink(connection.socket)  # left by a master that was killed
         argv = master_argv(self.options, connection.hostname, connection.socket)
@@ -1463,6 +1470,7 @@ class Runner:
                             connection.hostname))
             connection.ever_up = True
             connection.failures = 0
+            self.connect_queued()
             self.schedule()
         else:
             self.check_masters()
@@ -1471,7 +1479,7 @@ class Runner:
 
     def check_masters(self):
         for connection in self.connections:
-            if connection.state == "down" or connection.alive():
+            if connection.state in ("down", "queued") or connection.alive():
                 continue
             if connection.state == "connecting" and connection.failures == 0:
                 note("cannot connect to %s: %s" % (connection.hostname, connection.error()))
@@ -1481,8 +1489,19 @@ class Runner:
             connection.failures += 1
             self.connection_down(connection)
 
+    def connect_queued(self):
+        for connection in self.connections:
+            if connection.state == "queued":
+                self.connect(connection)
+                if connection.state == "queued":
+                    break
+
+    def settling(self):
+        return any(c.state in ("connecting", "queued") for c in self.connections)
+
     def connection_down(self, connection):
-        if not any(c.ever_up or c.state == "connecting" for c in self.connections):
+        self.connect_queued()
+        if not any(c.ever_up or c.state in ("connecting", "queued") for c in self.connections):
             note("no host can be reached")
             self.exit_code = EXIT_USAGE
             self.stopping = True
@@ -1755,7 +1774,7 @@ class Runner:
             for connection in self.connections:
                 if connection.socket is not None:
                     self.connect(connection)
-            self.schedule()
+            self.fill()
             self.loop.run(lambda: self.done)
         finally:
             for run in list(self.runs):
@@ -1774,6 +1793,16 @@ class Runner:
     def finish_if_idle(self):
         if not self.runs:
             self.done = True
+
+    def schedule(self):
+        """Ask for fill() once this round of the loop is over, so that jobs
+        finishing together are replaced under one lock and one write."""
+        self.schedule_pending = True
+
+    def run_schedule(self):
+        if self.schedule_pending:
+            self.schedule_pending = False
+            self.fill()
 
     def report(self):
         total = self.succeeded + len(self.failures)
@@ -1801,7 +1830,7 @@ class QueueRunner(Runner):
         super().__init__(*args)
         self.retries = []  # [job, attempt, failed slot labels, last run] waiting for a slot
 
-    def schedule(self):
+    def fill(self):
         if self.done:
             return
         if self.stopping:
@@ -1879,10 +1908,10 @@ class BroadcastRunner(Runner):
         self.step_failed = []  # labels of the slots that failed this step
         self.step_job = None   # the job of this step
 
-    def schedule(self):
+    def fill(self):
         if self.done or self.runs or self.blocked:
             return
-        if any(c.state == "connecting" for c in self.connections):
+        if self.settling():
             return
         slots = self.usable_slots()
         if self.stopping or not slots:
