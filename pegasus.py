@@ -97,25 +97,30 @@ SSH_OPTIONS = (
 )
 
 # The script every job runs under, on a host or locally, as
-#   sh -c WRAPPER sh ENCODED_COMMAND
-# It decodes the command (printf %b turns \0NNN back into bytes), runs it with
-# an empty stdin, and watches its own stdin: pegasus never writes to it, so
-# EOF means pegasus closed it on purpose (cancel) or died, or the connection
-# dropped. Then `kill 0` ends the whole process group, which sshd made for
-# this session (and pegasus, locally, with start_new_session). When the job
-# ends normally the watcher is killed first, so what the job left running in
-# the background is left alone. The text holds no backslash, `!`, newline or
-# single quote, so every login shell (sh, bash, zsh, fish, tcsh) passes it
-# through single quotes untouched.
-WRAPPER = (
-    'c=$(printf %b "$1"x);'
-    'exec 3<&0;'
-    'sh -c "${c%x}" sh </dev/null 3<&- & j=$!;'
-    '(cat <&3 >/dev/null 2>&1;kill -TERM 0) & w=$!;'
+#   sh -c 'DECODE RUN' sh ENCODED_COMMAND     (on a host, through its login shell)
+#   sh -c 'RUN' sh COMMAND                    (locally)
+# DECODE turns the \0NNN escapes back into bytes with printf %b. RUN starts a
+# watcher in the background on the wrapper's stdin: pegasus never writes
+# there, so EOF means pegasus closed it on purpose (cancel) or died, or the
+# connection dropped. Then `kill 0` ends the whole process group, which sshd
+# made for this session (and pegasus, locally, with start_new_session). The
+# command itself then runs in this very shell, with an empty stdin and no
+# positional parameters, so $$, `exit` and `kill $$` mean what they mean under
+# `sh -c`; when it ends, the EXIT trap kills the watcher, so what the job left
+# running in the background is left alone. (A job that replaces the shell with
+# `exec`, or sets its own EXIT trap, keeps the watcher until pegasus closes the
+# pipe after the job's exit, and so loses such leftovers.) The watcher uses
+# only builtins: a fork and no exec, which matters for thousands of short jobs.
+# The text holds no backslash, `!`, newline or single quote, so every login
+# shell (sh, bash, zsh, fish, tcsh) passes it through single quotes untouched.
+DECODE = 'c=$(printf %b "$1"x);c=${c%x};'
+RUN = (
+    'exec 3<&0 </dev/null;'
+    '(while read -r _;do :;done;kill -TERM 0) <&3 >/dev/null 2>&1 &'
     'exec 3<&-;'
-    'wait $j;s=$?;'
-    'kill $w 2>/dev/null;'
-    'exit $s'
+    'trap "kill $! 2>/dev/null" EXIT;'
+    'set --;'
+    'eval "unset c;$c"'
 )
 
 # Bytes that may stand as themselves in the encoded command: safe inside
@@ -354,14 +359,14 @@ def read_hosts(path):
 def dump_entry(value, indent=0):
     """One YAML list item (`- ...` lines) for a canonical entry."""
     text = yaml.dump([value], Dumper=EntryDumper, default_flow_style=False,
-                     allow_unicode=True, sort_keys=False, width=float("inf"))
+                     allow_unicode=True, sort_keys=False, width=1 << 30)
     if indent:
         pad = " " * indent
         text = "".join(pad + line for line in text.splitlines(True))
     return text
 
 
-class EntryDumper(yaml.SafeDumper):
+class EntryDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
     """Writes multi-line commands as literal blocks, which people can read."""
 
 
@@ -610,18 +615,11 @@ def atomic_write(path, text):
     except BaseException:
         os.unlink(temp)
         raise
-    fsync_directory(directory)
-
-
-def fsync_directory(directory):
-    # The rename itself is durable only once the directory is synced.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory
-        pass
-    finally:
-        os.close(fd)
+    # The directory is not fsynced: if a power cut loses the rename, the old
+    # queue file comes back, whose jobs are a superset of the new one's (and
+    # consumed.yaml, synced first, records them): jobs may run twice, never
+    # vanish. The temporary file's data is synced, so the rename can never
+    # leave an empty queue behind.
 
 
 def append_durably(path, text):
@@ -903,11 +901,11 @@ def encode_command(command):
 
 def wrapped_command(command):
     """The text a login shell on the host gets: it runs `command` with sh."""
-    return "exec sh -c '%s' sh '%s'" % (WRAPPER, encode_command(command))
+    return "exec sh -c '%s%s' sh '%s'" % (DECODE, RUN, encode_command(command))
 
 
 def local_argv(command):
-    return ["sh", "-c", WRAPPER, "sh", encode_command(command)]
+    return ["sh", "-c", "c=$1;" + RUN, "sh", command]
 
 
 def ssh_base(options):
