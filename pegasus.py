@@ -47,10 +47,7 @@ import sys
 import tempfile
 import time
 
-try:
-    import yaml
-except ImportError:
-    sys.exit("pegasus: needs PyYAML: pip install --user pyyaml pybars3")
+yaml = None  # PyYAML, imported by need_yaml(): `--help` and `s` do without it
 
 __version__ = "0.1.0"
 
@@ -145,9 +142,29 @@ class QueueWriteError(PegasusError):
 # Files: hosts.yaml and queue.yaml entries, and their cartesian expansion
 # ----------------------------------------------------------------------------
 
-# Scalars stay the text the user wrote ("8", "yes", "1.10"): the base loader
-# resolves no implicit types. The C version is ~6x faster where libyaml exists.
-YAML_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
+YAML_LOADER = None   # set by need_yaml()
+ENTRY_DUMPER = None
+
+
+def need_yaml():
+    """Import PyYAML on first use; it costs 15 ms that `--help` need not pay."""
+    global yaml, YAML_LOADER, ENTRY_DUMPER
+    if yaml is not None:
+        return
+    try:
+        import yaml as module
+    except ImportError:
+        raise PegasusError("needs PyYAML: pip install --user pyyaml pybars3") from None
+    yaml = module
+    # Scalars stay the text the user wrote ("8", "yes", "1.10"): the base loader
+    # resolves no implicit types. The C versions are ~6x faster where libyaml is.
+    YAML_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
+
+    class EntryDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
+        """Writes multi-line commands as literal blocks, which people can read."""
+
+    EntryDumper.add_representer(str, _represent_str)
+    ENTRY_DUMPER = EntryDumper
 
 
 class Job:
@@ -214,6 +231,7 @@ def read_text(path):
 
 def compose_list(path, text):
     """The top-level YAML sequence node of `text`, or None for an empty file."""
+    need_yaml()
     try:
         root = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.YAMLError as e:
@@ -239,9 +257,12 @@ def where(path, node, number):
     return "%s:%d: entry %d" % (path, node.start_mark.line + 1, number)
 
 
+NUMBER_STARTS = frozenset("0123456789+-.")
+
+
 def is_number(node):
     """True for a plain scalar such as 5 or 1.5: a typo, not a command."""
-    if node.style:  # quoted or block: None or "" (libyaml) for plain
+    if node.style or node.value[:1] not in NUMBER_STARTS:  # quoted, or surely not a number
         return False
     tag = yaml.SafeLoader.resolve(yaml.SafeLoader, yaml.ScalarNode, node.value, (True, False))
     return tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
@@ -358,7 +379,8 @@ def read_hosts(path):
 
 def dump_entry(value, indent=0):
     """One YAML list item (`- ...` lines) for a canonical entry."""
-    text = yaml.dump([value], Dumper=EntryDumper, default_flow_style=False,
+    need_yaml()
+    text = yaml.dump([value], Dumper=ENTRY_DUMPER, default_flow_style=False,
                      allow_unicode=True, sort_keys=False, width=1 << 30)
     if indent:
         pad = " " * indent
@@ -366,16 +388,9 @@ def dump_entry(value, indent=0):
     return text
 
 
-class EntryDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
-    """Writes multi-line commands as literal blocks, which people can read."""
-
-
 def _represent_str(dumper, value):
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-EntryDumper.add_representer(str, _represent_str)
 
 # ----------------------------------------------------------------------------
 # Templates: Handlebars (pybars3) without HTML escaping, strict about names
@@ -680,11 +695,10 @@ def entry_start(text, gap_start, node_start):
     between the previous entry and this one (blank lines and comments)."""
     position = text.rfind("\n", 0, gap_start) + 1
     while position <= node_start:
-        stripped = text[position:text.find("\n", position) if "\n" in text[position:] else None]
-        stripped = stripped.lstrip()
+        next_line = text.find("\n", position)
+        stripped = text[position:next_line if next_line >= 0 else len(text)].lstrip()
         if stripped.startswith("-") and stripped[1:2] in ("", " ", "\t", "\r"):
             return position
-        next_line = text.find("\n", position)
         if next_line < 0:
             break
         position = next_line + 1
@@ -880,6 +894,8 @@ def check_queue(queue, slots):
     typo in a template stops the run before anything connects."""
     seen = set()
     for entry in queue.entries:
+        if not any("{{" in command for command in entry.spec["command"]):
+            continue  # nothing to render, nothing that can fail
         for job in expand_jobs(entry.spec):
             for slot in slots:
                 shape = (job.command, tuple(job.params), tuple(slot.params))
@@ -901,11 +917,14 @@ def encode_command(command):
 
 def wrapped_command(command):
     """The text a login shell on the host gets: it runs `command` with sh."""
-    return "exec sh -c '%s%s' sh '%s'" % (DECODE, RUN, encode_command(command))
+    encoded = encode_command(command)
+    decode = DECODE if encoded != command else "c=$1;"  # no escapes: save a fork
+    return "exec sh -c '%s%s' sh '%s'" % (decode, RUN, encoded)
 
 
 def local_argv(command):
-    return ["sh", "-c", "c=$1;" + RUN, "sh", command]
+    # An absolute path: searching PATH costs a failed execve per entry, per job.
+    return ["/bin/sh", "-c", "c=$1;" + RUN, "sh", command]
 
 
 def ssh_base(options):
@@ -2135,13 +2154,22 @@ exit status: 0 every job succeeded, 1 some job failed, 2 bad usage or files or
 no host reachable, 130 interrupted (Ctrl-C, SIGTERM)."""
 
 
-def file_hash():
-    import hashlib
-    try:
-        with open(os.path.abspath(__file__), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:12]
-    except OSError:
-        return "unknown"
+class VersionAction(argparse.Action):
+    """--version: the version and a hash of this file, computed only when
+    asked (copies travel, and lose where they came from)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import hashlib
+        try:
+            with open(os.path.abspath(__file__), "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        except OSError:
+            digest = "unknown"
+        print("pegasus.py %s (file %s)" % (__version__, digest))
+        parser.exit()
 
 
 def build_parser():
@@ -2180,8 +2208,7 @@ def build_parser():
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                         help="an ssh -o option, e.g. --ssh-option Port=2222 (repeatable)")
     parser.add_argument("--ssh", default="ssh", help=argparse.SUPPRESS)
-    parser.add_argument("--version", action="version",
-                        version="pegasus.py %s (file %s)" % (__version__, file_hash()))
+    parser.add_argument("--version", action=VersionAction)
     return parser
 
 

@@ -103,7 +103,7 @@ UsePAM no
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
-MaxStartups 100:30:200
+MaxStartups {max_startups}
 LogLevel ERROR
 SetEnv HOME={dir}/home PEGASUS_TEST_HOST={name}
 """
@@ -154,7 +154,8 @@ def wait_for_port(address, port, timeout=10):
 class SshHosts:
     """Several sshd servers on 127.0.0.x, and an ssh config naming them."""
 
-    def __init__(self, names, first_address=20):
+    def __init__(self, names, first_address=20, max_startups=100):
+        self.max_startups = max_startups
         # Not under pytest's private tmp: users with other login shells must
         # read authorized_keys and use the home directory.
         self.dir = tempfile.mkdtemp(prefix="pegasus-sshd-")
@@ -187,7 +188,7 @@ class SshHosts:
         config = os.path.join(self.dir, "sshd_%s" % name)
         with open(config, "w") as f:
             f.write(SSHD_CONFIG.format(address=self.addresses[name], port=self.port,
-                                       dir=self.dir, name=name))
+                                       dir=self.dir, name=name, max_startups=self.max_startups))
         self.servers[name] = subprocess.Popen([self.sshd, "-D", "-e", "-f", config],
                                               stderr=subprocess.DEVNULL)
         wait_for_port(self.addresses[name], self.port)
@@ -534,6 +535,15 @@ def test_wrapped_command_survives_any_login_shell(shell):
         pytest.skip("%s is not installed" % shell)
     # sshd runs the login shell as `shell -c <command string>`.
     assert run_wrapped([path, "-c", pegasus.wrapped_command(TRICKY)]) == (TRICKY_OUTPUT, 0)
+
+
+@pytest.mark.parametrize("command, decoded", [("echo plain-text_1.2", False),
+                                               ("echo '$x'", True)])
+def test_commands_without_escapes_skip_the_decoder(command, decoded):
+    text = pegasus.wrapped_command(command)
+    assert ("printf %b" in text) == decoded
+    out, code = run_wrapped(["/bin/sh", "-c", text])
+    assert (out, code) == (command[5:].strip("'") + "\n", 0)
 
 
 def test_exit_status_and_empty_stdin_pass_through_the_wrapper():
@@ -1395,8 +1405,8 @@ def test_missing_dependencies_say_how_to_install_them(tmp_path):
     write(tmp_path / "queue.yaml", "- echo {{x}}\n")
     out = subprocess.run([sys.executable, "-S", PEGASUS, "q"], cwd=str(tmp_path),
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
-    assert out.returncode != 0
-    assert "pegasus: needs PyYAML: pip install --user pyyaml pybars3" in out.stderr
+    assert out.returncode == 2
+    assert "pegasus: error: needs PyYAML: pip install --user pyyaml pybars3" in out.stderr
     only_yaml = tmp_path / "only-yaml"
     only_yaml.mkdir()
     os.symlink(os.path.dirname(yaml.__file__), str(only_yaml / "yaml"))
@@ -1413,5 +1423,211 @@ def test_version_and_help(tmp_path):
     out = run_pegasus(tmp_path, "--help")
     for mode in ("q ", "b ", "l ", "s ", "stop "):
         assert "\n  %s" % mode in out.stdout
+
+
+
+
+# ----------------------------------------------------------------------------
+# Benchmarks: python3 -m pytest -p test_pegasus -m bench -s test_pegasus.py
+#
+# Each prints its figures beside a baseline measured in the same run,
+# alternating, and the median ratio; none asserts a time (a loaded machine
+# would make that flaky). Loaded as a plugin (-p test_pegasus, as the README
+# says), this module registers the marker and leaves benchmarks out unless
+# -m names them.
+# ----------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench: benchmarks that print figures (-m bench -s)")
+    if not config.option.markexpr:
+        config.option.markexpr = "not bench"
+
+
+ROUNDS = 3
+
+# Runs pegasus's main() as the CLI does, then reports the runner's own CPU
+# time and peak memory (RUSAGE_SELF: without its jobs and ssh processes).
+PROBE = ("import resource, sys; sys.path.insert(0, %r); import pegasus; code = pegasus.main("
+         "sys.argv[1:]); r = resource.getrusage(resource.RUSAGE_SELF); sys.stderr.write("
+         "'probe cpu=%%f maxrss_kb=%%d\\n' %% (r.ru_utime + r.ru_stime, r.ru_maxrss)); "
+         "sys.exit(code)") % HERE
+
+
+@pytest.fixture
+def bench_only(request):
+    if "bench" not in (request.config.option.markexpr or ""):
+        pytest.skip("benchmark: run with python3 -m pytest -p test_pegasus -m bench -s")
+
+
+def probe(cwd, *args, stdout=subprocess.DEVNULL, timeout=600):
+    """Run pegasus; (wall seconds, its own CPU seconds, its peak RSS in MB, stderr)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=str(cwd), stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"probe cpu=([\d.]+) maxrss_kb=(\d+)", proc.stderr)
+    return wall, float(found.group(1)), int(found.group(2)) / 1024, proc.stderr
+
+
+def timed_shell(script, cwd, timeout=600):
+    start = time.perf_counter()
+    subprocess.run(["sh", "-c", script], cwd=str(cwd), check=True, timeout=timeout)
+    return time.perf_counter() - start
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def report(name, ours, baseline=None, target=None, unit="s"):
+    line = "%-44s pegasus %8.3f %s" % (name, median(ours), unit)
+    if baseline:
+        ratio = median([o / b for o, b in zip(ours, baseline)])
+        line += "   baseline %8.3f %s   ratio %.2fx" % (median(baseline), unit, ratio)
+        if target:
+            line += " (target <= %.2fx)" % target
+    print("\nBENCH " + line)
+
+
+def alias_hosts(count, name="b"):
+    """One sshd on 127.0.0.70 and `count` ssh aliases for it: each alias is a
+    connection of its own (pegasus names control sockets itself, not by %C).
+    sshd listens on at most 16 sockets, so hundreds of hosts share one."""
+    hosts = SshHosts(["big"], first_address=70, max_startups=count + 50)
+    with open(hosts.config, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        f.write("".join("Host %s%d\n  HostName 127.0.0.70\n" % (name, i)
+                        for i in range(1, count + 1)) + text)
+    return hosts
+
+
+@pytest.mark.bench
+def test_bench_w1_queue_throughput(tmp_path, bench_only):
+    """1000 x true over 8 sshd hosts, one job per host at a time, from cold;
+    baseline: 8 shell loops of ssh over already-open masters."""
+    names = ["w%d" % i for i in range(1, 9)]
+    hosts = SshHosts(names, first_address=60)
+    try:
+        write(tmp_path / "hosts.yaml", "".join("- %s\n" % n for n in names))
+        masters = []
+        for name in names:
+            sock = str(tmp_path / ("m-" + name))
+            masters.append(subprocess.Popen(["ssh", "-F", hosts.config, "-M", "-N", "-S", sock,
+                                             name], stdin=subprocess.DEVNULL))
+        wait_for(lambda: all(os.path.exists(str(tmp_path / ("m-" + n))) for n in names))
+        loops = " ".join("(i=0; while [ $i -lt 125 ]; do ssh -F %s -S %s %s true; i=$((i+1)); "
+                         "done) &" % (hosts.config, tmp_path / ("m-" + n), n) for n in names)
+        ours, base = [], []
+        for _ in range(ROUNDS):
+            (tmp_path / "queue.yaml").write_text("- true\n" * 1000)
+            ours.append(probe(tmp_path, "q", "-p", "0", "-F", hosts.config)[0])
+            base.append(timed_shell(loops + " wait", tmp_path))
+        for master in masters:
+            master.terminate()
+        report("W1 1000 jobs, 8 hosts (cold)", ours, base, 1.15)
+    finally:
+        hosts.close()
+
+
+@pytest.mark.bench
+def test_bench_w2_broadcast_fanout(tmp_path, bench_only):
+    """One command on 200 sshd hosts from cold; baseline: 200 background ssh, then wait."""
+    hosts = alias_hosts(200)
+    try:
+        write(tmp_path / "hosts.yaml", "".join("- b%d\n" % i for i in range(1, 201)))
+        script = " ".join("ssh -F %s b%d true &" % (hosts.config, i) for i in range(1, 201))
+        ours, base = [], []
+        for _ in range(ROUNDS):
+            (tmp_path / "queue.yaml").write_text("- true\n")
+            ours.append(probe(tmp_path, "b", "-p", "0", "-F", hosts.config)[0])
+            base.append(timed_shell(script + " wait", tmp_path))
+        report("W2 broadcast to 200 hosts (cold)", ours, base, 1.1)
+    finally:
+        hosts.close()
+
+
+@pytest.mark.bench
+def test_bench_w3_output_volume(tmp_path, bench_only):
+    """8 jobs each printing 20 MB of 100-byte lines, through the prefixer to a pipe."""
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2, 3, 4, 5, 6, 7, 8]\n")
+    line = "x" * 99
+    walls, cpus = [], []
+    for _ in range(ROUNDS):
+        (tmp_path / "queue.yaml").write_text("- yes %s | head -n 200000\n" % line * 8)
+        checker = subprocess.Popen(  # mawk has no x{99}: check the length instead
+            ["awk", '/^\\[localhost \\(k=[1-8]\\)\\] x+$/ && length($0) == 117 {ok++} '
+                    'END {print ok+0}'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ,
+                                                                                LC_ALL="C"))
+        wall, cpu, _, _ = probe(tmp_path, "q", stdout=checker.stdin)
+        checker.stdin.close()
+        assert int(checker.stdout.read()) == 8 * 200000  # every line whole and prefixed
+        checker.wait()
+        walls.append(wall)
+        cpus.append(cpu)
+    megabytes = 8 * 20.0
+    print("\nBENCH W3 160 MB of output: %.0f MB/s (target >= 100), runner CPU %.2f s per 100 MB"
+          % (megabytes / median(walls), median(cpus) / megabytes * 100))
+
+
+@pytest.mark.bench
+def test_bench_w4_queue_file_scale(tmp_path, bench_only):
+    """10,000 one-line jobs, 8 local slots running true; baseline: xargs -P 8 sh -c."""
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2, 3, 4, 5, 6, 7, 8]\n")
+    jobs = "".join("true %d\n" % i for i in range(10000))
+    (tmp_path / "jobs.txt").write_text(jobs)
+    ours, base = [], []
+    for _ in range(ROUNDS):
+        (tmp_path / "queue.yaml").write_text("".join("- " + j + "\n" for j in jobs.split("\n")
+                                                     if j))
+        if os.path.exists(tmp_path / "consumed.yaml"):
+            os.unlink(str(tmp_path / "consumed.yaml"))
+        ours.append(probe(tmp_path, "q", "-p", "0")[0])
+        base.append(timed_shell("xargs -P 8 -I{} sh -c '{}' < jobs.txt", tmp_path))
+    report("W4 10,000 jobs, 8 local slots", ours, base, 1.5)
+    # A 100,000-entry queue: how long until the first job starts?
+    (tmp_path / "queue.yaml").write_text("".join("- true %d\n" % i for i in range(100000)))
+    os.unlink(str(tmp_path / "consumed.yaml"))
+    starts = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        proc = start_pegasus(tmp_path, "q", "-p", "0")
+        wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), timeout=60)
+        starts.append(time.perf_counter() - start)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        os.unlink(str(tmp_path / "consumed.yaml"))
+    report("W4 100,000-entry queue: first job starts", starts, unit="s")
+
+
+@pytest.mark.bench
+def test_bench_startup(tmp_path, bench_only):
+    """pegasus.py --help (target <= 100 ms); baseline: python3 -c pass."""
+    ours, base = [], []
+    for _ in range(10):
+        ours.append(timed_shell("%s %s --help > /dev/null" % (sys.executable, PEGASUS),
+                                tmp_path) * 1000)
+        base.append(timed_shell("%s -c pass" % sys.executable, tmp_path) * 1000)
+    report("start-up: --help", ours, base, unit="ms")
+
+
+@pytest.mark.bench
+def test_bench_scale_500_hosts(tmp_path, bench_only):
+    """Broadcast to 500 sshd hosts: it works, and the runner's memory."""
+    hosts = alias_hosts(500)
+    try:
+        write(tmp_path / "hosts.yaml", "- b[1-500]\n")
+        (tmp_path / "queue.yaml").write_text("- echo $PEGASUS_TEST_HOST\n")
+        out = tmp_path / "out.txt"
+        with open(str(out), "w") as f:
+            wall, cpu, rss, _ = probe(tmp_path, "b", "-F", hosts.config, stdout=f)
+        assert done_count(read(out)) == 500
+        print("\nBENCH scale: broadcast to 500 hosts in %.1f s, runner CPU %.1f s, "
+              "peak memory %.0f MB (target < 100)" % (wall, cpu, rss))
+    finally:
+        hosts.close()
 
 
