@@ -82,7 +82,8 @@ WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try aga
 STATUS_PERIOD = 0.25   # status line redraws and state file saves, at most this often
 PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often
 PUT_BACK_WAIT = 30.0
-MAX_CONNECTING = 64    # ssh handshakes in flight at once   # at exit, how long to wait for the lock to put cut-short jobs back
+MAX_CONNECTING = 64    # ssh handshakes in flight at once
+LOOKAHEAD = 1000       # jobs a backfill looks at past the head, at most   # at exit, how long to wait for the lock to put cut-short jobs back
 
 # Options for every ssh we start. They come after the user's own -o options
 # because ssh keeps the first value it sees for each option.
@@ -134,6 +135,10 @@ class PegasusError(Exception):
     """A problem the user can fix; str(e) is the whole message."""
 
 
+class StopScan(Exception):
+    """Raised by a chooser to end a walk of the queue: take nothing more now."""
+
+
 class QueueWriteError(PegasusError):
     """queue.yaml or consumed.yaml could not be written (disk full, permissions)."""
 
@@ -170,19 +175,21 @@ def need_yaml():
 class Job:
     """One command to run: its template text and its parameters, in file order."""
 
-    __slots__ = ("command", "params")
+    __slots__ = ("command", "params", "slots")
 
-    def __init__(self, command, params=()):
+    def __init__(self, command, params=(), slots=1):
         self.command = command     # template text, as written in queue.yaml
         self.params = dict(params)  # name -> value (str)
+        self.slots = slots         # how many of a host's slots it needs (GPUs)
 
     def canonical(self):
         """The queue.yaml entry that runs exactly this job again."""
-        if not self.params:
+        if not self.params and self.slots == 1:
             return self.command
-        entry = {"command": [self.command]}
-        entry.update((key, [value]) for key, value in self.params.items())
-        return entry
+        return job_spec(self)
+
+    def key(self):
+        return (self.command, tuple(self.params.items()), self.slots)
 
     def __eq__(self, other):
         return isinstance(other, Job) and self.canonical() == other.canonical()
@@ -192,19 +199,38 @@ class Job:
 
 
 class Slot:
-    """One place a job can run: a host plus one combination of its parameters."""
+    """A host plus one combination of its parameters: what hosts.yaml expands
+    to. It has `capacity` slots, numbered 0..capacity-1 (GPUs, say); a job
+    holds some of them while it runs, so a 1-slot host runs one job at a time."""
 
-    def __init__(self, index, hostname, params):
+    def __init__(self, index, hostname, params, capacity=1):
         self.index = index          # position in the expanded hosts list
         self.hostname = hostname    # rendered; what ssh connects to
         self.params = dict(params)  # name -> value, in file order
-        self.connection = None      # the Connection its jobs run over
-        self.run = None             # the Run in progress here, if any
-        if self.params:
-            pairs = ",".join("%s=%s" % item for item in self.params.items())
-            self.label = "[%s (%s)]" % (hostname, pairs)
-        else:
-            self.label = "[%s]" % hostname
+        self.capacity = capacity
+        self.free = list(range(capacity))  # slot numbers no job holds
+        self.connections = []      # the masters its jobs can run over
+        self.runs = set()           # the Runs in progress here
+        pairs = ",".join("%s=%s" % item for item in self.params.items())
+        if capacity != 1:
+            pairs = "slots=%d" % capacity + ("," + pairs if pairs else "")
+        self.label = "[%s (%s)]" % (hostname, pairs) if pairs else "[%s]" % hostname
+
+    @property
+    def state(self):
+        """"up" if a job can start here now; else "connecting" or "down"."""
+        states = {c.state for c in self.connections}
+        if "up" in states:
+            return "up"
+        return "connecting" if states & {"connecting", "queued"} else "down"
+
+    @property
+    def ever_up(self):
+        return any(c.ever_up for c in self.connections)
+
+    def connection(self):
+        """The least busy master that is up, for the next job."""
+        return min((c for c in self.connections if c.state == "up"), key=lambda c: c.sessions)
 
     @property
     def is_local(self):
@@ -289,6 +315,7 @@ def parse_entry(path, node, number, key):
         spec[name] = parse_values(here, name, value_node)
     if key not in spec:
         raise PegasusError("%s has no '%s' key (keys: %s)" % (here, key, ", ".join(spec)))
+    check_slots(here, spec)
     spec = dict([(key, spec.pop(key))] + list(spec.items()))
     return spec
 
@@ -318,9 +345,20 @@ def expand(spec):
 
 
 def expand_jobs(spec):
+    spec = dict(spec)
+    slots = int(spec.pop("slots", ["1"])[0])  # checked by parse_entry
     for combo in expand(spec):
         command = combo.pop("command")
-        yield Job(command, combo)
+        yield Job(command, combo, slots)
+
+
+def check_slots(here, spec):
+    """`slots: N` is a count, not a parameter to expand: one whole number >= 1."""
+    values = spec.get("slots")
+    if values is not None and (len(values) != 1 or not values[0].isdigit()
+                               or int(values[0]) < 1):
+        raise PegasusError("%s: 'slots' must be one whole number of 1 or more, not %s"
+                           % (here, ", ".join(values)))
 
 
 def check_hostname(name, here):
@@ -368,12 +406,13 @@ def read_hosts(path):
             spec["hostname"] = [h for value in spec["hostname"] for h in expand_ranges(value)]
         except PegasusError as e:
             raise PegasusError("%s: %s" % (here, e)) from None
+        capacity = int(spec.pop("slots", ["1"])[0])
         for combo in expand(spec):
             template = combo.pop("hostname")
             hostname = render(template, dict(combo, hostname=template),
                               "hostname of %s" % here)
             check_hostname(hostname, here)
-            slots.append(Slot(len(slots), hostname, combo))
+            slots.append(Slot(len(slots), hostname, combo, capacity))
     return slots
 
 
@@ -545,16 +584,21 @@ _STRING_HELPERS = {
 HELPERS = {name: _helper(name, f, n) for name, (f, n) in _STRING_HELPERS.items()}
 
 
-def job_names(job, slot):
-    """A job's template variables on a slot: host parameters and hostname win."""
+def job_names(job, slot, indices):
+    """A job's template variables on a slot: host parameters and hostname win;
+    {{slots}} is the slot numbers it holds, ready for CUDA_VISIBLE_DEVICES."""
     names = dict(job.params)
     names.update(slot.params)
     names["hostname"] = slot.hostname
+    names["slots"] = ",".join(map(str, indices))
     return names
 
 
-def render_job(job, slot):
-    return render(job.command, job_names(job, slot),
+def render_job(job, slot, indices=None):
+    if indices is None:
+        indices = slot.free[:job.slots] if len(slot.free) >= job.slots else \
+            list(range(job.slots))
+    return render(job.command, job_names(job, slot, indices),
                   "job %r on %s" % (job.command, slot.label))
 
 
@@ -760,56 +804,61 @@ class QueueFile:
         self.count = count_jobs(entries)
         self.signature = signature
 
-    def take(self, slots, render=None):
-        """Take jobs from the head of the queue for some of `slots`, in order.
+    def take(self, choose):
+        """Walk the queue from the head and take the jobs `choose` accepts.
 
-        Must hold the lock. Each job is rendered for its slot (by `render`,
-        default render_job) before anything is written, so a job that cannot
-        be rendered stays in the file. Returns [(slot, job, rendered)] and the
-        PegasusError that stopped it, if any.
+        choose(job) returns what to start the job with (having rendered it
+        for its slot, so a job that cannot be rendered stays in the file), or
+        None to leave the job and look at the next (backfill), or raises
+        StopScan to look no further. Must hold the lock. Returns
+        [(choice, job)] and the PegasusError that stopped the walk, if any.
         """
-        render = render or render_job
-        taken, error = [], None
-        head_jobs, head_index = None, 0
-        for slot in slots:
-            if not self.entries:
-                break
-            if head_jobs is None:
-                head_jobs = list(expand_jobs(self.entries[0].spec))
-            job = head_jobs[head_index]
-            try:
-                rendered = render(job, slot)
-            except PegasusError as e:
-                error = e
-                break
-            taken.append((slot, job, rendered))
-            head_index += 1
-            if head_index == len(head_jobs):
-                self.replace_head([])
-                head_jobs, head_index = None, 0
-        if head_jobs is not None and head_index:
-            self.replace_head(head_jobs[head_index:])
+        taken, error, index, seen, stop = [], None, 0, 0, False
+        while index < len(self.entries) and seen < LOOKAHEAD and not stop:
+            jobs = list(expand_jobs(self.entries[index].spec))
+            left = []
+            for job in jobs:
+                choice = None
+                if not stop:
+                    try:
+                        choice = choose(job)
+                    except StopScan:
+                        stop = True
+                    except PegasusError as e:
+                        error, stop = e, True
+                if choice is None:
+                    left.append(job)
+                else:
+                    taken.append((choice, job))
+            seen += len(jobs)
+            if len(left) < len(jobs):
+                self.replace_entry(index, left)  # each job left becomes an entry
+                index += len(left)
+            else:
+                index += 1
         if taken:
-            self.commit([job for _, job, _ in taken])
+            self.commit([job for _, job in taken])
             self.count -= len(taken)
         return taken, error
 
-    def replace_head(self, jobs):
-        """Cut the head entry's text out; put `jobs` (its leftovers) in its place."""
-        head = self.entries.pop(0)
+    def replace_entry(self, index, jobs):
+        """Cut an entry's text out; put `jobs` (its leftovers) in its place."""
+        entry = self.entries.pop(index)
         if not self.editable:
-            self.entries[:0] = [Entry(0, 0, job_spec(job), head.line) for job in jobs]
+            self.entries[index:index] = [Entry(0, 0, job_spec(job), entry.line) for job in jobs]
             return
-        start, end = head.start + self.shift, head.end + self.shift
+        start, end = entry.start + self.shift, entry.end + self.shift
         indent = len(self.text[start:end]) - len(self.text[start:end].lstrip(" "))
-        self.insert(start, end, jobs, indent, head.line)
+        self.insert(start, end, jobs, indent, entry.line, index)
 
-    def insert(self, start, end, jobs, indent, line):
-        """Replace text[start:end] with entries for `jobs`; fix up offsets.
+    def insert(self, start, end, jobs, indent, line, index=0):
+        """Replace text[start:end] with entries for `jobs`, which become
+        entries[index:index]; fix up the offsets of the entries after them.
 
-        Only the head of the file changes, so every later entry moves by the
-        same amount: keeping that in self.shift makes this O(1) per entry
-        instead of O(queue length)."""
+        Mostly the head changes (index 0), and then every later entry moves
+        by the same amount: keeping that in self.shift makes it O(1) instead
+        of O(queue length). An edit further down (backfill) moves the later
+        entries one by one."""
         pieces, new_entries, position = [], [], start
         for job in jobs:
             piece = dump_entry(job.canonical(), indent)
@@ -821,9 +870,15 @@ class QueueFile:
             replacement = "\n" + replacement
             new_entries = [(s + 1, e + 1, spec) for s, e, spec in new_entries]
         self.text = self.text[:start] + replacement + self.text[end:]
-        self.shift += len(replacement) - (end - start)
-        self.entries[:0] = [Entry(s - self.shift, e - self.shift, spec, line)
-                            for s, e, spec in new_entries]
+        delta = len(replacement) - (end - start)
+        if index == 0:
+            self.shift += delta
+        else:
+            for later in self.entries[index:]:
+                later.start += delta
+                later.end += delta
+        self.entries[index:index] = [Entry(s - self.shift, e - self.shift, spec, line)
+                                     for s, e, spec in new_entries]
 
     def put_back(self, jobs):
         """Return jobs to the head of the queue (must hold the lock)."""
@@ -869,6 +924,8 @@ class QueueFile:
 def job_spec(job):
     spec = {"command": [job.command]}
     spec.update((key, [value]) for key, value in job.params.items())
+    if job.slots != 1:
+        spec["slots"] = [str(job.slots)]
     return spec
 
 
@@ -889,11 +946,18 @@ def count_jobs(entries):
     return total
 
 
-def check_queue(queue, slots):
+def check_queue(queue, slots, broadcast=False):
     """Render each distinct job shape on each distinct slot shape once, so a
-    typo in a template stops the run before anything connects."""
+    typo in a template stops the run before anything connects; and refuse a
+    job that needs more slots than any host has."""
     seen = set()
+    largest = max(slot.capacity for slot in slots)
     for entry in queue.entries:
+        needs = int(entry.spec.get("slots", ["1"])[0])
+        if needs > largest and not broadcast:
+            raise PegasusError("%s:%d: this entry's jobs need %d slots, but the largest host "
+                               "has %d (give hosts 'slots: N' in the hosts file)"
+                               % (queue.path, entry.line, needs, largest))
         if not any("{{" in command for command in entry.spec["command"]):
             continue  # nothing to render, nothing that can fail
         for job in expand_jobs(entry.spec):
@@ -961,6 +1025,7 @@ class Connection:
         self.stderr = b""      # the master's last words, for the error message
         self.ever_up = socket is None
         self.failures = 0      # failed attempts in a row, for the backoff
+        self.sessions = 0      # jobs running over it now
 
     def error(self):
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -972,18 +1037,23 @@ class Connection:
 
 
 def make_connections(slots, control_dir):
-    """Give every slot a Connection: one per hostname, or more when the
-    hostname has more slots than one master can serve."""
-    connections, per_host = {}, {}
+    """One master per hostname, or one per SESSIONS_PER_MASTER slots when a
+    hostname has more; every slot of that hostname may use each of them."""
+    capacity = {}
     for slot in slots:
-        count = per_host.get(slot.hostname, 0)
-        per_host[slot.hostname] = count + 1
-        key = (slot.hostname, count // SESSIONS_PER_MASTER)
-        if key not in connections:
-            socket = None if slot.is_local else os.path.join(control_dir, str(len(connections)))
-            connections[key] = Connection(slot.hostname, socket)
-        slot.connection = connections[key]
-    return list(connections.values())
+        capacity[slot.hostname] = capacity.get(slot.hostname, 0) + slot.capacity
+    connections, by_host = [], {}
+    for slot in slots:
+        if slot.hostname not in by_host:
+            local = slot.is_local
+            count = 1 if local else -(-capacity[slot.hostname] // SESSIONS_PER_MASTER)
+            by_host[slot.hostname] = [
+                Connection(slot.hostname, None if local else
+                           os.path.join(control_dir, str(len(connections) + i)))
+                for i in range(count)]
+            connections += by_host[slot.hostname]
+        slot.connections = by_host[slot.hostname]
+    return connections
 
 
 def raise_fd_limit():
@@ -1073,6 +1143,9 @@ class Run:
 
     def __init__(self, slot, job, command, argv, on_line, on_exit):
         self.slot = slot
+        self.label = slot.label  # the output prefix; names the slot numbers held
+        self.indices = []       # the slot numbers it holds
+        self.connection = None  # the master it runs over
         self.job = job
         self.command = command  # rendered; what the shell runs
         self.on_line = on_line
@@ -1182,13 +1255,13 @@ class Printer:
     def resize(self, *_):
         self.width = terminal_width(self.stream) if self.tty else None
 
-    def prefix(self, slot):
-        cached = self.prefixes.get(slot)
+    def prefix(self, run):
+        cached = self.prefixes.get(run.label)
         if cached is None:
-            label = slot.label
+            label = run.label
             if self.color:
-                label = "\x1b[38;5;%dm%s\x1b[0m" % (PALETTE[slot.index % len(PALETTE)], label)
-            cached = self.prefixes[slot] = label.encode("utf-8", "replace") + b" "
+                label = "\x1b[38;5;%dm%s\x1b[0m" % (PALETTE[run.slot.index % len(PALETTE)], label)
+            cached = self.prefixes[run.label] = label.encode("utf-8", "replace") + b" "
         return cached
 
     def line(self, run, data):
@@ -1202,11 +1275,11 @@ class Printer:
             data.decode("utf-8")
         except UnicodeDecodeError:
             data = data.decode("utf-8", "replace").encode("utf-8")
-        self.add(run.slot, data)
+        self.add(run, data)
 
-    def add(self, slot, data):
-        prefix = self.prefix(slot)
-        room = (self.width or 0) - len(slot.label) - 1
+    def add(self, run, data):
+        prefix = self.prefix(run)
+        room = (self.width or 0) - len(run.label) - 1
         if room < 20 or len(data) <= room:
             self.buffer.append(prefix + data + b"\n")
             return
@@ -1215,13 +1288,13 @@ class Printer:
             self.buffer.append(prefix + text[start:start + room].encode("utf-8") + b"\n")
 
     def started(self, run):
-        self.add(run.slot, ("=== run %s ===" % shown(run.command)).encode("utf-8", "replace"))
+        self.add(run, ("=== run %s ===" % shown(run.command)).encode("utf-8", "replace"))
 
     def ended(self, run):
         self.counts.pop(run, None)
         elapsed = time.monotonic() - run.started
-        self.add(run.slot, ("=== done (%s, %s) ===" % (run.status(), duration(elapsed))
-                            ).encode("utf-8", "replace"))
+        self.add(run, ("=== done (%s, %s) ===" % (run.status(), duration(elapsed))
+                       ).encode("utf-8", "replace"))
 
     def flush(self):
         if not self.buffer:
@@ -1336,7 +1409,7 @@ class Records:
             run.output.close()
         if self.joblog is not None:
             code = run.proc.returncode
-            fields = (run.sequence, run.slot.label, run.slot.hostname, "%.3f" % run.wall_start,
+            fields = (run.sequence, run.label, run.slot.hostname, "%.3f" % run.wall_start,
                       "%.3f" % (time.monotonic() - run.started),
                       code if code >= 0 else -1, -code if code < 0 else 0,
                       run.command.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t"))
@@ -1532,7 +1605,7 @@ class Runner:
             self.connect(connection)
 
     def usable_slots(self):
-        return [s for s in self.slots if s.connection.state == "up"]
+        return [s for s in self.slots if s.state == "up"]
 
     def close_connections(self):
         for connection in self.connections:
@@ -1553,15 +1626,21 @@ class Runner:
 
     # -- jobs ----------------------------------------------------------------
 
-    def start_run(self, slot, job, command, attempt=1):
-        connection = slot.connection
+    def start_run(self, slot, job, command, indices, attempt=1):
+        connection = slot.connection()
         if connection.socket is None:
             argv = local_argv(command)
         else:
             argv = job_argv(self.options, connection.hostname, connection.socket, command)
         run = Run(slot, job, command, argv, self.on_line, self.run_finished)
         run.attempt = attempt
-        slot.run = run
+        run.connection = connection
+        run.indices = indices
+        if slot.capacity != 1:
+            run.label = "%s #%s]" % (slot.label[:-1], ",".join(map(str, indices)))
+        connection.sessions += 1
+        slot.free = [i for i in slot.free if i not in indices]
+        slot.runs.add(run)
         self.runs.add(run)
         self.records.started(run)
         self.printer.started(run)
@@ -1585,7 +1664,7 @@ class Runner:
             return
         self.exiting.discard(run)
         run.proc.stdin.close()
-        if run.proc.returncode == 255 and run.slot.connection.socket and not run.cancelled:
+        if run.proc.returncode == 255 and run.connection.socket and not run.cancelled:
             # 255 is ssh's own failure, or the job's exit status. Wait a moment:
             # if the master goes too, the host was lost, not the job.
             self.loop.call_later(HOST_CHECK_DELAY, lambda: self.end_run(run))
@@ -1594,9 +1673,11 @@ class Runner:
 
     def end_run(self, run):
         self.check_masters()
-        run.host_lost = run.proc.returncode == 255 and not run.slot.connection.alive()
+        run.host_lost = run.proc.returncode == 255 and not run.connection.alive()
         self.runs.discard(run)
-        run.slot.run = None
+        run.connection.sessions -= 1
+        run.slot.runs.discard(run)
+        run.slot.free = sorted(run.slot.free + run.indices)
         self.printer.ended(run)
         self.records.ended(run)
         self.run_seconds += time.monotonic() - run.started
@@ -1614,15 +1695,16 @@ class Runner:
         if run.proc.returncode == 0:
             self.succeeded += 1
             return True
-        self.failures.append((run.slot.label, run.command, "%s after %s" % (
+        self.failures.append((run.label, run.command, "%s after %s" % (
             run.status(), duration(time.monotonic() - run.started))))
         return False
 
     # -- the queue -------------------------------------------------------------
 
-    def take(self, slots, render=None):
-        """Take jobs for `slots` from the queue file. While the file is locked
-        or broken, returns [] and blocks taking until a retry succeeds."""
+    def take(self, choose):
+        """Take the jobs `choose` accepts from the queue file (see
+        QueueFile.take). While the file is locked or broken, returns [] and
+        blocks taking until a retry succeeds."""
         lock = self.queue.lock
         if not lock.try_acquire():
             self.block("waiting for %s, held by %s" % (lock.path, lock.holder()),
@@ -1630,7 +1712,7 @@ class Runner:
             return []
         try:
             self.queue.load()
-            taken, error = self.queue.take(slots, render)
+            taken, error = self.queue.take(choose)
         except QueueWriteError as e:
             taken, error = [], None
             self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
@@ -1733,7 +1815,7 @@ class Runner:
         elapsed = time.monotonic() - self.started_at
         text = "%d done, %d failed, %d running, %d queued | %d/%d busy" % (
             self.succeeded, len(self.failures), running, queued,
-            sum(1 for s in slots if s.run), len(self.slots))
+            sum(len(run.indices) for run in self.runs), sum(s.capacity for s in self.slots))
         if down:
             text += ", %d host%s down" % (down, plural(down))
         text += " | %s" % duration(elapsed)
@@ -1771,9 +1853,11 @@ class Runner:
             "started": wall - (now - self.started_at),
             "done": self.succeeded, "failed": len(self.failures),
             "running": len(self.runs), "queued": self.queue.count,
-            "slots": [{"slot": s.label, "host": s.hostname, "connection": s.connection.state,
-                       "job": s.run.command if s.run else None,
-                       "since": wall - (now - s.run.started) if s.run else None}
+            "slots": [{"slot": s.label, "host": s.hostname, "connection": s.state,
+                       "capacity": s.capacity, "free": s.free,
+                       "jobs": [{"job": run.command, "slots": run.indices,
+                                 "since": wall - (now - run.started)}
+                                for run in sorted(s.runs, key=lambda r: r.indices)]}
                       for s in self.slots]}
 
     def run(self):
@@ -1839,13 +1923,24 @@ class Runner:
 class QueueRunner(Runner):
     """Queue mode: each job once, on the next free slot. A job whose host was
     lost goes back to the queue; a failed job is retried (--retries) on
-    another slot when there is one."""
+    another slot when there is one.
+
+    Jobs that need several slots (`slots: 4`) go to the host where they fit
+    most tightly. When the job at the head of the queue fits nowhere yet, one
+    host is reserved for it (the one with the most free slots, and it stays
+    reserved until the job starts): smaller jobs behind it may start on other
+    hosts (backfill) but never on that one, so the head job waits at most for
+    the jobs already running there. --strict-fifo starts nothing behind it.
+    """
 
     reconnect = True
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.retries = []  # [job, attempt, failed slot labels, last run] waiting for a slot
+        self.retries = []       # [job, attempt, failed slot labels, last run] waiting for a slot
+        self.reservation = None  # (job key, slot) kept for a waiting head job
+        self.oversized = set()  # keys of jobs no host can hold, already reported
+        self.largest = max(slot.capacity for slot in self.slots)
 
     def fill(self):
         if self.done:
@@ -1853,43 +1948,98 @@ class QueueRunner(Runner):
         if self.stopping:
             self.finish_if_idle()
             return
-        free = self.start_retries([s for s in self.usable_slots() if s.run is None])
-        drained = False
-        if free and not self.blocked:
-            taken = self.take(free)
-            for slot, job, command in taken:
-                self.start_run(slot, job, command)
-            free = free[len(taken):]
-            drained = bool(free) and not self.blocked
+        free = {slot: list(slot.free) for slot in self.usable_slots() if slot.free}
+        self.start_retries(free)
+        self.waiting = bool(self.queue.count)  # until a walk of the queue says otherwise
+        if any(free.values()) and not self.blocked:
+            self.waiting = False  # choose() sets it when it leaves a job that could run
+            for (slot, indices, command), job in self.take(self.chooser(free)):
+                self.start_run(slot, job, command, indices)
         if self.blocked:
             return  # the retry calls schedule() again
-        if drained and not self.runs and not self.retries and not self.options.daemon:
+        if (not self.waiting and not self.runs and not self.retries
+                and not self.options.daemon and not self.settling()):
             self.done = True
-        elif free:
+        elif any(free.values()):
             self.watch_queue()
 
+    def place(self, job, free, avoid=()):
+        """The slot (and slot numbers) where `job` fits most tightly, or None."""
+        fits = [slot for slot, numbers in free.items()
+                if len(numbers) >= job.slots and slot.label not in avoid]
+        if not fits:
+            return None
+        slot = min(fits, key=lambda slot: (len(free[slot]), slot.index))
+        return slot, free[slot][:job.slots]
+
+    def chooser(self, free):
+        """choose(job) for QueueFile.take: see the class docstring."""
+        reserved = []  # the slot held for the first job that does not fit
+
+        def choose(job):
+            open_slots = {s: n for s, n in free.items() if n and s not in reserved}
+            if not open_slots:
+                self.waiting = True
+                raise StopScan
+            if job.slots > self.largest:
+                self.report_oversized(job)
+                return None
+            found = self.place(job, open_slots)
+            if found is None:
+                self.waiting = True
+                if self.options.strict_fifo:
+                    raise StopScan
+                if not reserved:
+                    reserved.append(self.reserve(job))
+                return None
+            slot, indices = found
+            command = render_job(job, slot, indices)
+            del free[slot][:job.slots]
+            if self.reservation and self.reservation[0] == job.key():
+                self.reservation = None
+            return slot, indices, command
+        return choose
+
+    def reserve(self, job):
+        """The slot held for a head job that fits nowhere now; sticky, so
+        that backfill cannot keep moving it out of reach."""
+        if self.reservation and self.reservation[0] == job.key() \
+                and self.reservation[1].state == "up":
+            return self.reservation[1]
+        candidates = [s for s in self.usable_slots() if s.capacity >= job.slots]
+        if not candidates:
+            return None
+        slot = max(candidates, key=lambda s: (len(s.free), -s.index))
+        self.reservation = (job.key(), slot)
+        return slot
+
+    def report_oversized(self, job):
+        if job.key() not in self.oversized:
+            self.oversized.add(job.key())
+            note("%s: job %s needs %d slots, but the largest host has %d; it stays in "
+                 "the queue" % (self.queue.path, shown(job.command), job.slots, self.largest))
+
     def start_retries(self, free):
-        """Start waiting retries on free slots, each on a slot it has not
-        failed on when there is one; return the slots left free."""
+        """Start waiting retries, each on a slot it has not failed on when
+        there is one."""
         for item in list(self.retries):
             job, attempt, avoid, last = item
-            if not free:
-                break
-            fresh = [s for s in free if s.label not in avoid]
-            others_exist = any(s.label not in avoid and s.connection.state != "down"
-                               for s in self.slots)
-            if not fresh and others_exist:
+            found = self.place(job, free, avoid)
+            others_exist = any(s.label not in avoid and s.state != "down"
+                               and s.capacity >= job.slots for s in self.slots)
+            if found is None and not others_exist:
+                found = self.place(job, free)
+            if found is None:
                 continue  # wait for a slot it has not failed on
-            slot = (fresh or free)[0]
+            slot, indices = found
             try:
-                command = render_job(job, slot)
+                command = render_job(job, slot, indices)
             except PegasusError as e:
                 note("cannot retry: %s" % e)
                 continue
             self.retries.remove(item)
-            free.remove(slot)
-            self.start_run(slot, job, command, attempt).avoid = avoid
-        return free
+            del free[slot][:job.slots]
+            self.start_run(slot, job, command, indices, attempt).avoid = avoid
 
     def run_finished(self, run):
         if run.cancelled and run.proc.returncode != 0:
@@ -1897,11 +2047,11 @@ class QueueRunner(Runner):
             self.put_back([run.job])
         elif run.host_lost:
             note("%s lost its host; %s goes back to the head of %s"
-                 % (run.slot.label, shown(run.command), self.queue.path))
+                 % (run.label, shown(run.command), self.queue.path))
             self.put_back([run.job])
         elif run.proc.returncode != 0 and run.attempt <= self.options.retries:
             note("%s %s failed (%s); retry %d of %d" % (
-                run.slot.label, shown(run.command), run.status(), run.attempt,
+                run.label, shown(run.command), run.status(), run.attempt,
                 self.options.retries))
             avoid = run.avoid | {run.slot.label}
             self.retries.append([run.job, run.attempt + 1, avoid, run])
@@ -1943,45 +2093,58 @@ class BroadcastRunner(Runner):
             self.done = True
             return
         self.step_failed = []
-        # Every slot must be able to render the job before it is taken.
-        taken = self.take(slots[:1], lambda job, _: [render_job(job, s) for s in slots])
+        taken = self.take(self.chooser(slots))
         if taken:
-            _, job, commands = taken[0]
+            commands, job = taken[0]
             self.step_job = job
             for slot, command in zip(slots, commands):
-                self.start_run(slot, job, command)
+                self.start_run(slot, job, command, list(range(slot.capacity)))
         elif not self.blocked:
             if self.options.daemon:
                 self.watch_queue()
             else:
                 self.done = True
 
+    def chooser(self, slots):
+        """Take the head job alone. A step takes each host whole, whatever
+        slots the job asks for; every slot must render it before it is taken."""
+        def choose(job):
+            if choose.taken:
+                raise StopScan
+            choose.taken = True
+            return [render_job(job, slot, list(range(slot.capacity))) for slot in slots]
+        choose.taken = False
+        return choose
+
     def report(self):
         # Broadcast is for every host: one that never connected missed every job.
         for slot in self.slots:
-            if not slot.connection.ever_up:
+            if not slot.ever_up:
                 note("not run on %s: unreachable" % slot.label)
                 self.failures.append((slot.label, "(every job)", "unreachable"))
         return super().report()
 
     def run_finished(self, run):
         if run.host_lost:
-            note("%s lost its host during %s" % (run.slot.label, shown(run.command)))
+            note("%s lost its host during %s" % (run.label, shown(run.command)))
         elif (run.proc.returncode != 0 and not run.cancelled
               and run.attempt <= self.options.retries and not self.stopping):
             note("%s %s failed (%s); retry %d of %d" % (
-                run.slot.label, shown(run.command), run.status(), run.attempt,
+                run.label, shown(run.command), run.status(), run.attempt,
                 self.options.retries))
-            self.start_run(run.slot, run.job, run.command, run.attempt + 1)
+            self.start_run(run.slot, run.job, run.command, run.indices, run.attempt + 1)
             return
         if not self.record(run):
-            self.step_failed.append(run.slot.label)
+            self.step_failed.append(run.label)
         self.schedule()
 
 
 def short_temp_dir():
-    # Control sockets must fit in 104 bytes (macOS), and macOS's $TMPDIR is long.
-    return "/tmp" if os.path.isdir("/tmp") else None
+    # Control sockets must fit in 104 bytes (macOS), and ssh adds a 17-byte
+    # suffix while it binds one: use $TMPDIR only when it is short enough
+    # (macOS's long per-user one is not).
+    directory = tempfile.gettempdir()
+    return directory if len(directory) <= 60 else "/tmp"
 
 
 def load_slots(options):
@@ -2002,7 +2165,7 @@ def open_queue(options, slots):
         raise PegasusError("%s: no such file (write one job per line as '- command', "
                            "or name another with --queue-file)" % options.queue_file)
     queue.load()
-    check_queue(queue, slots)
+    check_queue(queue, slots, options.mode == "b")
     if options.dry_run:
         return queue
     directory = os.path.dirname(os.path.abspath(options.queue_file))
@@ -2046,10 +2209,17 @@ def dry_run(slots, queue, broadcast):
         print("  " + slot.label)
     print("%d job%s in %s:" % (len(jobs), plural(len(jobs)), queue.path))
     for number, job in enumerate(jobs, 1):
-        # Queue mode: shown on the slot it would get if all slots were free
-        # and every job took equally long; in a run, the next free one.
-        for slot in slots if broadcast else [slots[(number - 1) % len(slots)]]:
-            print("  %d. %s %s" % (number, slot.label, render_job(job, slot)))
+        # Queue mode: shown on the first host it fits, with its first slot
+        # numbers; in a run, it goes where it fits when slots are free.
+        if broadcast:
+            placed = [(slot, list(range(slot.capacity))) for slot in slots]
+        else:
+            slot = next(s for s in slots if s.capacity >= job.slots)
+            placed = [(slot, list(range(job.slots)))]
+        for slot, indices in placed:
+            needs = " (%d slots)" % job.slots if job.slots != 1 and not broadcast else ""
+            print("  %d. %s%s %s" % (number, slot.label, needs,
+                                     render_job(job, slot, indices)))
     commands = len(jobs) * (len(slots) if broadcast else 1)
     print("%d command%s would run (%s mode)" % (
         commands, plural(commands), "broadcast" if broadcast else "queue"))
@@ -2106,11 +2276,15 @@ def mode_status(options):
                                      state["failed"], state["running"], state["queued"]))
     rows = [("SLOT", "HOST", "FOR", "JOB")]
     for slot in state["slots"]:
-        if slot["job"] is None:
-            rows.append((slot["slot"], slot["connection"], "", "(idle)"))
-        else:
-            rows.append((slot["slot"], slot["connection"], duration(now - slot["since"]),
-                         shown(slot["job"])))
+        name = slot["slot"]
+        for job in slot["jobs"]:
+            numbers = "" if slot["capacity"] == 1 else " #" + ",".join(map(str, job["slots"]))
+            rows.append((name + numbers, slot["connection"], duration(now - job["since"]),
+                         shown(job["job"])))
+        if slot["free"]:
+            idle = "(idle)" if slot["capacity"] == 1 else "(%d of %d slots free)" % (
+                len(slot["free"]), slot["capacity"])
+            rows.append((name, slot["connection"], "", idle))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
@@ -2188,6 +2362,9 @@ def build_parser():
     parser.add_argument("--retries", type=non_negative, default=0, metavar="N",
                         help="run a job that failed again, up to N more times "
                              "(queue mode: on another slot when there is one)")
+    parser.add_argument("--strict-fifo", action="store_true",
+                        help="(queue) when the head job does not fit, start nothing behind "
+                             "it (default: smaller jobs may backfill other hosts)")
     parser.add_argument("-p", "--print-period", type=non_negative, default=1, metavar="N",
                         help="print every Nth line of job output; 0 prints none (default 1)")
     parser.add_argument("-n", "--dry-run", action="store_true",

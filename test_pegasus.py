@@ -423,16 +423,26 @@ QUEUE_WITH_NOTES = """\
 """
 
 
+def first(count):
+    """A chooser that takes the first `count` jobs of the queue."""
+    def choose(job):
+        if choose.left == 0:
+            raise pegasus.StopScan
+        choose.left -= 1
+        return pegasus.render_job(job, pegasus.Slot(0, "localhost", {}))
+    choose.left = count
+    return choose
+
+
 def take(queue, count):
-    slots = [pegasus.Slot(i, "localhost", {}) for i in range(count)]
     queue.lock.try_acquire()
     try:
         queue.load()
-        taken, error = queue.take(slots)
+        taken, error = queue.take(first(count))
     finally:
         queue.lock.release()
     assert error is None
-    return [job for _, job, _ in taken]
+    return [job for _, job in taken]
 
 
 def test_taking_jobs_cuts_only_their_text_and_keeps_comments(tmp_path):
@@ -488,10 +498,9 @@ def test_flow_style_queue_is_rewritten_whole(tmp_path):
 def test_a_job_that_cannot_be_rendered_stays_in_the_queue(tmp_path):
     write(tmp_path / "queue.yaml", "- echo ok\n- echo {{missing}}\n- echo later\n")
     queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
-    slots = [pegasus.Slot(i, "localhost", {}) for i in range(3)]
     queue.load()
-    taken, error = queue.take(slots)
-    assert [job.command for _, job, _ in taken] == ["echo ok"]
+    taken, error = queue.take(first(3))
+    assert [job.command for _, job in taken] == ["echo ok"]
     assert "{{missing}} is not defined" in str(error)
     assert read(tmp_path / "queue.yaml") == "- echo {{missing}}\n- echo later\n"
 
@@ -820,12 +829,15 @@ def test_broadcast_stops_after_a_failed_step_unless_told_to_go_on(tmp_path, host
 
 
 def test_masters_are_closed_and_sockets_removed_at_exit(tmp_path, hosts):
-    before = set(os.listdir("/tmp"))
+    temp = tempfile.mkdtemp(prefix="pg")  # short: socket paths are limited
     write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
-    write(tmp_path / "queue.yaml", "- 'true'\n")
-    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    write(tmp_path / "queue.yaml", "- 'sleep 0.5; ls -d %s/pegasus-*'\n" % temp)
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config,
+                      env=dict(os.environ, TMPDIR=str(temp)))
     assert out.returncode == 0
-    assert not [d for d in set(os.listdir("/tmp")) - before if d.startswith("pegasus-")]
+    assert job_lines(out.stdout)[0].startswith("[h") and "/pegasus-" in out.stdout
+    assert os.listdir(temp) == []  # the control directory was there, and is gone
+    os.rmdir(temp)
     assert not pids_of("ssh .*ControlMaster=yes.*%s" % re.escape(hosts.config))
 
 
