@@ -346,6 +346,7 @@ def test_not_utf8_and_missing_files_are_named(tmp_path):
     pegasus.Job("python train.py --bs {{bs}}", {"bs": "8", "lr": "1.10"}),
     pegasus.Job("multi\nline 'quoted' \"x\" $HOME", {"flag": "yes"}),
     pegasus.Job("8"), pegasus.Job("null"), pegasus.Job("- dash: colon"),
+    pegasus.Job("CUDA_VISIBLE_DEVICES={{slots}} train", {"lr": "1"}, slots=4),
 ])
 def test_canonical_entries_read_back_as_the_same_job(job):
     text = pegasus.dump_entry(job.canonical())
@@ -1174,6 +1175,147 @@ def test_huge_lines_binary_output_and_closed_stdout_do_not_break_the_runner(tmp_
     assert all(len(line) <= len("[localhost] ") + pegasus.MAX_LINE for line in huge)
     assert "[localhost] after-binary" in lines and "[localhost] still-running" in lines
     assert lines[-2:] == ["[localhost] last", lines[-1]] and done_count(out.stdout) == 4
+
+
+# ----------------------------------------------------------------------------
+# GPU slots: hosts with `slots: N`, jobs with `slots: K`
+# ----------------------------------------------------------------------------
+
+# A job that prints when it starts and ends, on which host and slot numbers.
+TIMED = ('echo "START {{hostname}} {{slots}} $(date +%%s.%%N)"; sleep %s; '
+         'echo "END {{hostname}} {{slots}} $(date +%%s.%%N)"')
+
+
+def intervals(stdout):
+    """[(host, slot numbers, start, end)] from TIMED jobs' output."""
+    starts, spans = {}, []
+    for kind, host, numbers, when in re.findall(r"\] (START|END) (\S+) (\S+) ([\d.]+)$",
+                                                stdout, re.M):
+        key = (host, numbers)
+        if kind == "START":
+            starts.setdefault(key, []).append(float(when))
+        else:
+            spans.append((host, [int(n) for n in numbers.split(",")],
+                          starts[key].pop(0), float(when)))
+    return spans
+
+
+def gpu_queue(entries):
+    return "".join("- command: '%s'\n  slots: %d\n  n: [%s]\n" % (
+        TIMED % seconds, slots, ", ".join(str(i) for i in range(count)))
+        for slots, count, seconds in entries)
+
+
+def test_gpu_slots_are_never_shared_and_every_job_runs_once(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- hostname: [h1, h2]\n  slots: 8\n")
+    mix = [(1, 6, "0.3"), (8, 2, "0.8"), (2, 6, "0.4"), (4, 4, "0.6"), (1, 10, "0.3"),
+           (8, 1, "0.5"), (2, 4, "0.3")]
+    (tmp_path / "queue.yaml").write_text(gpu_queue(mix))
+    out = run_pegasus(tmp_path, "q", "--joblog", "jobs.tsv", ssh_config=hosts.config,
+                      timeout=120)
+    assert out.returncode == 0, out.stderr
+    spans = intervals(out.stdout)
+    assert len(spans) == sum(count for _, count, _ in mix)  # every job ran, once
+    assert sorted(len(numbers) for _, numbers, _, _ in spans) == sorted(
+        slots for slots, count, _ in mix for _ in range(count))
+    for host in ("h1", "h2"):
+        for number in range(8):
+            held = sorted((start, end) for h, numbers, start, end in spans
+                          if h == host and number in numbers)
+            for (_, end), (start, _) in zip(held, held[1:]):
+                assert start >= end, "slot %d of %s held twice at once" % (number, host)
+    assert all(0 <= n < 8 for _, numbers, _, _ in spans for n in numbers)
+    busy = sum(len(numbers) * (end - start) for _, numbers, start, end in spans)
+    makespan = max(end for *_, end in spans) - min(start for _, _, start, _ in spans)
+    print("\nBENCH GPU packing: 2 hosts x 8 slots, %d jobs of 8/4/2/1 slots: utilisation %.0f%%"
+          % (len(spans), 100 * busy / (16 * makespan)))
+    labels = [line.split("\t")[1] for line in read(tmp_path / "jobs.tsv").splitlines()[1:]]
+    assert any(re.match(r"\[h[12] \(slots=8\) #0,1,2,3\]$", label) for label in labels)
+    consumed = yaml.safe_load(read(tmp_path / "consumed.yaml"))
+    assert {"command": [TIMED % "0.6"], "n": ["0"], "slots": ["4"]} in consumed
+
+
+def test_backfill_never_starves_the_head_job(tmp_path):
+    # Two local hosts, so both are there from the start. The 2-slot one can
+    # never hold the 4-slot job, so the 4-slot one is reserved for it. Best
+    # fit puts the two short jobs on the small host, the four long on the big.
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 4\n"
+                                   "- hostname: 127.0.0.1\n  slots: 2\n")
+    queue = gpu_queue([(1, 2, "0.3"), (1, 4, "1.5"), (4, 1, "0.3"), (1, 8, "0.3")])
+
+    def run(*flags):
+        (tmp_path / "queue.yaml").write_text(queue)
+        out = run_pegasus(tmp_path, "q", *flags, timeout=120)
+        assert out.returncode == 0, out.stderr
+        spans = sorted(intervals(out.stdout), key=lambda span: span[2])
+        big = next(span for span in spans if len(span[1]) == 4)
+        long_ends = [end for host, _, _, end in spans[:6] if host == "localhost"]
+        behind = [span for span in spans[6:] if len(span[1]) == 1]
+        return big, long_ends, behind
+
+    big, long_ends, behind = run()
+    assert big[0] == "localhost" and len(behind) == 8 and len(long_ends) == 4
+    assert any(start < big[2] for _, _, start, _ in behind)  # backfill ran meanwhile ...
+    assert all(host == "127.0.0.1" for host, _, start, _ in behind if start < big[2])
+    assert big[2] - max(long_ends) < 0.5  # and the head started as soon as h1 was free
+    big, _, behind = run("--strict-fifo")
+    # nothing behind it started while it waited (they may start with it)
+    assert all(start > big[2] - 0.1 for _, _, start, _ in behind)
+
+
+def test_a_job_larger_than_every_host(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- hostname: h1\n  slots: 4\n- h2\n")
+    queue = "- echo small\n- command: echo big\n  slots: 8\n"
+    (tmp_path / "queue.yaml").write_text(queue)
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert out.returncode == 2
+    assert "queue.yaml:2: this entry's jobs need 8 slots, but the largest host has 4" \
+        in out.stderr
+    assert read(tmp_path / "queue.yaml") == queue  # reported, not consumed
+    (tmp_path / "queue.yaml").write_text("- sleep 1\n")
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+    with open(str(tmp_path / "queue.yaml"), "a") as f:
+        f.write("- command: echo big\n  slots: 8\n- echo after\n")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "job 'echo big' needs 8 slots, but the largest host has 4; it stays in the queue" \
+        in err
+    assert job_lines(out)[-1].endswith("] after")
+    assert read(tmp_path / "queue.yaml") == "- command: echo big\n  slots: 8\n"
+
+
+def test_slots_in_templates_broadcast_and_dry_run(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 4\n- 127.0.0.1\n")
+    write(tmp_path / "queue.yaml", """
+        - command: echo CUDA_VISIBLE_DEVICES={{slots}}
+          slots: 2
+        """)
+    out = run_pegasus(tmp_path, "b")
+    assert sorted(job_lines(out.stdout)) == [
+        "[127.0.0.1] CUDA_VISIBLE_DEVICES=0", "[localhost (slots=4) #0,1,2,3] "
+        "CUDA_VISIBLE_DEVICES=0,1,2,3"]  # broadcast: a step takes the whole host
+    write(tmp_path / "queue.yaml", """
+        - command: echo CUDA_VISIBLE_DEVICES={{slots}}
+          slots: [2]
+        """)
+    out = run_pegasus(tmp_path, "q", "--dry-run")
+    assert "  1. [localhost (slots=4)] (2 slots) echo CUDA_VISIBLE_DEVICES=0,1" in out.stdout
+    assert "[localhost (slots=4)]" in out.stdout.splitlines()[1]
+    out = run_pegasus(tmp_path, "q")
+    assert job_lines(out.stdout) == ["[localhost (slots=4) #0,1] CUDA_VISIBLE_DEVICES=0,1"]
+    assert yaml.safe_load(read(tmp_path / "consumed.yaml"))[-1] == {
+        "command": ["echo CUDA_VISIBLE_DEVICES={{slots}}"], "slots": ["2"]}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- command: x\n  slots: [1, 2]\n", "'slots' must be one whole number of 1 or more"),
+    ("- command: x\n  slots: 0\n", "'slots' must be one whole number"),
+    ("- command: x\n  slots: two\n", "'slots' must be one whole number"),
+])
+def test_bad_slots_are_named(text, message):
+    with pytest.raises(pegasus.PegasusError, match=message):
+        pegasus.parse_queue("queue.yaml", text)
 
 
 # ----------------------------------------------------------------------------
