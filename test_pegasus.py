@@ -612,6 +612,22 @@ def test_output_lines_are_whole_prefixed_and_never_lost(tmp_path):
     assert lines[5:] == ["[localhost] no newline at end", "[localhost] err line"]
 
 
+def test_lines_come_out_whole_however_the_reads_split_them():
+    data = b"10%\r20%\rdone\r\nbad \377 utf8\n" + b"x" * 70000 + b"\r\n\nlast"
+    expected = [b"10%", b"20%", b"done", b"bad \377 utf8", b"x" * 70000, b"", b"last"]
+    rng = random.Random(5)
+    for trial in range(500):
+        run = pegasus.Run.__new__(pegasus.Run)  # the splitter alone, no process
+        run.partial, run.skip_newline, got = {}, {}, []
+        run.on_line = lambda _, line: got.append(line)
+        cuts = sorted(set(rng.sample(range(1, len(data)), rng.randint(1, 30))
+                          + [data.index(b"\r\n") + 1, len(data) - 6]))
+        for start, end in zip([0] + cuts, cuts + [len(data)]):
+            run.take_lines(3, data[start:end])
+        got.append(run.partial.pop(3))
+        assert got == expected, cuts
+
+
 def test_print_period(tmp_path):
     write(tmp_path / "queue.yaml", "- seq 1 10\n")
     out = run_pegasus(tmp_path, "q", "-p", "3")
