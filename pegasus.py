@@ -1141,14 +1141,14 @@ class Loop:
 class Run:
     """One job on one slot, from spawn to exit; owned by the event loop."""
 
-    def __init__(self, slot, job, command, argv, on_line, on_exit):
+    def __init__(self, slot, job, command, argv, on_lines, on_exit):
         self.slot = slot
         self.label = slot.label  # the output prefix; names the slot numbers held
         self.indices = []       # the slot numbers it holds
         self.connection = None  # the master it runs over
         self.job = job
         self.command = command  # rendered; what the shell runs
-        self.on_line = on_line
+        self.on_lines = on_lines  # called with each read's complete lines
         self.on_exit = on_exit
         self.started = time.monotonic()
         self.cancelled = False
@@ -1176,7 +1176,7 @@ class Run:
             return
         rest = self.partial.pop(fd, b"")
         if rest:
-            self.on_line(self, rest)
+            self.on_lines(self, [rest])
         loop.remove_reader(fd)
         self.open_fds.pop(fd).close()
 
@@ -1198,8 +1198,8 @@ class Run:
             rest = rest[MAX_LINE:]
         if rest:
             self.partial[fd] = rest
-        for line in lines:
-            self.on_line(self, line)
+        if lines:
+            self.on_lines(self, lines)
 
     def finished(self):
         return not self.open_fds and self.proc.poll() is not None
@@ -1264,18 +1264,29 @@ class Printer:
             cached = self.prefixes[run.label] = label.encode("utf-8", "replace") + b" "
         return cached
 
-    def line(self, run, data):
+    def lines(self, run, lines):
+        """Print a read's complete lines. The common case (every line, not a
+        terminal, valid UTF-8) is one join in C for the whole read: W3's
+        output volume is bound by this."""
         if self.print_period == 0:
             return
-        seen = self.counts.get(run, 0) + 1
-        self.counts[run] = seen
-        if seen % self.print_period:
-            return
+        if self.print_period > 1:
+            seen = self.counts.get(run, 0)
+            self.counts[run] = seen + len(lines)
+            lines = [line for number, line in enumerate(lines, seen + 1)
+                     if number % self.print_period == 0]
+            if not lines:
+                return
         try:
-            data.decode("utf-8")
+            b"\n".join(lines).decode("utf-8")
         except UnicodeDecodeError:
-            data = data.decode("utf-8", "replace").encode("utf-8")
-        self.add(run, data)
+            lines = [line.decode("utf-8", "replace").encode("utf-8") for line in lines]
+        if self.width is None:
+            prefix = self.prefix(run)
+            self.buffer.append(prefix + (b"\n" + prefix).join(lines) + b"\n")
+        else:
+            for line in lines:
+                self.add(run, line)
 
     def add(self, run, data):
         prefix = self.prefix(run)
@@ -1305,10 +1316,20 @@ class Printer:
         if _status is not None:
             _status.clear()
         try:
-            self.out.write(data)
-            self.out.flush()
+            write_all(self.out, data)
         except OSError:  # EPIPE (pegasus | head), EIO (the terminal closed)
             self.broken = True
+
+
+def write_all(stream, data):
+    """Write all of `data`. Under PYTHONUNBUFFERED (python -u), sys.stdout.buffer
+    is a raw file whose write() may stop short, when a signal (SIGCHLD, say)
+    interrupts a write to a full pipe, and returns how much it wrote."""
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        view = view[written:]
+    stream.flush()
 
 
 class StatusLine:
@@ -1400,9 +1421,9 @@ class Records:
             name = "%06d-%s.log" % (run.sequence, run.slot.hostname.replace("/", "_"))
             run.output = open(os.path.join(self.output_dir, name), "wb")
 
-    def line(self, run, data):
+    def lines(self, run, lines):
         if run.output is not None:
-            run.output.write(data + b"\n")
+            run.output.write(b"\n".join(lines) + b"\n")
 
     def ended(self, run):
         if run.output is not None:
@@ -1632,7 +1653,7 @@ class Runner:
             argv = local_argv(command)
         else:
             argv = job_argv(self.options, connection.hostname, connection.socket, command)
-        run = Run(slot, job, command, argv, self.on_line, self.run_finished)
+        run = Run(slot, job, command, argv, self.on_lines, self.run_finished)
         run.attempt = attempt
         run.connection = connection
         run.indices = indices
@@ -1649,9 +1670,9 @@ class Runner:
             self.loop.add_reader(fd, lambda fd, r=run: self.read_run(r, fd))
         return run
 
-    def on_line(self, run, data):
-        self.printer.line(run, data)
-        self.records.line(run, data)
+    def on_lines(self, run, lines):
+        self.printer.lines(run, lines)
+        self.records.lines(run, lines)
 
     def read_run(self, run, fd):
         run.read(fd, self.loop)
