@@ -192,7 +192,7 @@ class Job:
         return (self.command, tuple(self.params.items()), self.slots)
 
     def __eq__(self, other):
-        return isinstance(other, Job) and self.canonical() == other.canonical()
+        return isinstance(other, Job) and self.key() == other.key()
 
     def __repr__(self):
         return "Job(%r, %r)" % (self.command, self.params)
@@ -595,9 +595,10 @@ def job_names(job, slot, indices):
 
 
 def render_job(job, slot, indices=None):
+    """Render a job for a slot; without `indices` (checks, dry run), as if it
+    held the first slot numbers it needs."""
     if indices is None:
-        indices = slot.free[:job.slots] if len(slot.free) >= job.slots else \
-            list(range(job.slots))
+        indices = range(job.slots)
     return render(job.command, job_names(job, slot, indices),
                   "job %r on %s" % (job.command, slot.label))
 
@@ -785,11 +786,8 @@ class QueueFile:
         self.text = ""
         self.entries = []
         self.editable = True
-        self.shift = 0         # added to every Entry offset; see take()
+        self.shift = 0         # added to every Entry offset; see insert()
         self.count = 0         # jobs in the queue, once expanded
-
-    def changed(self):
-        return file_signature(self.path) != self.signature
 
     def load(self):
         """Parse the file if it changed; raises PegasusError if it is broken."""
@@ -1693,7 +1691,8 @@ class Runner:
             self.end_run(run)
 
     def end_run(self, run):
-        self.check_masters()
+        if run.proc.returncode == 255:
+            self.check_masters()  # notice the lost host before the job is judged
         run.host_lost = run.proc.returncode == 255 and not run.connection.alive()
         self.runs.discard(run)
         run.connection.sessions -= 1
