@@ -1831,7 +1831,7 @@ class Runner:
     def status_text(self):
         done, running, queued = self.counts()
         slots = self.usable_slots()
-        down = sum(1 for c in self.connections if c.state != "up")
+        down = len({s.hostname for s in self.slots if s.state == "down"})
         elapsed = time.monotonic() - self.started_at
         text = "%d done, %d failed, %d running, %d queued | %d/%d busy" % (
             self.succeeded, len(self.failures), running, queued,
@@ -1840,7 +1840,7 @@ class Runner:
             text += ", %d host%s down" % (down, plural(down))
         text += " | %s" % duration(elapsed)
         if done and (running or queued) and slots:
-            left = self.run_seconds / done * (running + queued) / len(slots)
+            left = self.run_seconds / done * (running + queued) / sum(s.capacity for s in slots)
             text += ", ~%s left" % duration(left)
         return text
 
@@ -1968,6 +1968,8 @@ class QueueRunner(Runner):
         if self.stopping:
             self.finish_if_idle()
             return
+        if self.unreturned:
+            self.put_back([])  # jobs of lost hosts that found the queue locked
         free = {slot: list(slot.free) for slot in self.usable_slots() if slot.free}
         self.start_retries(free)
         self.waiting = bool(self.queue.count)  # until a walk of the queue says otherwise
@@ -1977,7 +1979,7 @@ class QueueRunner(Runner):
                 self.start_run(slot, job, command, indices)
         if self.blocked:
             return  # the retry calls schedule() again
-        if (not self.waiting and not self.runs and not self.retries
+        if (not self.waiting and not self.runs and not self.retries and not self.unreturned
                 and not self.options.daemon and not self.settling()):
             self.done = True
         elif any(free.values()):
