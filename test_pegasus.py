@@ -971,6 +971,29 @@ def test_a_host_killed_mid_run_loses_no_job(tmp_path, fault_hosts):
     assert reconnected_at > err.index("lost the connection to f2")
 
 
+def test_a_lost_job_reruns_even_if_lock_mode_held_the_queue(tmp_path, fault_hosts):
+    write(tmp_path / "hosts.yaml", "- f1\n- f2\n")
+    write(tmp_path / "queue.yaml", """
+        - command: sleep 1; echo "job {{n}} on $PEGASUS_TEST_HOST"
+          n: [1, 2, 3, 4]
+        """)
+    proc = start_pegasus(tmp_path, "q", ssh_config=fault_hosts.config)
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml")
+             and read(tmp_path / "consumed.yaml").count("- command") >= 2, what="2 jobs")
+    editor = tmp_path / "editor.sh"
+    editor.write_text("#!/bin/sh\nsleep 3\n")
+    editor.chmod(0o755)
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", str(editor))
+    wait_for(lambda: "pegasus l" in read(tmp_path / "queue.yaml.lock"), what="the lock")
+    fault_hosts.stop("f2")  # its job goes back while the queue is locked
+    out, err = proc.communicate(timeout=60)
+    lock_mode.wait(timeout=10)
+    assert proc.returncode == 0, err
+    assert "lost its host" in err and "could not put these back" not in err
+    done = sorted(int(n) for n in re.findall(r"^\[f\d\] job (\d+) on", out, re.M))
+    assert done == [1, 2, 3, 4]
+
+
 def test_a_frozen_host_is_noticed_by_keepalives(tmp_path, fault_hosts):
     write(tmp_path / "hosts.yaml", "- f1\n- f2\n")
     write(tmp_path / "queue.yaml", """
@@ -1435,7 +1458,13 @@ def test_readme_quiz_answer_is_9(tmp_path):
 def test_ci_runs_the_test_command_in_the_readme():
     with open(os.path.join(HERE, ".ci", "run")) as f:
         ci = f.read()
-    assert "README.md" in ci and "pytest" in read(README)
+    pattern = re.search(r"sed -n '(s/.*/p)' README\.md", ci).group(1)
+    found = subprocess.run(["sed", "-n", pattern, README], capture_output=True,
+                           text=True).stdout.splitlines()
+    setup = read(README).split("## Examples")[0]  # the two set-up commands
+    assert found and "$ " + found[0] in setup.splitlines()
+    assert "pytest" in found[0] and "-p test_pegasus test_pegasus.py" in found[0]
+    assert 'eval "$test_command"' in ci
 
 
 # ----------------------------------------------------------------------------
