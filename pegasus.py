@@ -38,6 +38,7 @@ import json
 import os
 import re
 import resource
+import select
 import selectors
 import shlex
 import shutil
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 yaml = None  # PyYAML, imported by need_yaml(): `--help` and `s` do without it
 
@@ -72,18 +74,26 @@ SESSIONS_PER_MASTER = 8
 MAX_LINE = 1 << 20
 
 READ_SIZE = 1 << 16
-CONNECT_POLL = 0.02    # how often to look for a new master's control socket
 QUEUE_POLL = 0.5       # how often to stat the queue file while waiting on it
 LOCK_RETRY = 0.2       # how often to retry the queue lock while lock mode holds it
 HOST_CHECK_DELAY = 0.5  # after a job's ssh exits 255, when to look whether its master died
 RECONNECT_FIRST = 2.0  # seconds before reconnecting a lost host; doubles each failure ...
 RECONNECT_MAX = 60.0   # ... up to this
+CONNECT_WAIT = 20.0    # a master not logged in by then is killed, its host counted down
+MAX_CONNECTING = 64    # ssh handshakes in flight at once
+MASTER_CLOSE_WAIT = 2.0  # at exit, masters get this long to close before SIGKILL
 WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try again
 STATUS_PERIOD = 0.25   # status line redraws and state file saves, at most this often
-PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often
-PUT_BACK_WAIT = 30.0
-MAX_CONNECTING = 64    # ssh handshakes in flight at once
-LOOKAHEAD = 1000       # jobs a backfill looks at past the head, at most   # at exit, how long to wait for the lock to put cut-short jobs back
+PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often (if anything changed)
+PUT_BACK_WAIT = 30.0   # at exit, how long to wait for the lock to put jobs back
+LOOKAHEAD = 1000       # jobs a backfill looks at past the head, at most
+CANCEL_GRACE = 5       # a cancelled job gets SIGTERM, then SIGKILL this many seconds later
+CANCEL_FORCE = 2.0     # ... and this long after that, pegasus ends its session itself
+START_TRIES = 3        # a job that cannot be started goes back this many times, then fails
+ARGV_MAX = 16 * 1024   # a longer command travels on the session's stdin, not in argv
+OUTPUT_HIGH = 16 << 20  # unwritten output at which pegasus stops reading jobs' pipes ...
+OUTPUT_LOW = 1 << 20   # ... until it is down to this
+MASTER_UP = "pegasus-master-up"  # what a master prints once it has logged in
 
 # Options for every ssh we start. They come after the user's own -o options
 # because ssh keeps the first value it sees for each option.
@@ -96,27 +106,35 @@ SSH_OPTIONS = (
 
 # The script every job runs under, on a host or locally, as
 #   sh -c 'DECODE RUN' sh ENCODED_COMMAND     (on a host, through its login shell)
+#   sh -c 'READ_LINE RUN' sh                  (a long command, sent on stdin)
 #   sh -c 'RUN' sh COMMAND                    (locally)
-# DECODE turns the \0NNN escapes back into bytes with printf %b. RUN starts a
-# watcher in the background on the wrapper's stdin: pegasus never writes
-# there, so EOF means pegasus closed it on purpose (cancel) or died, or the
-# connection dropped. Then `kill 0` ends the whole process group, which sshd
-# made for this session (and pegasus, locally, with start_new_session). The
-# command itself then runs in this very shell, with an empty stdin and no
-# positional parameters, so $$, `exit` and `kill $$` mean what they mean under
-# `sh -c`; when it ends, the EXIT trap kills the watcher, so what the job left
-# running in the background is left alone. (A job that replaces the shell with
-# `exec`, or sets its own EXIT trap, keeps the watcher until pegasus closes the
-# pipe after the job's exit, and so loses such leftovers.) The watcher uses
-# only builtins: a fork and no exec, which matters for thousands of short jobs.
-# The text holds no backslash, `!`, newline or single quote, so every login
-# shell (sh, bash, zsh, fish, tcsh) passes it through single quotes untouched.
+# DECODE turns the \0NNN escapes back into bytes with printf %b; READ_LINE
+# first reads them as one line from stdin (pegasus writes nothing after it).
+# RUN starts a watcher in the background on the wrapper's stdin: pegasus never
+# writes there, so EOF means pegasus closed it on purpose (cancel) or died, or
+# the connection dropped. Then `kill -TERM 0` signals the whole process group,
+# which sshd made for this session (and pegasus, locally, with
+# start_new_session), and CANCEL_GRACE seconds later `kill -KILL 0` ends what
+# ignored it (the watcher ignores TERM itself to live that long). The command
+# runs in this very shell, with an empty stdin and no positional parameters,
+# so $$, `exit` and `kill $$` mean what they mean under `sh -c`; when it ends,
+# the EXIT trap kills the watcher, so what the job left running in the
+# background is left alone. (A job that replaces the shell with `exec`, or
+# sets its own EXIT trap, keeps the watcher until the session ends, and so
+# loses such leftovers.) A process that left the group (`setsid`) cannot be
+# reached this way: it has detached on purpose. The watcher uses only
+# builtins until it fires: a fork and no exec, which matters for thousands of
+# short jobs. The text holds no backslash, `!`, newline or single quote, so
+# every login shell (sh, bash, zsh, fish, tcsh) passes it through single
+# quotes untouched.
 DECODE = 'c=$(printf %b "$1"x);c=${c%x};'
+READ_LINE = 'c=$(head -n 1);c=$(printf %b "$c"x);c=${c%x};'
 RUN = (
     'exec 3<&0 </dev/null;'
-    '(while read -r _;do :;done;kill -TERM 0) <&3 >/dev/null 2>&1 &'
+    '(trap "" TERM;while read -r _;do :;done;kill -TERM 0;sleep ' + str(CANCEL_GRACE) +
+    ';kill -KILL 0) <&3 >/dev/null 2>&1 &'
     'exec 3<&-;'
-    'trap "kill $! 2>/dev/null" EXIT;'
+    'trap "kill -KILL $! 2>/dev/null" EXIT;'
     'set --;'
     'eval "unset c;$c"'
 )
@@ -967,7 +985,7 @@ def check_queue(queue, slots, broadcast=False):
 
 
 # ----------------------------------------------------------------------------
-# Hosts and ssh: the argv of every ssh we run, and one master per host
+# Hosts and ssh: the argv of every ssh we run, and the pool of masters
 # ----------------------------------------------------------------------------
 
 
@@ -999,11 +1017,12 @@ def ssh_base(options):
 
 
 def master_argv(options, hostname, socket):
-    # The master runs `cat` on the host, reading pegasus's pipe: if pegasus
-    # dies, cat sees EOF and the master goes too, instead of idling forever.
+    # The master prints MASTER_UP once it has logged in (its control socket
+    # exists by then), then runs `cat` on pegasus's pipe: if pegasus dies,
+    # cat sees EOF and the master goes too, instead of idling forever.
     return ssh_base(options) + [
         "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-S", socket,
-        "-T", "--", hostname, "cat >/dev/null"]
+        "-T", "--", hostname, "echo %s; cat >/dev/null" % MASTER_UP]
 
 
 def job_argv(options, hostname, socket, command):
@@ -1012,46 +1031,240 @@ def job_argv(options, hostname, socket, command):
         "-T", "--", hostname, wrapped_command(command)]  # "--": a hostname is never an option
 
 
-class Connection:
-    """One ssh master (or, for localhost, none) that some slots run jobs over."""
+def launch(options, master, command):
+    """(argv, bytes for its stdin) that run `command` over `master`, or here.
+
+    argv is bounded (ARG_MAX, and 128 kB for one argument on Linux), so a
+    long command travels on the session's stdin instead, as one line of
+    printf %b escapes that the wrapper reads before it starts watching."""
+    if master.socket is None:
+        if len(command) <= ARGV_MAX:
+            return local_argv(command), b""
+        return (["/bin/sh", "-c", READ_LINE + RUN, "sh"],
+                encode_command(command).encode("ascii") + b"\n")
+    encoded = encode_command(command)
+    if len(encoded) <= ARGV_MAX:
+        return job_argv(options, master.hostname, master.socket, command), b""
+    argv = ssh_base(options) + [
+        "-o", "ControlMaster=no", "-S", master.socket, "-T", "--", master.hostname,
+        "exec sh -c '%s%s' sh" % (READ_LINE, RUN)]
+    return argv, encoded.encode("ascii") + b"\n"
+
+
+def signal_group(proc, signum):
+    """Signal a child's whole process group (it leads one: start_new_session)."""
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Master:
+    """One ssh master connection that slots run jobs over; for a local host,
+    a stand-in that is always up."""
 
     def __init__(self, hostname, socket):
         self.hostname = hostname
-        self.socket = socket   # ControlPath, or None for a local host
-        self.state = "up" if socket is None else "down"  # "connecting" | "up" | "down"
-        self.proc = None       # the master ssh process
-        self.stderr = b""      # the master's last words, for the error message
+        self.socket = socket     # ControlPath, or None for a local host
+        self.state = "up" if socket is None else "down"  # | "queued" | "connecting"
+        self.proc = None         # the ssh process of the current attempt
+        self.pipes = {}          # fd -> its stdout or stderr pipe, while open
+        self.said = b""          # its stdout, until MASTER_UP
+        self.stderr = b""        # its last words, for the error message
+        self.why = None          # why pegasus ended the attempt, if it did
         self.ever_up = socket is None
-        self.failures = 0      # failed attempts in a row, for the backoff
-        self.sessions = 0      # jobs running over it now
+        self.failures = 0        # failed attempts in a row, for the backoff
+        self.sessions = 0        # jobs running over it now
+        self.deadline = None     # the timer that gives up on a login
 
     def error(self):
+        if self.why:
+            return self.why
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
         return lines[-1] if lines else "ssh exited with status %s" % self.proc.returncode
 
     def alive(self):
-        """The master runs (a master whose connection broke exits: keepalives)."""
-        return self.socket is None or (self.proc is not None and self.proc.poll() is None)
+        """Up, and its process runs (a master whose connection broke exits)."""
+        return self.socket is None or (
+            self.state == "up" and self.proc is not None and self.proc.poll() is None)
 
 
-def make_connections(slots, control_dir):
+def make_masters(slots, control_dir):
     """One master per hostname, or one per SESSIONS_PER_MASTER slots when a
     hostname has more; every slot of that hostname may use each of them."""
     capacity = {}
     for slot in slots:
         capacity[slot.hostname] = capacity.get(slot.hostname, 0) + slot.capacity
-    connections, by_host = [], {}
+    masters, by_host = [], {}
     for slot in slots:
         if slot.hostname not in by_host:
             local = slot.is_local
             count = 1 if local else -(-capacity[slot.hostname] // SESSIONS_PER_MASTER)
             by_host[slot.hostname] = [
-                Connection(slot.hostname, None if local else
-                           os.path.join(control_dir, str(len(connections) + i)))
+                Master(slot.hostname, None if local else
+                       os.path.join(control_dir, str(len(masters) + i)))
                 for i in range(count)]
-            connections += by_host[slot.hostname]
+            masters += by_host[slot.hostname]
         slot.connections = by_host[slot.hostname]
-    return connections
+    return masters
+
+
+class ConnectionPool:
+    """The ssh masters: opened at most MAX_CONNECTING at a time, each given
+    CONNECT_WAIT to log in, reconnected with backoff when lost (if asked),
+    and closed all together at exit. `on_change(master)` hears of every
+    master that goes up or down.
+
+    Each attempt is one ssh process whose pipes belong to that attempt: its
+    callbacks name the process they were made for, and a pipe is closed only
+    after it is unregistered, so a new attempt never meets an old one's fds."""
+
+    def __init__(self, options, slots, loop, on_change):
+        self.options = options
+        self.loop = loop
+        self.on_change = on_change
+        self.control_dir = tempfile.mkdtemp(prefix="pegasus-", dir=short_temp_dir())
+        self.masters = make_masters(slots, self.control_dir)
+        self.reconnect = False   # whether a lost master is connected again
+        self.exiting = set()     # masters whose pipes closed before their process exited
+        self.closing = False
+        self.kill_timer = None
+
+    def start(self):
+        for master in self.masters:
+            if master.socket is not None:
+                self.connect(master)
+
+    def settled(self):
+        """Every master has logged in or failed at least once."""
+        return not any(m.state in ("connecting", "queued") for m in self.masters)
+
+    def connect(self, master):
+        if sum(1 for m in self.masters if m.state == "connecting") >= MAX_CONNECTING:
+            master.state = "queued"  # a thousand handshakes at once exhaust fds
+            return
+        if os.path.lexists(master.socket):
+            os.unlink(master.socket)  # left by a master that was killed
+        master.said, master.stderr, master.why = b"", b"", None
+        try:
+            proc = subprocess.Popen(
+                master_argv(self.options, master.hostname, master.socket),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True)
+        except OSError as e:
+            master.state, master.proc = "connecting", None
+            master.why = "cannot start ssh: %s" % e.strerror
+            self.loop.call_later(0, lambda: self.ended(master), owner=master)
+            return
+        master.proc, master.state = proc, "connecting"
+        master.pipes = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
+        for fd, is_err in ((proc.stdout.fileno(), False), (proc.stderr.fileno(), True)):
+            self.loop.add_reader(fd, lambda fd, p=proc, e=is_err: self.read(master, p, fd, e),
+                                 owner=master)
+        master.deadline = self.loop.call_later(
+            CONNECT_WAIT, lambda: self.give_up(master, proc), owner=master)
+
+    def read(self, master, proc, fd, is_err):
+        chunk = os.read(fd, READ_SIZE)
+        if chunk and is_err:
+            master.stderr = (master.stderr + chunk)[-4096:]
+        elif chunk:
+            if master.state == "connecting" and master.proc is proc:
+                master.said = (master.said + chunk)[-4096:]
+                if MASTER_UP.encode() in master.said:
+                    self.up(master)
+        else:
+            self.loop.remove(fd)
+            master.pipes.pop(fd).close()
+            if not master.pipes:
+                self.check_exit(master)
+
+    def check_exit(self, master):
+        if master.proc.poll() is None:
+            self.exiting.add(master)  # on_child() looks again
+        else:
+            self.exiting.discard(master)
+            self.ended(master)
+
+    def on_child(self):
+        for master in list(self.exiting):
+            self.check_exit(master)
+
+    def up(self, master):
+        self.loop.cancel(master.deadline)
+        master.state = "up"
+        note("%s %s" % ("reconnected to" if master.ever_up else "connected to", master.hostname))
+        master.ever_up = True
+        master.failures = 0
+        self.on_change(master)
+
+    def ended(self, master):
+        """The current attempt's ssh has exited: the master is down."""
+        self.loop.cancel(master.deadline)
+        if master.proc is not None and not master.proc.stdin.closed:
+            master.proc.stdin.close()
+        was, master.state = master.state, "down"
+        if self.closing:
+            return
+        if was == "connecting" and master.failures == 0:
+            note("cannot connect to %s: %s" % (master.hostname, master.error()))
+        elif was == "up":
+            note("lost the connection to %s: %s" % (master.hostname, master.error()))
+        master.failures += 1
+        self.connect_queued()
+        if self.reconnect:
+            delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** (master.failures - 1))
+            self.loop.call_later(delay, lambda: self.retry(master), owner=master)
+        self.on_change(master)
+
+    def give_up(self, master, proc):
+        if master.proc is proc and master.state == "connecting":
+            master.why = "no answer within %d s" % CONNECT_WAIT
+            signal_group(proc, signal.SIGKILL)  # its pipes close; ended() follows
+
+    def retry(self, master):
+        if master.state == "down" and not self.closing:
+            self.connect(master)
+
+    def connect_queued(self):
+        for master in self.masters:
+            if master.state == "queued":
+                self.connect(master)
+                if master.state == "queued":
+                    break
+
+    def close(self):
+        """End every master at once: EOF to its `cat`, SIGTERM to its ssh."""
+        self.closing = True
+        for master in self.masters:
+            if master.state == "queued":
+                master.state = "down"
+            proc = master.proc
+            if proc is not None and proc.poll() is None:
+                proc.stdin.close()
+                signal_group(proc, signal.SIGTERM)
+        self.kill_timer = self.loop.call_later(MASTER_CLOSE_WAIT, self.kill_all)
+
+    def kill_all(self):
+        for master in self.masters:
+            if master.proc is not None and master.proc.poll() is None:
+                signal_group(master.proc, signal.SIGKILL)
+
+    def closed(self):
+        return all(m.proc is None or m.proc.poll() is not None for m in self.masters)
+
+    def cleanup(self):
+        """After the loop: reap what is left, close pipes, remove the sockets."""
+        self.kill_all()
+        for master in self.masters:
+            for pipe in master.pipes.values():
+                pipe.close()
+            master.pipes = {}
+            if master.proc is not None:
+                master.proc.wait()
+                if not master.proc.stdin.closed:
+                    master.proc.stdin.close()
+        shutil.rmtree(self.control_dir, ignore_errors=True)
 
 
 def raise_fd_limit():
@@ -1072,22 +1285,30 @@ def raise_fd_limit():
 
 class Loop:
     """A selectors loop with timers. Signals arrive through a wakeup pipe, so
-    their handlers run here, between events, never in the middle of one."""
+    their handlers run here, between events, never in the middle of one.
 
-    def __init__(self):
+    Every callback has an owner (a Run, a Master, or a name). What a callback
+    raises is handed to on_error(owner, exception) and the loop goes on: one
+    broken job or a bug in one path must not take the other jobs down."""
+
+    def __init__(self, on_error):
+        self.on_error = on_error
         self.selector = selectors.DefaultSelector()
-        self.timers = []                # heap of [when, seq, callback]
+        self.timers = []                # heap of [when, seq, callback, owner]
         self.sequence = itertools.count()
         self.signal_handlers = {}
-        self.after_events = []          # called after each round (flush output)
+        self.saved_handlers = {}        # signum -> the handler before on_signal()
+        self.after_round = []           # called after each round
         self.wake_read, self.wake_write = os.pipe()
         for fd in (self.wake_read, self.wake_write):
             os.set_blocking(fd, False)
-        self.selector.register(self.wake_read, selectors.EVENT_READ, self._on_wakeup)
+        self.selector.register(self.wake_read, selectors.EVENT_READ,
+                               (self._on_wakeup, "signals"))
         signal.set_wakeup_fd(self.wake_write)
 
     def on_signal(self, signum, callback):
-        signal.signal(signum, lambda *_: None)  # the real work happens in _on_wakeup
+        previous = signal.signal(signum, lambda *_: None)  # the work happens in _on_wakeup
+        self.saved_handlers.setdefault(signum, previous)
         self.signal_handlers[signum] = callback
 
     def _on_wakeup(self, fd):
@@ -1098,38 +1319,56 @@ class Loop:
         for signum in data:
             handler = self.signal_handlers.get(signum)
             if handler:
-                handler(signum)
+                self.call(handler, "signals", signum)
 
-    def add_reader(self, fd, callback):
-        self.selector.register(fd, selectors.EVENT_READ, callback)
+    def add_reader(self, fd, callback, owner=None):
+        self.selector.register(fd, selectors.EVENT_READ, (callback, owner))
 
-    def remove_reader(self, fd):
+    def add_writer(self, fd, callback, owner=None):
+        self.selector.register(fd, selectors.EVENT_WRITE, (callback, owner))
+
+    def remove(self, fd):
         self.selector.unregister(fd)
 
-    def call_later(self, delay, callback):
-        timer = [time.monotonic() + delay, next(self.sequence), callback]
+    def call_later(self, delay, callback, owner=None):
+        timer = [time.monotonic() + delay, next(self.sequence), callback, owner]
         heapq.heappush(self.timers, timer)
         return timer
 
     def cancel(self, timer):
-        timer[2] = None
+        if timer is not None:
+            timer[2] = None
+
+    def call(self, callback, owner, *args):
+        try:
+            callback(*args)
+        except Exception as e:  # see the class docstring
+            self.on_error(owner, e)
 
     def run(self, done):
-        while not done():
+        registered = self.selector.get_map()
+        while True:
+            for callback in self.after_round:
+                self.call(callback, "loop")
+            if done():
+                return
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
             for key, _ in self.selector.select(timeout):
-                key.data(key.fd)
+                if registered.get(key.fd) is key:  # not removed by an earlier event
+                    self.call(key.data[0], key.data[1], key.fd)
             now = time.monotonic()
             while self.timers and self.timers[0][0] <= now:
-                callback = heapq.heappop(self.timers)[2]
+                _, _, callback, owner = heapq.heappop(self.timers)
                 if callback:
-                    callback()
-            for callback in self.after_events:
-                callback()
+                    self.call(callback, owner)
 
     def close(self):
+        # Signals after the loop get their usual meaning again: a runner
+        # stuck writing its summary to a full pipe can still be stopped.
+        for signum, handler in self.saved_handlers.items():
+            signal.signal(signum, handler)
         signal.set_wakeup_fd(-1)
         self.selector.close()
         os.close(self.wake_read)
@@ -1137,32 +1376,50 @@ class Loop:
 
 
 class Run:
-    """One job on one slot, from spawn to exit; owned by the event loop."""
+    """One job on one slot, from spawn to exit: its process, its pipes and
+    their partial lines, and how it ended. Owned by the Dispatcher."""
 
-    def __init__(self, slot, job, command, argv, on_lines, on_exit):
+    def __init__(self, slot, job, command, indices, attempt, master):
         self.slot = slot
-        self.label = slot.label  # the output prefix; names the slot numbers held
-        self.indices = []       # the slot numbers it holds
-        self.connection = None  # the master it runs over
         self.job = job
-        self.command = command  # rendered; what the shell runs
-        self.on_lines = on_lines  # called with each read's complete lines
-        self.on_exit = on_exit
+        self.command = command    # rendered; what the shell runs
+        self.indices = indices    # the slot numbers it holds
+        self.attempt = attempt    # 2 for the first retry, ...
+        self.master = master      # the connection it runs over
+        self.label = slot.label   # the output prefix; names the slot numbers held
+        if slot.capacity != 1:
+            self.label = "%s #%s]" % (slot.label[:-1], ",".join(map(str, indices)))
+        self.avoid = set()        # labels of slots this job failed on before
         self.started = time.monotonic()
-        self.cancelled = False
-        self.host_lost = False  # it ended because its host went away
-        self.attempt = 1        # 2 for the first retry, ...
-        self.avoid = set()      # labels of slots this job failed on before
-        self.partial = {}       # fd -> bytes of an unfinished line
-        self.skip_newline = {}  # fd -> the last chunk ended in "\r"
+        self.proc = None
+        self.open_fds = {}        # fd -> stdout or stderr pipe, until EOF
+        self.partial = {}         # fd -> bytes of an unfinished line
+        self.skip_newline = {}    # fd -> the last chunk ended in "\r"
+        self.on_lines = None      # on_lines(run, fd, lines) for each read's lines
+        self.unsent = b""         # a long command, still to be written to stdin
+        self.cancelled = False    # pegasus ended it (Ctrl-C, stop --now)
+        self.forced = False       # ... and had to end its session from this side
+        self.host_lost = False    # it ended because its host went away
+        self.error = None         # why it could not start or broke, if it did
+        self.ended = False
+        self.timers = []          # its pending cancel escalations
+        self.sequence = 0         # set by Records: its number in this run
+        self.wall_start = time.time()
+        self.output = None        # its --output-dir file
+
+    def spawn(self, argv, unsent):
         # A new session: Ctrl-C in the terminal reaches pegasus only, which
-        # decides what the jobs should do.
+        # decides what the jobs should do; the job's group is ours to kill.
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.open_fds = {self.proc.stdout.fileno(): self.proc.stdout,
                          self.proc.stderr.fileno(): self.proc.stderr}
+        self.unsent = unsent
+        if unsent:
+            os.set_blocking(self.proc.stdin.fileno(), False)
 
-    def read(self, fd, loop):
+    def read(self, fd):
+        """Read what is there; False at EOF."""
         try:
             chunk = os.read(fd, READ_SIZE)
         except OSError as e:
@@ -1171,12 +1428,11 @@ class Run:
             chunk = b""
         if chunk:
             self.take_lines(fd, chunk)
-            return
+            return True
         rest = self.partial.pop(fd, b"")
         if rest:
-            self.on_lines(self, [rest])
-        loop.remove_reader(fd)
-        self.open_fds.pop(fd).close()
+            self.on_lines(self, fd, [rest])
+        return False
 
     def take_lines(self, fd, chunk):
         # "\r" ends a line too (progress bars), and "\r\n" is one line end,
@@ -1197,20 +1453,41 @@ class Run:
         if rest:
             self.partial[fd] = rest
         if lines:
-            self.on_lines(self, lines)
+            self.on_lines(self, fd, lines)
 
-    def finished(self):
-        return not self.open_fds and self.proc.poll() is not None
+    def send(self):
+        """Write more of a long command; True when all of it is written."""
+        try:
+            written = os.write(self.proc.stdin.fileno(), self.unsent[:1 << 16])
+        except BlockingIOError:
+            return False
+        except BrokenPipeError:  # the session is gone; its exit tells why
+            written = len(self.unsent)
+        self.unsent = self.unsent[written:]
+        return not self.unsent
 
-    def cancel(self):
-        """Stop the job: closing its stdin wakes the wrapper's watcher, which
-        kills the job's process group wherever it runs."""
-        self.cancelled = True
-        if not self.proc.stdin.closed:
+    def close_stdin(self):
+        """EOF on the wrapper's stdin: its watcher kills the job's process
+        group (TERM, then KILL after CANCEL_GRACE), wherever it runs."""
+        self.unsent = b""
+        if self.proc is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
 
+    def exit_code(self):
+        return None if self.proc is None else self.proc.returncode
+
+    def succeeded(self):
+        return self.error is None and self.exit_code() == 0
+
     def status(self):
-        code = self.proc.returncode
+        """How it ended, in words: for its closing line and the summary."""
+        code = self.exit_code()
+        if self.error:
+            return self.error
+        if self.cancelled and code != 0:
+            return "cancelled" + (", its session ended by pegasus" if self.forced else "")
+        if self.host_lost:
+            return "host lost"
         if code is not None and code < 0:
             try:
                 return "signal %s" % signal.Signals(-code).name
@@ -1227,7 +1504,91 @@ class Run:
 # 256-colour codes that stay readable on dark and light backgrounds.
 PALETTE = (39, 208, 70, 170, 178, 33, 203, 36, 141, 166, 75, 132)
 
-_status = None  # the StatusLine on screen, if any; note() clears it first
+_printer = None  # the Printer while a run goes on: a note waits for its lines
+_errors = None   # stderr as an Output while a run goes on
+_status = None   # the StatusLine on screen, if any; note() clears it first
+
+
+class Output:
+    """One of pegasus's own streams (stdout, stderr), written without ever
+    blocking the loop once attach()ed: what the reader does not take yet
+    waits in a buffer, and the loop writes it when the fd is writable.
+
+    A terminal is opened again by name for this, so that O_NONBLOCK lands on
+    a file description of our own and never on the shell's. A pipe or a file
+    is pegasus's alone; its flags are put back by detach()."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.fd = stream.fileno()
+        self.buffer = bytearray()
+        self.broken = False      # EPIPE or EIO: the reader is gone for good
+        self.loop = None
+        self.own_fd = False      # fd is the terminal opened again
+        self.saved_flags = None  # the flags to put back at detach()
+        self.waiting = False     # registered with the loop for EVENT_WRITE
+
+    def attach(self, loop):
+        self.stream.flush()
+        try:
+            if os.isatty(self.fd):
+                self.fd = os.open(os.ttyname(self.fd), os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+                self.own_fd = True
+            else:
+                self.saved_flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, self.saved_flags | os.O_NONBLOCK)
+        except OSError:
+            pass  # writes stay blocking, as before attach()
+        self.loop = loop
+
+    def detach(self):
+        if self.waiting:
+            self.loop.remove(self.fd)
+            self.waiting = False
+        if self.own_fd:
+            os.close(self.fd)
+            self.fd, self.own_fd = self.stream.fileno(), False
+        elif self.saved_flags is not None:
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, self.saved_flags)
+            except OSError:
+                pass
+            self.saved_flags = None
+        self.loop = None
+
+    def write(self, data):
+        if not self.broken:
+            self.buffer += data
+        self.flush()
+
+    def flush(self):
+        while self.buffer and not self.broken and not self.waiting:
+            try:
+                with memoryview(self.buffer) as view:
+                    written = os.write(self.fd, view[:1 << 20])
+            except BlockingIOError:
+                if self.loop is not None:
+                    self.waiting = True
+                    self.loop.add_writer(self.fd, self.writable, owner="output")
+                    return
+                select.select([], [self.fd], [])  # non-blocking from birth: wait here
+                continue
+            except OSError:  # EPIPE (pegasus | head), EIO (the terminal closed)
+                self.broken = True
+                self.buffer.clear()
+                return
+            del self.buffer[:written]
+
+    def writable(self, fd):
+        self.loop.remove(fd)
+        self.waiting = False
+        self.flush()
+
+    def pending(self):
+        return len(self.buffer)
+
+    def drop(self):
+        self.buffer.clear()
 
 
 class Printer:
@@ -1241,13 +1602,12 @@ class Printer:
         self.print_period = print_period
         self.buffer = []
         self.stream = stream or sys.stdout
-        self.out = self.stream.buffer
-        self.broken = False  # stdout closed (pegasus | head): stop printing
-        self.counts = {}     # run -> lines seen, for --print-period
+        self.output = Output(self.stream)
+        self.counts = {}     # (run, fd) -> lines seen, for --print-period
         self.tty = self.stream.isatty()
         self.color = self.tty and not os.environ.get("NO_COLOR")
         self.width = None
-        self.prefixes = {}   # slot -> prefix bytes
+        self.prefixes = {}   # slot label -> prefix bytes
         self.resize()
 
     def resize(self, *_):
@@ -1262,15 +1622,15 @@ class Printer:
             cached = self.prefixes[run.label] = label.encode("utf-8", "replace") + b" "
         return cached
 
-    def lines(self, run, lines):
+    def lines(self, run, fd, lines):
         """Print a read's complete lines. The common case (every line, not a
         terminal, valid UTF-8) is one join in C for the whole read: W3's
-        output volume is bound by this."""
+        output volume is bound by this. -p N counts each stream apart."""
         if self.print_period == 0:
             return
         if self.print_period > 1:
-            seen = self.counts.get(run, 0)
-            self.counts[run] = seen + len(lines)
+            seen = self.counts.get((run, fd), 0)
+            self.counts[run, fd] = seen + len(lines)
             lines = [line for number, line in enumerate(lines, seen + 1)
                      if number % self.print_period == 0]
             if not lines:
@@ -1300,7 +1660,8 @@ class Printer:
         self.add(run, ("=== run %s ===" % shown(run.command)).encode("utf-8", "replace"))
 
     def ended(self, run):
-        self.counts.pop(run, None)
+        if self.counts:
+            self.counts = {key: n for key, n in self.counts.items() if key[0] is not run}
         elapsed = time.monotonic() - run.started
         self.add(run, ("=== done (%s, %s) ===" % (run.status(), duration(elapsed))
                        ).encode("utf-8", "replace"))
@@ -1309,50 +1670,34 @@ class Printer:
         if not self.buffer:
             return
         data, self.buffer = b"".join(self.buffer), []
-        if self.broken:
+        if self.output.broken:
             return
         if _status is not None:
             _status.clear()
-        try:
-            write_all(self.out, data)
-        except OSError:  # EPIPE (pegasus | head), EIO (the terminal closed)
-            self.broken = True
+        self.output.write(data)
 
-
-def write_all(stream, data):
-    """Write all of `data`. Under PYTHONUNBUFFERED (python -u), sys.stdout.buffer
-    is a raw file whose write() may stop short, when a signal (SIGCHLD, say)
-    interrupts a write to a full pipe, and returns how much it wrote."""
-    view = memoryview(data)
-    while view:
-        written = stream.write(view)
-        view = view[written:]
-    stream.flush()
+    def backlog(self):
+        return self.output.pending() + sum(map(len, self.buffer))
 
 
 class StatusLine:
     """One line at the bottom of a terminal (stderr), redrawn in place."""
 
-    def __init__(self, stream):
+    def __init__(self, output, stream):
+        self.output = output
         self.stream = stream
         self.shown = False
 
     def draw(self, text):
+        if self.output.pending():
+            return  # the terminal is not keeping up: skip this redraw
         width = terminal_width(self.stream)
-        try:
-            self.stream.write("\r\x1b[K" + text[:max(0, width - 1)])
-            self.stream.flush()
-            self.shown = True
-        except OSError:
-            pass
+        self.output.write(("\r\x1b[K" + text[:max(0, width - 1)]).encode("utf-8", "replace"))
+        self.shown = True
 
     def clear(self):
         if self.shown:
-            try:
-                self.stream.write("\r\x1b[K")
-                self.stream.flush()
-            except OSError:
-                pass
+            self.output.write(b"\r\x1b[K")
             self.shown = False
 
 
@@ -1378,13 +1723,31 @@ def duration(seconds):
 
 
 def note(message):
-    """A message from pegasus itself, as opposed to job output."""
+    """A message from pegasus itself, as opposed to job output. While a run
+    goes on, the job lines printed before it go out first."""
+    text = "[pegasus] %s\n" % message
+    if _errors is None:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except OSError:  # the terminal is gone; the run goes on
+            pass
+        return
+    if _printer is not None:
+        _printer.flush()
     if _status is not None:
         _status.clear()
-    try:
-        print("[pegasus] %s" % message, file=sys.stderr, flush=True)
-    except OSError:  # the terminal is gone; the run goes on
-        pass
+    _errors.write(text.encode("utf-8", "replace"))
+
+
+_noted = set()
+
+
+def note_once(key, message):
+    """note(), once per key: a full disk must not flood the terminal."""
+    if key not in _noted:
+        _noted.add(key)
+        note(message)
 
 
 JOBLOG_HEADER = "Seq\tSlot\tHost\tStarttime\tJobRuntime\tExitval\tSignal\tCommand\n"
@@ -1392,8 +1755,9 @@ JOBLOG_HEADER = "Seq\tSlot\tHost\tStarttime\tJobRuntime\tExitval\tSignal\tComman
 
 class Records:
     """What a run leaves behind besides its output: one joblog line per
-    finished job (as GNU parallel's --joblog), each job's output in a file of
-    its own (--output-dir), and failed jobs in failed.yaml, ready to requeue."""
+    finished job, each job's output in a file of its own (--output-dir), and
+    failed jobs in failed.yaml, ready to requeue. A record that cannot be
+    written (disk full, a directory removed) is reported once; the jobs go on."""
 
     def __init__(self, options, queue_path):
         self.sequence = itertools.count(1)
@@ -1413,37 +1777,65 @@ class Records:
 
     def started(self, run):
         run.sequence = next(self.sequence)
-        run.wall_start = time.time()
-        run.output = None
-        if self.output_dir:
-            name = "%06d-%s.log" % (run.sequence, run.slot.hostname.replace("/", "_"))
+        if not self.output_dir:
+            return
+        name = "%06d-%s.log" % (run.sequence, run.slot.hostname.replace("/", "_"))
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)  # it may have been removed
             run.output = open(os.path.join(self.output_dir, name), "wb")
+        except OSError as e:
+            note_once(("output", e.errno), "cannot keep job output in %s: %s (the jobs go on)"
+                      % (self.output_dir, e.strerror))
 
     def lines(self, run, lines):
         if run.output is not None:
-            run.output.write(b"\n".join(lines) + b"\n")
+            try:
+                run.output.write(b"\n".join(lines) + b"\n")
+            except OSError as e:
+                note_once(("output", e.errno), "cannot keep job output in %s: %s (the jobs "
+                          "go on)" % (self.output_dir, e.strerror))
+                self.close_output(run)
+
+    def close_output(self, run):
+        output, run.output = run.output, None
+        if output is not None:
+            try:
+                output.close()
+            except OSError:
+                pass
 
     def ended(self, run):
-        if run.output is not None:
-            run.output.close()
-        if self.joblog is not None:
-            code = run.proc.returncode
-            fields = (run.sequence, run.label, run.slot.hostname, "%.3f" % run.wall_start,
-                      "%.3f" % (time.monotonic() - run.started),
-                      code if code >= 0 else -1, -code if code < 0 else 0,
-                      run.command.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t"))
+        self.close_output(run)
+        if self.joblog is None:
+            return
+        code = run.exit_code()
+        if run.cancelled and code != 0:
+            code = -(signal.SIGKILL if run.forced else signal.SIGTERM)
+        elif code is None:
+            code = -1
+        fields = (run.sequence, run.label, run.slot.hostname, "%.3f" % run.wall_start,
+                  "%.3f" % (time.monotonic() - run.started),
+                  code if code >= 0 else -1, -code if code < -1 else 0,
+                  run.command.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t"))
+        try:
             self.joblog.write("\t".join(map(str, fields)) + "\n")
             self.joblog.flush()
+        except OSError as e:
+            note_once(("joblog", e.errno), "cannot write %s: %s" % (self.joblog.name, e.strerror))
 
     def failed(self, job):
         try:
             append_durably(self.failed_path, dump_entry(job.canonical()))
         except OSError as e:
-            note("cannot write %s: %s" % (self.failed_path, e.strerror))
+            note("cannot write %s: %s; the job was %s" % (
+                self.failed_path, e.strerror, shown(job.command)))
 
     def close(self):
         if self.joblog is not None:
-            self.joblog.close()
+            try:
+                self.joblog.close()
+            except OSError:
+                pass
 
 
 class StateFile:
@@ -1456,13 +1848,16 @@ class StateFile:
 
     def write(self, state):
         directory = os.path.dirname(os.path.abspath(self.path))
+        temp = None
         try:
             fd, temp = tempfile.mkstemp(dir=directory, prefix=".pegasus-state.")
             with os.fdopen(fd, "w") as f:
                 json.dump(state, f, indent=1)
             os.replace(temp, self.path)
         except OSError as e:
-            note("cannot write %s: %s" % (self.path, e.strerror))
+            if temp is not None and os.path.exists(temp):
+                os.unlink(temp)
+            note_once(("state", e.errno), "cannot write %s: %s" % (self.path, e.strerror))
 
     def read(self):
         """The state of a live runner; a PegasusError if there is none."""
@@ -1501,230 +1896,42 @@ def process_alive(pid):
 
 
 # ----------------------------------------------------------------------------
-# Modes: what queue and broadcast mode share, then each of them, then lock
+# Running: the queue gate, the operator's view, the dispatcher that wires the
+# parts, and the two policies (queue mode, broadcast mode)
+#
+# How a job flows: a policy's fill() asks the QueueGate to take jobs (under
+# the lock) and hands each (slot, job, command) to Dispatcher.spawn(), which
+# makes a Run over a master of the ConnectionPool. The Loop feeds the Run's
+# output to the Printer and Records; when the process has exited and its
+# pipes are closed, Dispatcher.end() frees the slot and tells the policy,
+# which counts the job, retries it, or puts it back through the gate. Every
+# stop (Ctrl-C, SIGTERM, SIGHUP, `stop`, `stop --now`) goes through
+# Dispatcher.stop(); the exit (put jobs back, close masters, drain output)
+# runs inside the loop too, so a signal is obeyed there as well.
 # ----------------------------------------------------------------------------
 
+DRAIN, CANCEL, HURRY = 1, 2, 3   # stop levels: no new jobs; cancel jobs; kill now
 
-class Runner:
-    """Connects to the hosts, runs jobs on slots, and reports. Queue and
-    broadcast mode differ only in which job goes to which slot, when."""
 
-    reconnect = False  # whether a lost host is connected again in the background
+class QueueGate:
+    """The runner's door to the queue file: takes jobs under the lock, puts
+    jobs back, and waits (with timers, never blocking the loop) while the
+    file is locked by lock mode, broken mid-edit, or cannot be written."""
 
-    def __init__(self, options, slots, queue, printer):
-        self.options = options
-        self.slots = slots
+    def __init__(self, queue, loop, schedule):
         self.queue = queue
-        self.printer = printer
-        self.loop = Loop()
-        self.loop.after_events += [self.run_schedule, printer.flush]
-        self.schedule_pending = False
-        self.control_dir = tempfile.mkdtemp(prefix="pegasus-", dir=short_temp_dir())
-        self.connections = make_connections(slots, self.control_dir)
-        self.runs = set()
-        self.exiting = set()      # runs whose pipes closed before their process exited
-        self.failures = []        # (slot label, command, status) of every failed job
-        self.cut_short = []       # jobs cancelled and returned to the queue
-        self.succeeded = 0
-        self.stopping = False     # no new jobs (first Ctrl-C)
-        self.done = False
-        self.exit_code = None     # set when the run must end with this code
+        self.loop = loop
+        self.schedule = schedule  # asks the policy to fill slots again
+        self.blocked = False      # take nothing until the retry timer fires
         self.wait_timer = None    # the pending look at the queue file, if any
-        self.blocked = False      # the queue is locked or broken: take nothing
         self.reported = None      # the last queue problem told to the user
-        self.unreturned = []      # jobs to put back once the queue lock is free
-        self.records = Records(options, queue.path)
-        self.state = StateFile(queue.path)
-        self.state_dirty = True
-        self.started_at = time.monotonic()
-        self.run_seconds = 0.0    # summed durations of finished jobs, for the estimate
-        self.progress_shown = 0   # tenths of the way reported (stderr not a terminal)
-
-    # -- connections --------------------------------------------------------
-
-    def connect(self, connection):
-        """Start a master, or queue it while MAX_CONNECTING others log in:
-        a thousand handshakes at once would only exhaust processes and fds."""
-        if sum(1 for c in self.connections if c.state == "connecting") >= MAX_CONNECTING:
-            connection.state = "queued"
-            return
-        if os.path.lexists(connection.socket):
-            os.unlink(connection.socket)  # left by a master that was killed
-        argv = master_argv(self.options, connection.hostname, connection.socket)
-        connection.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True)
-        connection.state = "connecting"
-        connection.stderr = b""
-        fd = connection.proc.stderr.fileno()
-        self.loop.add_reader(fd, lambda fd, c=connection: self.read_master(c, fd))
-        self.loop.call_later(CONNECT_POLL, lambda: self.poll_connection(connection))
-
-    def read_master(self, connection, fd):
-        chunk = os.read(fd, READ_SIZE)
-        if chunk:
-            connection.stderr = (connection.stderr + chunk)[-4096:]
-        else:
-            self.loop.remove_reader(fd)
-            connection.proc.stderr.close()
-            self.check_masters()
-
-    def poll_connection(self, connection):
-        # A master creates its control socket once it has logged in.
-        if connection.state != "connecting":
-            return
-        if os.path.exists(connection.socket) and connection.alive():
-            connection.state = "up"
-            note("%s %s" % ("reconnected to" if connection.ever_up else "connected to",
-                            connection.hostname))
-            connection.ever_up = True
-            connection.failures = 0
-            self.connect_queued()
-            self.schedule()
-        else:
-            self.check_masters()
-            if connection.state == "connecting":
-                self.loop.call_later(CONNECT_POLL, lambda: self.poll_connection(connection))
-
-    def check_masters(self):
-        for connection in self.connections:
-            if connection.state in ("down", "queued") or connection.alive():
-                continue
-            if connection.state == "connecting" and connection.failures == 0:
-                note("cannot connect to %s: %s" % (connection.hostname, connection.error()))
-            elif connection.state == "up":
-                note("lost the connection to %s: %s" % (connection.hostname, connection.error()))
-            connection.state = "down"
-            connection.failures += 1
-            self.connection_down(connection)
-
-    def connect_queued(self):
-        for connection in self.connections:
-            if connection.state == "queued":
-                self.connect(connection)
-                if connection.state == "queued":
-                    break
-
-    def settling(self):
-        return any(c.state in ("connecting", "queued") for c in self.connections)
-
-    def connection_down(self, connection):
-        self.connect_queued()
-        if not any(c.ever_up or c.state in ("connecting", "queued") for c in self.connections):
-            note("no host can be reached")
-            self.exit_code = EXIT_USAGE
-            self.stopping = True
-        elif self.reconnect and not self.stopping:
-            delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** (connection.failures - 1))
-            self.loop.call_later(delay, lambda: self.reconnect_later(connection))
-        self.schedule()
-
-    def reconnect_later(self, connection):
-        if connection.state == "down" and not self.stopping:
-            self.connect(connection)
-
-    def usable_slots(self):
-        return [s for s in self.slots if s.state == "up"]
-
-    def close_connections(self):
-        for connection in self.connections:
-            proc = connection.proc
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                proc.stdin.close()
-                proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if not proc.stdin.closed:
-                proc.stdin.close()
-        shutil.rmtree(self.control_dir, ignore_errors=True)
-
-    # -- jobs ----------------------------------------------------------------
-
-    def start_run(self, slot, job, command, indices, attempt=1):
-        connection = slot.connection()
-        if connection.socket is None:
-            argv = local_argv(command)
-        else:
-            argv = job_argv(self.options, connection.hostname, connection.socket, command)
-        run = Run(slot, job, command, argv, self.on_lines, self.run_finished)
-        run.attempt = attempt
-        run.connection = connection
-        run.indices = indices
-        if slot.capacity != 1:
-            run.label = "%s #%s]" % (slot.label[:-1], ",".join(map(str, indices)))
-        connection.sessions += 1
-        slot.free = [i for i in slot.free if i not in indices]
-        slot.runs.add(run)
-        self.runs.add(run)
-        self.records.started(run)
-        self.printer.started(run)
-        self.state_dirty = True
-        for fd in list(run.open_fds):
-            self.loop.add_reader(fd, lambda fd, r=run: self.read_run(r, fd))
-        return run
-
-    def on_lines(self, run, lines):
-        self.printer.lines(run, lines)
-        self.records.lines(run, lines)
-
-    def read_run(self, run, fd):
-        run.read(fd, self.loop)
-        if not run.open_fds:
-            self.check_exit(run)
-
-    def check_exit(self, run):
-        if not run.finished():
-            self.exiting.add(run)  # SIGCHLD will tell when it exits
-            return
-        self.exiting.discard(run)
-        run.proc.stdin.close()
-        if run.proc.returncode == 255 and run.connection.socket and not run.cancelled:
-            # 255 is ssh's own failure, or the job's exit status. Wait a moment:
-            # if the master goes too, the host was lost, not the job.
-            self.loop.call_later(HOST_CHECK_DELAY, lambda: self.end_run(run))
-        else:
-            self.end_run(run)
-
-    def end_run(self, run):
-        if run.proc.returncode == 255:
-            self.check_masters()  # notice the lost host before the job is judged
-        run.host_lost = run.proc.returncode == 255 and not run.connection.alive()
-        self.runs.discard(run)
-        run.connection.sessions -= 1
-        run.slot.runs.discard(run)
-        run.slot.free = sorted(run.slot.free + run.indices)
-        self.printer.ended(run)
-        self.records.ended(run)
-        self.run_seconds += time.monotonic() - run.started
-        self.state_dirty = True
-        run.on_exit(run)
-        self.show_progress()
-
-    def on_child(self, signum):
-        for run in list(self.exiting):
-            self.check_exit(run)
-        self.check_masters()
-
-    def record(self, run):
-        """Count a finished run; True if it succeeded."""
-        if run.proc.returncode == 0:
-            self.succeeded += 1
-            return True
-        self.failures.append((run.label, run.command, "%s after %s" % (
-            run.status(), duration(time.monotonic() - run.started))))
-        return False
-
-    # -- the queue -------------------------------------------------------------
+        self.pending = []         # jobs to put back once the lock is free
+        self.exit_deadline = None  # at exit: how long to wait for the lock
+        self.gave_up = False      # the pending jobs were printed for the user
 
     def take(self, choose):
-        """Take the jobs `choose` accepts from the queue file (see
-        QueueFile.take). While the file is locked or broken, returns [] and
-        blocks taking until a retry succeeds."""
+        """Take the jobs `choose` accepts (see QueueFile.take). While the file
+        is locked or broken, returns [] and takes nothing until a retry."""
         lock = self.queue.lock
         if not lock.try_acquire():
             self.block("waiting for %s, held by %s" % (lock.path, lock.holder()),
@@ -1738,6 +1945,9 @@ class Runner:
             self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
         except PegasusError as e:
             taken, error = [], e
+        except BaseException:
+            self.queue.signature = None  # its cached text may be half-edited: read again
+            raise
         finally:
             lock.release()
         if error is not None:
@@ -1755,9 +1965,8 @@ class Runner:
         self.retry_later(delay, until_changed)
 
     def retry_later(self, delay, until_changed):
-        """Call schedule() again after `delay`, or once the queue file changes."""
-        if self.wait_timer is not None:
-            self.loop.cancel(self.wait_timer)
+        """Fill again after `delay`, or once the queue file changes."""
+        self.loop.cancel(self.wait_timer)
         start = file_signature(self.queue.path)
 
         def retry():
@@ -1767,180 +1976,481 @@ class Runner:
                 return
             self.blocked = False
             self.schedule()
-        self.wait_timer = self.loop.call_later(delay, retry)
+        self.wait_timer = self.loop.call_later(delay, retry, owner="queue")
 
-    def watch_queue(self):
+    def watch(self):
         """Notice jobs added to the queue file while slots are free."""
         if self.wait_timer is None:
             self.retry_later(QUEUE_POLL, until_changed=True)
 
     def put_back(self, jobs):
         """Return jobs to the head of the queue file. A lock-mode editor may
-        hold the lock for minutes; then they wait in memory and go back as
-        soon as it is free (at the latest, before pegasus exits)."""
-        self.unreturned.extend(jobs)
-        lock = self.queue.lock
-        if not lock.try_acquire():
-            return False
+        hold the lock for minutes; then they wait here and go back as soon as
+        it is free (at the latest, before pegasus exits). True when none wait."""
+        self.pending.extend(jobs)
+        if not self.pending or not self.queue.lock.try_acquire():
+            return not self.pending
         try:
-            self.queue.put_back(self.unreturned)
-            self.unreturned = []
+            self.queue.put_back(self.pending)
+            self.pending = []
         except PegasusError as e:
-            note("%s; will try again" % e)
+            note_once(("put back", str(e)), "%s; will try again" % e)
         finally:
-            lock.release()
-        return not self.unreturned
+            self.queue.lock.release()
+        return not self.pending
 
-    def return_jobs_before_exit(self):
-        deadline = time.monotonic() + PUT_BACK_WAIT
-        told = False
-        while self.unreturned and time.monotonic() < deadline:
-            if self.put_back([]):
-                break
-            if not told:
-                note("waiting for %s, held by %s, to put jobs back"
-                     % (self.queue.lock.path, self.queue.lock.holder()))
-                told = True
-            time.sleep(LOCK_RETRY)
-        if self.unreturned:
+    def finish(self):
+        """At exit: put the waiting jobs back, retrying for PUT_BACK_WAIT."""
+        if self.put_back([]):
+            return
+        note("waiting for %s, held by %s, to put jobs back"
+             % (self.queue.lock.path, self.queue.lock.holder()))
+        self.exit_deadline = time.monotonic() + PUT_BACK_WAIT
+        self.loop.call_later(LOCK_RETRY, self.retry_finish, owner="queue")
+
+    def retry_finish(self):
+        if self.gave_up or self.put_back([]):
+            return
+        if time.monotonic() >= self.exit_deadline:
+            self.give_up()
+        else:
+            self.loop.call_later(LOCK_RETRY, self.retry_finish, owner="queue")
+
+    def give_up(self):
+        if self.pending and not self.gave_up:
+            self.gave_up = True
             note("could not put these back in %s (add them by hand):\n%s" % (
-                self.queue.path, "".join(dump_entry(j.canonical()) for j in self.unreturned)))
+                self.queue.path, "".join(dump_entry(j.canonical()) for j in self.pending)))
 
-    # -- running -------------------------------------------------------------
+    def settled(self):
+        return not self.pending or self.gave_up
 
-    def interrupt(self, signum):
-        running = len(self.runs)
-        if signum == signal.SIGINT and not self.stopping:
-            self.stopping = True
-            note("Ctrl-C: no new jobs; waiting for %d running job%s to finish "
-                 "(Ctrl-C again to cancel them)" % (running, plural(running)))
-        elif self.runs:
-            self.stopping = True
-            note("cancelling %d running job%s" % (running, plural(running)))
-            for run in self.runs:
-                run.cancel()
-        self.exit_code = EXIT_INTERRUPTED
-        self.schedule()
 
-    # -- what the operator sees ------------------------------------------------
+class Monitor:
+    """What the operator sees besides job output: the status line on a
+    terminal, progress lines otherwise, and the state file that `s` and
+    `stop` read."""
+
+    def __init__(self, dispatcher):
+        self.d = dispatcher
+        self.state = StateFile(dispatcher.queue.path)
+        self.dirty = True         # the state file is out of date
+        self.started_at = time.monotonic()
+        self.run_seconds = 0.0    # summed durations of finished jobs, for the estimate
+        self.progress_shown = 0   # tenths of the way reported (stderr not a terminal)
+        self.last_progress = time.monotonic()
+        self.last_counts = None   # what the last progress line said
 
     def counts(self):
-        done = self.succeeded + len(self.failures)
-        return done, len(self.runs), self.queue.count
+        d = self.d
+        return d.succeeded + len(d.failures), len(d.runs), d.queue.count
 
-    def status_text(self):
-        done, running, queued = self.counts()
-        slots = self.usable_slots()
-        down = len({s.hostname for s in self.slots if s.state == "down"})
-        elapsed = time.monotonic() - self.started_at
-        text = "%d done, %d failed, %d running, %d queued | %d/%d busy" % (
-            self.succeeded, len(self.failures), running, queued,
-            sum(len(run.indices) for run in self.runs), sum(s.capacity for s in self.slots))
-        if down:
-            text += ", %d host%s down" % (down, plural(down))
-        text += " | %s" % duration(elapsed)
-        if done and (running or queued) and slots:
-            left = self.run_seconds / done * (running + queued) / sum(s.capacity for s in slots)
-            text += ", ~%s left" % duration(left)
-        return text
-
-    def show_progress(self):
-        """Without a terminal: a line at every tenth of the way."""
+    def ended(self, run):
+        self.run_seconds += time.monotonic() - run.started
+        self.dirty = True
         if _status is not None:
             return
         done, running, queued = self.counts()
         total = done + running + queued
         if total >= 10 and done * 10 // total > self.progress_shown:
             self.progress_shown = done * 10 // total
-            note("progress: " + self.status_text())
+            self.progress()
+
+    def progress(self):
+        self.last_progress = time.monotonic()
+        self.last_counts = self.counts()
+        note("progress: " + self.status_text())
 
     def tick(self):
-        """Every STATUS_PERIOD: redraw the status line, save the state file."""
+        """Every STATUS_PERIOD: redraw the status line, save the state file.
+        Without a terminal, a progress line every PROGRESS_PERIOD, but only
+        when something changed: an idle daemon stays quiet."""
         if _status is not None:
             _status.draw("[pegasus] " + self.status_text())
-        elif time.monotonic() - self.last_progress >= PROGRESS_PERIOD:
-            self.last_progress = time.monotonic()
-            note("progress: " + self.status_text())
-        if self.state_dirty:
-            self.state_dirty = False
-            self.state.write(self.state_snapshot())
-        self.loop.call_later(STATUS_PERIOD, self.tick)
+        elif (time.monotonic() - self.last_progress >= PROGRESS_PERIOD
+              and self.counts() != self.last_counts):
+            self.progress()
+        if self.dirty:
+            self.dirty = False
+            self.state.write(self.snapshot())
+        self.d.loop.call_later(STATUS_PERIOD, self.tick, owner="monitor")
 
-    def state_snapshot(self):
+    def status_text(self):
+        d = self.d
+        done, running, queued = self.counts()
+        up = d.usable_slots()
+        down = len({s.hostname for s in d.slots if s.state == "down"})
+        capacity = sum(s.capacity for s in d.slots)
+        text = "%d done, %d failed, %d running, %d queued | %d/%d busy" % (
+            d.succeeded, len(d.failures), running, queued,
+            sum(len(run.indices) for run in d.runs), capacity)
+        if down:
+            text += ", %d host%s down" % (down, plural(down))
+        text += " | %s" % duration(time.monotonic() - self.started_at)
+        if done and (running or queued) and up:
+            left = self.run_seconds / done * (running + queued) / sum(s.capacity for s in up)
+            text += ", ~%s left" % duration(left)
+        return text
+
+    def snapshot(self):
+        d = self.d
         now, wall = time.monotonic(), time.time()
         return {
-            "pid": os.getpid(), "mode": self.options.mode, "queue": self.queue.path,
+            "pid": os.getpid(), "mode": d.options.mode, "queue": d.queue.path,
             "started": wall - (now - self.started_at),
-            "done": self.succeeded, "failed": len(self.failures),
-            "running": len(self.runs), "queued": self.queue.count,
+            "done": d.succeeded, "failed": len(d.failures),
+            "running": len(d.runs), "queued": d.queue.count,
             "slots": [{"slot": s.label, "host": s.hostname, "connection": s.state,
                        "capacity": s.capacity, "free": s.free,
                        "jobs": [{"job": run.command, "slots": run.indices,
                                  "since": wall - (now - run.started)}
                                 for run in sorted(s.runs, key=lambda r: r.indices)]}
-                      for s in self.slots]}
+                      for s in d.slots]}
 
-    def run(self):
-        global _status
-        if sys.stderr.isatty():
-            _status = StatusLine(sys.stderr)
-        self.last_progress = time.monotonic()
-        raise_fd_limit()
-        self.loop.on_signal(signal.SIGCHLD, self.on_child)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self.loop.on_signal(signum, self.interrupt)
-        self.loop.on_signal(signal.SIGWINCH, self.printer.resize)
-        self.tick()
-        try:
-            for connection in self.connections:
-                if connection.socket is not None:
-                    self.connect(connection)
-            self.fill()
-            self.loop.run(lambda: self.done)
-        finally:
-            for run in list(self.runs):
-                run.cancel()
-            self.close_connections()
-            self.loop.close()
-            self.printer.flush()
-            if _status is not None:
-                _status.clear()
-                _status = None
-            self.state.remove()
-            self.records.close()
-            self.return_jobs_before_exit()
-        return self.report()
 
-    def finish_if_idle(self):
-        if not self.runs:
-            self.done = True
+class Dispatcher:
+    """Runs jobs on slots for a policy (QueueMode or BroadcastMode): owns the
+    loop and wires the parts together (see the section comment). The only
+    place that makes a Run, ends one, and decides to stop or exit."""
+
+    def __init__(self, options, slots, queue, policy_class):
+        self.options = options
+        self.slots = slots
+        self.queue = queue
+        self.loop = Loop(self.on_error)
+        self.printer = Printer(options.print_period)
+        self.errors = Output(sys.stderr)
+        self.records = Records(options, queue.path)
+        self.pool = ConnectionPool(options, slots, self.loop, self.on_master)
+        self.gate = QueueGate(queue, self.loop, self.schedule)
+        self.monitor = Monitor(self)
+        self.policy = policy_class(self)
+        self.pool.reconnect = self.policy.reconnect
+        self.runs = set()
+        self.exiting = set()      # runs whose pipes closed before their process exited
+        self.succeeded = 0
+        self.failures = []        # (slot label, command, status) of every failed job
+        self.stop_level = 0       # 0, DRAIN, CANCEL or HURRY
+        self.exit_code = None     # set when the run must end with this code
+        self.exiting_phase = False  # the work is over: putting back, closing masters
+        self.done = False
+        self.fill_wanted = False
+        self.paused = False       # job pipes unregistered: stdout is not being read
+        self.loop.after_round.append(self.advance)
+
+    # -- the parts' events ----------------------------------------------------
 
     def schedule(self):
         """Ask for fill() once this round of the loop is over, so that jobs
         finishing together are replaced under one lock and one write."""
-        self.schedule_pending = True
+        self.fill_wanted = True
 
-    def run_schedule(self):
-        if self.schedule_pending:
-            self.schedule_pending = False
-            self.fill()
+    def usable_slots(self):
+        return [s for s in self.slots if s.state == "up"]
+
+    def on_master(self, master):
+        self.monitor.dirty = True
+        if not any(m.ever_up or m.state in ("connecting", "queued") for m in self.pool.masters):
+            if self.exit_code is None:
+                self.exit_code = EXIT_USAGE
+            self.stop(DRAIN, "no host can be reached")
+        self.schedule()
+
+    def on_child(self, signum):
+        for run in list(self.exiting):
+            self.check_exit(run)
+        self.pool.on_child()
+
+    def on_error(self, owner, error):
+        """What a callback raised: report it once, end that run (its job goes
+        back to the queue), and go on."""
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        note_once(("bug", text), "internal error, please report it:\n%s" % text.rstrip())
+        if isinstance(owner, Run):
+            if owner.error is None:
+                owner.error = "pegasus failed: %s: %s" % (type(error).__name__, error)
+            self.force_end(owner)
+        elif owner == "fill":
+            self.gate.block("no job taken after that error; trying again", QUEUE_POLL, False)
+
+    # -- runs -----------------------------------------------------------------
+
+    def spawn(self, slot, job, command, indices, attempt=1, avoid=()):
+        """Start `job` on `slot`. A process that cannot start (no memory, no
+        fds) ends as a Run with an error, so the policy decides its fate."""
+        master = slot.connection()
+        run = Run(slot, job, command, indices, attempt, master)
+        run.avoid = set(avoid)
+        run.on_lines = self.on_lines
+        master.sessions += 1
+        slot.free = [i for i in slot.free if i not in indices]
+        slot.runs.add(run)
+        self.runs.add(run)
+        self.records.started(run)
+        self.printer.started(run)
+        self.monitor.dirty = True
+        try:
+            run.spawn(*launch(self.options, master, command))
+        except OSError as e:
+            run.error = "could not start: %s" % e.strerror
+            self.loop.call_later(0, lambda: self.end(run), owner=run)
+            return run
+        if not self.paused:
+            self.listen(run)
+        if run.unsent and not run.send():
+            self.loop.add_writer(run.proc.stdin.fileno(), lambda fd: self.send(run, fd), owner=run)
+        return run
+
+    def listen(self, run):
+        for fd in run.open_fds:
+            self.loop.add_reader(fd, lambda fd, r=run: self.read(r, fd), owner=run)
+
+    def send(self, run, fd):
+        if run.cancelled or run.send():
+            self.loop.remove(fd)
+
+    def on_lines(self, run, fd, lines):
+        self.printer.lines(run, fd, lines)
+        self.records.lines(run, lines)
+
+    def read(self, run, fd):
+        if run.read(fd):
+            return
+        self.loop.remove(fd)
+        run.open_fds.pop(fd).close()
+        if not run.open_fds:
+            self.check_exit(run)
+
+    def check_exit(self, run):
+        if run.proc.poll() is None:
+            self.exiting.add(run)  # SIGCHLD will tell when it exits
+            return
+        self.exiting.discard(run)
+        run.close_stdin()
+        if run.exit_code() == 255 and run.master.socket and not run.cancelled:
+            # 255 is ssh's own failure, or the job's exit status. Wait a moment:
+            # if the master goes too, the host was lost, not the job.
+            self.loop.call_later(HOST_CHECK_DELAY, lambda: self.end(run), owner=run)
+        else:
+            self.end(run)
+
+    def end(self, run):
+        if run.ended:
+            return
+        run.ended = True
+        if run.exit_code() == 255 and run.master.socket and not run.cancelled:
+            run.host_lost = not run.master.alive()
+        for timer in run.timers:
+            self.loop.cancel(timer)
+        self.runs.discard(run)
+        self.exiting.discard(run)
+        run.master.sessions -= 1
+        run.slot.runs.discard(run)
+        run.slot.free = sorted(run.slot.free + run.indices)
+        self.printer.ended(run)
+        self.records.ended(run)
+        self.monitor.ended(run)
+        self.policy.run_ended(run)
+        self.schedule()
+
+    def cancel(self, run):
+        """TERM to the job's process group now (locally; on a host, its
+        wrapper's watcher does it when its stdin closes), KILL after
+        CANCEL_GRACE, and CANCEL_FORCE later end the session from this side,
+        for a host that does not answer (a hung login shell, say)."""
+        if run.cancelled or run.ended:
+            return
+        run.cancelled = True
+        run.close_stdin()
+        if run.proc is not None and run.master.socket is None:
+            signal_group(run.proc, signal.SIGTERM)
+        run.timers.append(self.loop.call_later(CANCEL_GRACE, lambda: self.escalate(run),
+                                               owner=run))
+
+    def escalate(self, run):
+        if run.master.socket is None:
+            signal_group(run.proc, signal.SIGKILL)
+        run.timers.append(self.loop.call_later(CANCEL_FORCE, lambda: self.force_end(run),
+                                               owner=run))
+
+    def force_end(self, run):
+        """End a run now, whatever its job does: kill its process (group),
+        stop reading pipes that something outside its group still holds."""
+        if run.ended:
+            return
+        run.forced = True
+        if run.proc is None:
+            self.end(run)
+            return
+        signal_group(run.proc, signal.SIGKILL)
+        run.close_stdin()
+        for fd in list(run.open_fds):
+            if not self.paused:
+                self.loop.remove(fd)
+            run.open_fds.pop(fd).close()
+        self.check_exit(run)
+
+    def record(self, run):
+        """Count a finished run; True if it succeeded."""
+        if run.succeeded():
+            self.succeeded += 1
+            return True
+        self.failures.append((run.label, run.command, "%s after %s" % (
+            run.status(), duration(time.monotonic() - run.started))))
+        return False
+
+    # -- stopping and exiting ---------------------------------------------------
+
+    def on_signal(self, signum):
+        if self.exiting_phase:
+            level, why = HURRY, "asked again"
+        elif signum == signal.SIGINT:
+            level, why = self.stop_level + 1, "Ctrl-C"
+        elif signum == signal.SIGUSR1:
+            level, why = DRAIN, "asked to stop (pegasus.py stop)"
+        else:
+            level = max(CANCEL, self.stop_level + 1)
+            why = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (the terminal closed)",
+                   signal.SIGUSR2: "asked to stop now (pegasus.py stop --now)"}[signum]
+        if signum != signal.SIGUSR1:
+            self.exit_code = EXIT_INTERRUPTED
+        self.stop(min(level, HURRY), why)
+
+    def stop(self, level, why):
+        """The one stop path. DRAIN: start no job; CANCEL: cancel the running
+        ones; HURRY: kill them now and give up waiting for anything."""
+        if level <= self.stop_level:
+            return
+        self.stop_level = level
+        running = len(self.runs)
+        jobs = "%d running job%s" % (running, plural(running))
+        if not running or self.exiting_phase:
+            note("%s: stopping" % why)
+        elif level == DRAIN:
+            again = "Ctrl-C again" if why == "Ctrl-C" else "pegasus.py stop --now"
+            note("%s: no new jobs; waiting for %s to finish (%s to cancel them)"
+                 % (why, jobs, again))
+        elif level == CANCEL:
+            note("%s: cancelling %s (SIGTERM, then SIGKILL after %d s)"
+                 % (why, jobs, CANCEL_GRACE))
+        else:
+            note("%s: killing %s now" % (why, jobs))
+        for run in list(self.runs):
+            if level >= CANCEL:
+                self.cancel(run)
+            if level >= HURRY:
+                self.force_end(run)
+        if level >= HURRY:
+            self.gate.give_up()
+            self.pool.kill_all()
+            self.printer.output.drop()
+            self.errors.drop()
+        self.schedule()
+
+    def advance(self):
+        """After each round of the loop: fill free slots, or move towards the
+        exit; then write what this round printed."""
+        if not self.exiting_phase:
+            if self.stop_level:
+                if not self.runs:
+                    self.begin_exit()
+            elif self.fill_wanted:
+                self.fill_wanted = False
+                self.loop.call(self.fill, "fill")
+            self.throttle()
+        if self.exiting_phase and self.gate.settled() and self.pool.closed() and (
+                not self.printer.backlog() or self.stop_level >= HURRY):
+            self.done = True
+        self.printer.flush()
+
+    def fill(self):
+        if self.policy.fill() and not self.runs:
+            self.begin_exit()
+
+    def begin_exit(self):
+        self.exiting_phase = True
+        self.policy.wind_up()
+        self.gate.finish()
+        self.pool.close()
+        self.monitor.dirty = True
+
+    def throttle(self):
+        """Stop reading jobs' output while stdout does not take it (their
+        writes block, as they would on a pipe), and read again once it does.
+        Once stopping, output goes instead, so that no pipe holds a job up."""
+        backlog = self.printer.backlog()
+        if not self.paused and backlog > OUTPUT_HIGH and self.stop_level < CANCEL:
+            self.paused = True
+            for run in self.runs:
+                for fd in run.open_fds:
+                    self.loop.remove(fd)
+        elif self.paused and (backlog < OUTPUT_LOW or self.stop_level >= CANCEL):
+            self.paused = False
+            if self.stop_level >= CANCEL:
+                self.printer.output.drop()
+            for run in self.runs:
+                self.listen(run)
+
+    # -- the whole run ----------------------------------------------------------
+
+    def run(self):
+        global _status, _printer, _errors
+        raise_fd_limit()
+        self.loop.on_signal(signal.SIGCHLD, self.on_child)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                       signal.SIGUSR1, signal.SIGUSR2):
+            self.loop.on_signal(signum, self.on_signal)
+        self.loop.on_signal(signal.SIGWINCH, self.printer.resize)
+        self.printer.output.attach(self.loop)
+        self.errors.attach(self.loop)
+        _printer, _errors = self.printer, self.errors
+        if sys.stderr.isatty():
+            _status = StatusLine(self.errors, sys.stderr)
+        try:
+            self.monitor.tick()
+            self.pool.start()
+            self.schedule()
+            self.loop.run(lambda: self.done)
+        finally:
+            self.shut_down()
+        return self.report()
+
+    def shut_down(self):
+        """After the loop (or if it broke): nothing may be left running."""
+        global _status, _printer, _errors
+        for run in list(self.runs):
+            if run.proc is not None:
+                signal_group(run.proc, signal.SIGKILL)
+                run.proc.wait()
+            for pipe in run.open_fds.values():
+                pipe.close()
+            run.close_stdin()
+        self.pool.cleanup()
+        self.printer.flush()
+        if _status is not None:
+            _status.clear()
+        _status = _printer = _errors = None
+        self.printer.output.detach()
+        self.errors.detach()
+        self.loop.close()
+        self.records.close()
+        self.gate.give_up()
+        self.monitor.state.remove()  # last: `s` sees the run until it is over
 
     def report(self):
-        total = self.succeeded + len(self.failures)
-        if self.cut_short:
-            note("cut short and put back at the head of %s: %s" % (
-                self.queue.path, ", ".join(shown(job.command) for job in self.cut_short)))
+        self.policy.report()
         for label, command, status in self.failures:
             note("failed: %s %s: %s" % (label, shown(command), status))
+        total = self.succeeded + len(self.failures)
         note("%d job%s run in %s: %d succeeded, %d failed" % (
-            total, plural(total), duration(time.monotonic() - self.started_at),
+            total, plural(total), duration(time.monotonic() - self.monitor.started_at),
             self.succeeded, len(self.failures)))
         if self.exit_code is not None:
             return self.exit_code
         return EXIT_FAILED if self.failures else EXIT_OK
 
 
-class QueueRunner(Runner):
+class QueueMode:
     """Queue mode: each job once, on the next free slot. A job whose host was
     lost goes back to the queue; a failed job is retried (--retries) on
     another slot when there is one.
@@ -1955,35 +2465,35 @@ class QueueRunner(Runner):
 
     reconnect = True
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.retries = []       # [job, attempt, failed slot labels, last run] waiting for a slot
+    def __init__(self, dispatcher):
+        self.d = dispatcher
+        self.retries = []        # [job, attempt, failed slot labels, last run] waiting for a slot
         self.reservation = None  # (job key, slot) kept for a waiting head job
-        self.oversized = set()  # keys of jobs no host can hold, already reported
-        self.largest = max(slot.capacity for slot in self.slots)
+        self.oversized = set()   # keys of jobs no host can hold, already reported
+        self.largest = max(slot.capacity for slot in dispatcher.slots)
+        self.waiting = False     # a queued job could not start for want of a slot
+        self.cut_short = []      # cancelled runs, to go back in the order they started
+        self.start_errors = {}   # job key -> runs of it that could not start
 
     def fill(self):
-        if self.done:
-            return
-        if self.stopping:
-            self.finish_if_idle()
-            return
-        if self.unreturned:
-            self.put_back([])  # jobs of lost hosts that found the queue locked
-        free = {slot: list(slot.free) for slot in self.usable_slots() if slot.free}
+        """Start what can start; True when all the work is done."""
+        d = self.d
+        d.gate.put_back([])  # jobs of lost hosts that found the queue locked
+        free = {slot: list(slot.free) for slot in d.usable_slots() if slot.free}
         self.start_retries(free)
-        self.waiting = bool(self.queue.count)  # until a walk of the queue says otherwise
-        if any(free.values()) and not self.blocked:
+        self.waiting = bool(d.queue.count)  # until a walk of the queue says otherwise
+        if any(free.values()) and not d.gate.blocked:
             self.waiting = False  # choose() sets it when it leaves a job that could run
-            for (slot, indices, command), job in self.take(self.chooser(free)):
-                self.start_run(slot, job, command, indices)
-        if self.blocked:
-            return  # the retry calls schedule() again
-        if (not self.waiting and not self.runs and not self.retries and not self.unreturned
-                and not self.options.daemon and not self.settling()):
-            self.done = True
-        elif any(free.values()):
-            self.watch_queue()
+            for (slot, indices, command), job in d.gate.take(self.chooser(free)):
+                d.spawn(slot, job, command, indices)
+        if d.gate.blocked:
+            return False  # the retry asks for fill() again
+        if (not self.waiting and not d.runs and not self.retries and not d.gate.pending
+                and not d.options.daemon):
+            return True   # however many hosts are still connecting
+        if any(free.values()):
+            d.gate.watch()
+        return False
 
     def place(self, job, free, avoid=()):
         """The slot (and slot numbers) where `job` fits most tightly, or None."""
@@ -2009,7 +2519,7 @@ class QueueRunner(Runner):
             found = self.place(job, open_slots)
             if found is None:
                 self.waiting = True
-                if self.options.strict_fifo:
+                if self.d.options.strict_fifo:
                     raise StopScan
                 if not reserved:
                     reserved.append(self.reserve(job))
@@ -2028,7 +2538,7 @@ class QueueRunner(Runner):
         if self.reservation and self.reservation[0] == job.key() \
                 and self.reservation[1].state == "up":
             return self.reservation[1]
-        candidates = [s for s in self.usable_slots() if s.capacity >= job.slots]
+        candidates = [s for s in self.d.usable_slots() if s.capacity >= job.slots]
         if not candidates:
             return None
         slot = max(candidates, key=lambda s: (len(s.free), -s.index))
@@ -2039,7 +2549,8 @@ class QueueRunner(Runner):
         if job.key() not in self.oversized:
             self.oversized.add(job.key())
             note("%s: job %s needs %d slots, but the largest host has %d; it stays in "
-                 "the queue" % (self.queue.path, shown(job.command), job.slots, self.largest))
+                 "the queue" % (self.d.queue.path, shown(job.command), job.slots,
+                                self.largest))
 
     def start_retries(self, free):
         """Start waiting retries, each on a slot it has not failed on when
@@ -2048,7 +2559,7 @@ class QueueRunner(Runner):
             job, attempt, avoid, last = item
             found = self.place(job, free, avoid)
             others_exist = any(s.label not in avoid and s.state != "down"
-                               and s.capacity >= job.slots for s in self.slots)
+                               and s.capacity >= job.slots for s in self.d.slots)
             if found is None and not others_exist:
                 found = self.place(job, free)
             if found is None:
@@ -2061,71 +2572,101 @@ class QueueRunner(Runner):
                 continue
             self.retries.remove(item)
             del free[slot][:job.slots]
-            self.start_run(slot, job, command, indices, attempt).avoid = avoid
+            self.d.spawn(slot, job, command, indices, attempt, avoid)
 
-    def run_finished(self, run):
-        if run.cancelled and run.proc.returncode != 0:
-            self.cut_short.append(run.job)
-            self.put_back([run.job])
+    def run_ended(self, run):
+        d = self.d
+        if run.cancelled and not run.succeeded():
+            self.cut_short.append(run)  # back together at exit, in their order
+        elif run.error is not None:
+            self.start_failed(run)
         elif run.host_lost:
             note("%s lost its host; %s goes back to the head of %s"
-                 % (run.label, shown(run.command), self.queue.path))
-            self.put_back([run.job])
-        elif run.proc.returncode != 0 and run.attempt <= self.options.retries:
+                 % (run.label, shown(run.command), d.queue.path))
+            d.gate.put_back([run.job])
+        elif not run.succeeded() and run.attempt <= d.options.retries and not d.stop_level:
             note("%s %s failed (%s); retry %d of %d" % (
                 run.label, shown(run.command), run.status(), run.attempt,
-                self.options.retries))
-            avoid = run.avoid | {run.slot.label}
-            self.retries.append([run.job, run.attempt + 1, avoid, run])
-        elif not self.record(run):
-            self.records.failed(run.job)
-        self.schedule()
+                d.options.retries))
+            self.retries.append([run.job, run.attempt + 1, run.avoid | {run.slot.label}, run])
+        elif not d.record(run):
+            d.records.failed(run.job)
 
-    def finish_if_idle(self):
+    def start_failed(self, run):
+        """A run that could not start, or that pegasus itself broke: its job
+        goes back to the queue, up to START_TRIES times, then counts failed."""
+        key = run.job.key()
+        self.start_errors[key] = self.start_errors.get(key, 0) + 1
+        if self.start_errors[key] >= START_TRIES or self.d.stop_level:
+            if not self.d.record(run):
+                self.d.records.failed(run.job)
+            return
+        note("%s %s: %s; it goes back to the head of %s" % (
+            run.label, shown(run.command), run.error, self.d.queue.path))
+        self.d.gate.put_back([run.job])
+        self.d.gate.block("taking no job for %d s" % WRITE_RETRY, WRITE_RETRY, False)
+
+    def wind_up(self):
+        """At exit: retries not run count as failed; cancelled jobs go back
+        to the head of the queue in the order they had started."""
         for job, attempt, avoid, last in self.retries:
-            self.record(last)  # not retried: stopping
-            self.records.failed(job)
+            self.d.record(last)
+            self.d.records.failed(job)
         self.retries = []
-        super().finish_if_idle()
+        self.cut_short.sort(key=lambda run: run.sequence)
+        self.d.gate.put_back([run.job for run in self.cut_short])
+
+    def report(self):
+        d = self.d
+        if self.cut_short:
+            note("cut short and %s %s: %s" % (
+                "could not be put back in" if d.gate.gave_up else "put back at the head of",
+                d.queue.path, ", ".join(shown(run.command) for run in self.cut_short)))
+        never = sorted({m.hostname for m in d.pool.masters if not m.ever_up})
+        if never:
+            note("never reached: %s" % ", ".join(never))
+        if d.stop_level and d.queue.count:
+            note("%d job%s left in %s" % (d.queue.count, plural(d.queue.count), d.queue.path))
 
 
-class BroadcastRunner(Runner):
+class BroadcastMode:
     """Broadcast mode: each job on every slot; the next starts when all are done."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    reconnect = False
+
+    def __init__(self, dispatcher):
+        self.d = dispatcher
         self.step_failed = []  # labels of the slots that failed this step
         self.step_job = None   # the job of this step
 
     def fill(self):
-        if self.done or self.runs or self.blocked:
-            return
-        if self.settling():
-            return
-        slots = self.usable_slots()
-        if self.stopping or not slots:
-            self.done = True
-            return
+        d = self.d
+        if d.runs or d.gate.blocked or not d.pool.settled():
+            return False
+        slots = d.usable_slots()
+        if not slots:
+            return True
         if self.step_failed and self.step_job is not None:
-            self.records.failed(self.step_job)  # once, however many hosts it failed on
+            d.records.failed(self.step_job)  # once, however many hosts it failed on
             self.step_job = None
-        if self.step_failed and not self.options.ignore_errors:
+        if self.step_failed and not d.options.ignore_errors:
             note("stopping: the last job failed on %s (use -i to go on)"
                  % ", ".join(self.step_failed))
-            self.done = True
-            return
+            return True
         self.step_failed = []
-        taken = self.take(self.chooser(slots))
+        taken = d.gate.take(self.chooser(slots))
         if taken:
             commands, job = taken[0]
             self.step_job = job
             for slot, command in zip(slots, commands):
-                self.start_run(slot, job, command, list(range(slot.capacity)))
-        elif not self.blocked:
-            if self.options.daemon:
-                self.watch_queue()
-            else:
-                self.done = True
+                d.spawn(slot, job, command, list(range(slot.capacity)))
+            return False
+        if d.gate.blocked:
+            return False
+        if d.options.daemon:
+            d.gate.watch()
+            return False
+        return True
 
     def chooser(self, slots):
         """Take the head job alone. A step takes each host whole, whatever
@@ -2138,27 +2679,31 @@ class BroadcastRunner(Runner):
         choose.taken = False
         return choose
 
-    def report(self):
-        # Broadcast is for every host: one that never connected missed every job.
-        for slot in self.slots:
-            if not slot.ever_up:
-                note("not run on %s: unreachable" % slot.label)
-                self.failures.append((slot.label, "(every job)", "unreachable"))
-        return super().report()
-
-    def run_finished(self, run):
+    def run_ended(self, run):
+        d = self.d
         if run.host_lost:
             note("%s lost its host during %s" % (run.label, shown(run.command)))
-        elif (run.proc.returncode != 0 and not run.cancelled
-              and run.attempt <= self.options.retries and not self.stopping):
+        elif (not run.succeeded() and not run.cancelled and run.error is None
+              and run.attempt <= d.options.retries and not d.stop_level):
             note("%s %s failed (%s); retry %d of %d" % (
                 run.label, shown(run.command), run.status(), run.attempt,
-                self.options.retries))
-            self.start_run(run.slot, run.job, run.command, run.indices, run.attempt + 1)
+                d.options.retries))
+            d.spawn(run.slot, run.job, run.command, run.indices, run.attempt + 1)
             return
-        if not self.record(run):
+        if not d.record(run):
             self.step_failed.append(run.label)
-        self.schedule()
+
+    def wind_up(self):
+        if self.step_failed and self.step_job is not None:
+            self.d.records.failed(self.step_job)
+            self.step_job = None
+
+    def report(self):
+        # Broadcast is for every host: one that never connected missed every job.
+        for slot in self.d.slots:
+            if not slot.ever_up:
+                note("not run on %s: unreachable" % slot.label)
+                self.d.failures.append((slot.label, "(every job)", "unreachable"))
 
 
 def short_temp_dir():
@@ -2200,7 +2745,7 @@ def open_queue(options, slots):
     return queue
 
 
-def mode_run(options, runner_class):
+def mode_run(options, policy):
     slots = load_slots(options)
     if not all(slot.is_local for slot in slots):
         found = shutil.which(options.ssh)
@@ -2210,17 +2755,16 @@ def mode_run(options, runner_class):
         options.ssh = found
     queue = open_queue(options, slots)
     if options.dry_run:
-        return dry_run(slots, queue, runner_class is BroadcastRunner)
+        return dry_run(slots, queue, policy is BroadcastMode)
     if not queue.entries and not options.daemon:
         note("%s is empty: nothing to do" % options.queue_file)
         return EXIT_OK
-    kind = "queue" if runner_class is QueueRunner else "broadcast"
+    kind = "queue" if policy is QueueMode else "broadcast"
     note("%s mode: %d job%s queued, %d slot%s on %d host%s" % (
         kind, count_jobs(queue.entries), plural(count_jobs(queue.entries)),
         len(slots), plural(len(slots)),
         len({s.hostname for s in slots}), plural(len({s.hostname for s in slots}))))
-    runner = runner_class(options, slots, queue, Printer(options.print_period))
-    return runner.run()
+    return Dispatcher(options, slots, queue, policy).run()
 
 
 def dry_run(slots, queue, broadcast):
@@ -2253,11 +2797,11 @@ def plural(count):
 
 
 def mode_queue(options):
-    return mode_run(options, QueueRunner)
+    return mode_run(options, QueueMode)
 
 
 def mode_broadcast(options):
-    return mode_run(options, BroadcastRunner)
+    return mode_run(options, BroadcastMode)
 
 
 def mode_lock(options):
@@ -2316,7 +2860,9 @@ def mode_status(options):
 def mode_stop(options):
     """Ask a running pegasus to stop: after its running jobs, or (--now) at once."""
     state = StateFile(options.queue_file).read()
-    os.kill(int(state["pid"]), signal.SIGTERM if options.now else signal.SIGINT)
+    # SIGUSR1 and SIGUSR2, not SIGINT and SIGTERM: the runner can tell a
+    # request from an interrupt, and exits 0 when asked to stop and all is well.
+    os.kill(int(state["pid"]), signal.SIGUSR2 if options.now else signal.SIGUSR1)
     if options.now:
         note("asked pegasus (pid %s) to cancel its %d running job%s and exit"
              % (state["pid"], state["running"], plural(state["running"])))
