@@ -84,6 +84,88 @@ def wait_for(predicate, timeout=20.0, what="condition"):
     raise AssertionError("timed out waiting for " + what)
 
 
+# Every process this test session starts carries this in its environment (the
+# sshd hosts set it for their sessions too), so that a test can tell what it
+# left behind from what other programs on the machine run.
+SESSION_TOKEN = "pegasus-test-%d-%d" % (os.getpid(), int(time.time()))
+os.environ["PEGASUS_TEST_SESSION"] = SESSION_TOKEN
+
+
+def session_processes():
+    """(pid, state, command line) of the live processes of this test session
+    (Linux; elsewhere, none)."""
+    needle = ("PEGASUS_TEST_SESSION=" + SESSION_TOKEN).encode()
+    found = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open("/proc/%s/stat" % name, "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if state != "Z":
+            found.append((int(name), state, cmdline))
+    return found
+
+
+SSHD_PIDS = set()  # the listening sshd servers this session started
+
+
+def descendants(pid):
+    children = collections.defaultdict(set)
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                children[int(f.read().rsplit(b")", 1)[1].split()[1])].add(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        for child in children[todo.pop()] - found:
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def process_state(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return None
+
+
+def strays():
+    """Processes of this session that no test should leave: whatever carries
+    the session token (pegasus, ssh, jobs here and on the hosts), and any
+    stopped sshd of the session's hosts or of their sessions."""
+    stopped = [(pid, "T", "sshd") for listener in SSHD_PIDS
+               for pid in descendants(listener) | {listener} if process_state(pid) == "T"]
+    return session_processes() + stopped
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """Each test leaves no process behind: no job, no ssh, no stopped sshd."""
+    yield
+    deadline = time.monotonic() + 15
+    while strays() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = strays()
+    for pid, state, _ in left:  # so that the next tests start clean
+        try:
+            os.kill(pid, signal.SIGCONT if state == "T" else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, "left behind: %s" % left
+
+
 def pids_of(pattern):
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return [int(p) for p in out.split() if int(p) != os.getpid()]
@@ -105,7 +187,7 @@ KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 MaxStartups {max_startups}
 LogLevel ERROR
-SetEnv HOME={dir}/home PEGASUS_TEST_HOST={name}
+SetEnv HOME={dir}/home PEGASUS_TEST_HOST={name} PEGASUS_TEST_SESSION={token}
 """
 
 SSH_CONFIG_HOST = """\
@@ -188,32 +270,26 @@ class SshHosts:
         config = os.path.join(self.dir, "sshd_%s" % name)
         with open(config, "w") as f:
             f.write(SSHD_CONFIG.format(address=self.addresses[name], port=self.port,
-                                       dir=self.dir, name=name, max_startups=self.max_startups))
+                                       dir=self.dir, name=name, max_startups=self.max_startups,
+                                       token=SESSION_TOKEN))
         self.servers[name] = subprocess.Popen([self.sshd, "-D", "-e", "-f", config],
                                               stderr=subprocess.DEVNULL)
+        SSHD_PIDS.add(self.servers[name].pid)
         wait_for_port(self.addresses[name], self.port)
 
     def stop(self, name):
         """Kill a host: its sshd and every session it serves."""
-        server = self.servers.pop(name)
-        server.kill()
-        server.wait()
-        for pid in self.session_pids(name):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.signal(name, signal.SIGKILL)
+        self.servers.pop(name).wait()
 
-    def session_pids(self, name):
-        """sshd's per-connection processes for a host (they outlive the listener)."""
-        local = "%s:%d" % (self.addresses[name], self.port)
-        out = subprocess.run(["ss", "-Htnp", "state", "established"],
-                             capture_output=True, text=True).stdout
-        return {int(pid) for line in out.splitlines() if line.split()[2:3] == [local]
-                for pid in re.findall(r"pid=(\d+)", line)}
+    def pids(self, name):
+        """The listener of a host and all its descendants: sshd's per-connection
+        processes and the sessions' commands. (sshd rewrites its command line
+        and environment, so the process tree is what tells them apart.)"""
+        return descendants(self.servers[name].pid) | {self.servers[name].pid}
 
     def signal(self, name, signum):
-        for pid in {self.servers[name].pid} | self.session_pids(name):
+        for pid in self.pids(name):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -221,6 +297,7 @@ class SshHosts:
 
     def close(self):
         for name in list(self.servers):
+            self.signal(name, signal.SIGCONT)  # a frozen host must not stay stopped
             server = self.servers.pop(name)
             server.terminate()
             server.wait()
@@ -798,13 +875,14 @@ def test_runner_waits_for_lock_and_says_who_holds_it(tmp_path):
 
 def test_lock_of_a_killed_lock_mode_is_released(tmp_path):
     write(tmp_path / "queue.yaml", "- echo ok\n")
-    editor = editor_script(tmp_path, "sleep 60\n")
+    sleep = "sleep 6%d" % (os.getpid() % 100000)
+    editor = editor_script(tmp_path, "exec %s\n" % sleep)
     lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
     wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.lock")
              and "pegasus l" in read(tmp_path / "queue.yaml.lock"), what="lock")
     lock_mode.kill()
     lock_mode.wait()
-    subprocess.run(["pkill", "-f", editor])
+    subprocess.run(["pkill", "-f", "^%s$" % sleep])
     out = run_pegasus(tmp_path, "q", timeout=20)
     assert job_lines(out.stdout) == ["[localhost] ok"]
 
