@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.8"
-# dependencies = ["pyyaml", "pybars3"]
+# dependencies = ["pyyaml"]
 # ///
 """pegasus.py: run a bag of shell jobs on the machines you can ssh into.
 
@@ -23,8 +23,9 @@ a small `sh` wrapper that kills the job's process group when its ssh
 connection goes away, so jobs never outlive pegasus. An fcntl lock on a
 sidecar file (queue.yaml.lock) guards the queue file against lock mode.
 
-Needs Python 3.8+, OpenSSH 7.6+, Linux or macOS, and two packages: PyYAML and
-pybars3. This is a re-creation of Pegasus (the Rust crate pegasus-ssh) and
+Needs Python 3.8+, OpenSSH 7.6+, Linux or macOS, and one package: PyYAML.
+Templates are rendered by a small Handlebars renderer of its own, as Pegasus
+reads them. This is a re-creation of Pegasus (the Rust crate pegasus-ssh) and
 reads the same files.
 """
 
@@ -160,7 +161,7 @@ def need_yaml():
     try:
         import yaml as module
     except ImportError:
-        raise PegasusError("needs PyYAML: pip install --user pyyaml pybars3") from None
+        raise PegasusError("needs PyYAML: pip install --user pyyaml") from None
     yaml = module
     # Scalars stay the text the user wrote ("8", "yes", "1.10"): the base loader
     # resolves no implicit types. The C versions are ~6x faster where libyaml is.
@@ -402,6 +403,7 @@ def read_hosts(path):
     slots = []
     for number, node in enumerate(root.value, 1):
         here = where(path, node, number)
+        check_host_slots(here, node)
         spec = parse_entry(path, node, number, "hostname")
         try:
             spec["hostname"] = [h for value in spec["hostname"] for h in expand_ranges(value)]
@@ -415,6 +417,19 @@ def read_hosts(path):
             check_hostname(hostname, here)
             slots.append(Slot(len(slots), hostname, combo, capacity))
     return slots
+
+
+def check_host_slots(here, node):
+    """In Pegasus a host's `slots` is an ordinary parameter; here it is the
+    host's number of GPU slots. A list (`slots: [a, b]`, a sweep in Pegasus)
+    must not quietly become a count."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "slots" \
+                and not isinstance(value, yaml.ScalarNode):
+            raise PegasusError("%s: 'slots' is a list, but a host's 'slots' is its number of "
+                               "slots (slots: 4); for a parameter, use another name" % here)
 
 
 def dump_entry(value, indent=0):
@@ -2077,9 +2092,34 @@ def ssh_base(options):
 def master_argv(options, hostname, socket):
     # The master runs `cat` on the host, reading pegasus's pipe: if pegasus
     # dies, cat sees EOF and the master goes too, instead of idling forever.
-    return ssh_base(options) + [
+    base = ssh_base(options)
+    return base + host_key_options(base, hostname) + [
         "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-S", socket,
         "-T", "--", hostname, "cat >/dev/null"]
+
+
+_host_key_options = {}  # (ssh argv, hostname) -> options to add for it
+
+
+def host_key_options(base, hostname):
+    """Pegasus accepts the key of a host it meets for the first time, and so
+    do we: StrictHostKeyChecking=accept-new (a key that changed is still
+    refused). ssh keeps the first value it sees and -o beats ~/.ssh/config,
+    so the option is added only where the user's config and --ssh-option
+    leave the default, "ask" (which BatchMode turns into a refusal); `ssh -G`
+    says, once per host, in a few milliseconds. The masters alone need it:
+    jobs ride on a master, which has checked the key already."""
+    key = (tuple(base), hostname)
+    if key not in _host_key_options:
+        try:
+            shown = subprocess.run(base + ["-G", "--", hostname], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   universal_newlines=True, timeout=15).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            shown = ""  # ssh itself will say what is wrong
+        default = "stricthostkeychecking ask" in shown.splitlines()
+        _host_key_options[key] = ["-o", "StrictHostKeyChecking=accept-new"] if default else []
+    return _host_key_options[key]
 
 
 def job_argv(options, hostname, socket, command):
@@ -3483,7 +3523,7 @@ def build_parser():
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                         help="an ssh -o option, e.g. --ssh-option Port=2222 (repeatable)")
     parser.add_argument("--ssh", default="ssh", help=argparse.SUPPRESS)
-    parser.add_argument("--version", action=VersionAction)
+    parser.add_argument("-V", "--version", action=VersionAction)
     return parser
 
 
