@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.8"
-# dependencies = ["pyyaml", "pybars3"]
+# dependencies = ["pyyaml"]
 # ///
 """pegasus.py: run a bag of shell jobs on the machines you can ssh into.
 
@@ -23,8 +23,9 @@ a small `sh` wrapper that kills the job's process group when its ssh
 connection goes away, so jobs never outlive pegasus. An fcntl lock on a
 sidecar file (queue.yaml.lock) guards the queue file against lock mode.
 
-Needs Python 3.8+, OpenSSH 7.6+, Linux or macOS, and two packages: PyYAML and
-pybars3. This is a re-creation of Pegasus (the Rust crate pegasus-ssh) and
+Needs Python 3.8+, OpenSSH 7.6+, Linux or macOS, and one package: PyYAML.
+Templates are rendered by a small Handlebars renderer of its own, as Pegasus
+reads them. This is a re-creation of Pegasus (the Rust crate pegasus-ssh) and
 reads the same files.
 """
 
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import time
 import traceback
+import unicodedata
 
 yaml = None  # PyYAML, imported by need_yaml(): `--help` and `s` do without it
 
@@ -177,7 +179,7 @@ def need_yaml():
     try:
         import yaml as module
     except ImportError:
-        raise PegasusError("needs PyYAML: pip install --user pyyaml pybars3") from None
+        raise PegasusError("needs PyYAML: pip install --user pyyaml") from None
     yaml = module
     # Scalars stay the text the user wrote ("8", "yes", "1.10"): the base loader
     # resolves no implicit types. The C versions are ~6x faster where libyaml is.
@@ -419,6 +421,7 @@ def read_hosts(path):
     slots = []
     for number, node in enumerate(root.value, 1):
         here = where(path, node, number)
+        check_host_slots(here, node)
         spec = parse_entry(path, node, number, "hostname")
         try:
             spec["hostname"] = [h for value in spec["hostname"] for h in expand_ranges(value)]
@@ -432,6 +435,19 @@ def read_hosts(path):
             check_hostname(hostname, here)
             slots.append(Slot(len(slots), hostname, combo, capacity))
     return slots
+
+
+def check_host_slots(here, node):
+    """In Pegasus a host's `slots` is an ordinary parameter; here it is the
+    host's number of GPU slots. A list (`slots: [a, b]`, a sweep in Pegasus)
+    must not quietly become a count."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "slots" \
+                and not isinstance(value, yaml.ScalarNode):
+            raise PegasusError("%s: 'slots' is a list, but a host's 'slots' is its number of "
+                               "slots (slots: 4); for a parameter, use another name" % here)
 
 
 def dump_entry(value, indent=0):
@@ -450,156 +466,1195 @@ def _represent_str(dumper, value):
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 # ----------------------------------------------------------------------------
-# Templates: Handlebars (pybars3) without HTML escaping, strict about names
+# Templates: Handlebars as Pegasus's handlebars-rust 4.3.7 reads it, without
+# HTML escaping, strict wherever a value would become text of the command
 # ----------------------------------------------------------------------------
 
-_compiler = None
-_templates = {}  # template text -> compiled function; compiled once per text
+# A small renderer of our own rather than pybars3: Pegasus's dialect differs
+# from handlebars.js (raw blocks, `\{{`, whitespace rules, no `{{else if}}`),
+# and strictness needs to know whether a name is tested (`{{#if x}}`, where
+# an undefined name is simply false) or printed (`{{x}}`, where it is an
+# error: think `rm -rf /{{dir}}`). Templates are parsed once per text into
+# nested tuples and rendered by a few short functions.
+
+_templates = {}  # template text -> Template; each text is parsed once
+
+_WS = " \t\n\r"  # the whitespace handlebars-rust's grammar skips inside tags
+_SYMBOL = re.compile(r"[A-Za-z0-9_$\-\u0080-\U0010ffff]+")
+_PATH_ITEM = r"(?:[A-Za-z0-9_$\-\u0080-\U0010ffff]+|\[[^\]]*\])"
+_PATH = re.compile(r"(this[./]|\./)?(@root[./])?(@)?((?:\.\.[./])*)(%s(?:[./]%s)*)"
+                   % (_PATH_ITEM, _PATH_ITEM))
+_NUMBER = re.compile(r"-?[0-9]+\.?[0-9]*(?:E-?[0-9]+)?")
+_STRING_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "/": "/", "\\": "\\"}
 
 
-class UndefinedName(Exception):
-    """Raised from inside pybars when a template names something not defined."""
+class TemplateError(Exception):
+    """A template the parser or renderer refuses; render() adds which job."""
 
 
-class Names(dict):
-    """A template's variables. Handlebars renders an unknown name as empty
-    text; for shell commands (`rm -rf /{{dir}}`) that is dangerous, so here
-    looking one up is an error."""
+class Missing:
+    """The value of a name that is not defined: false when tested, an error
+    when printed or handed to a helper that needs text."""
 
-    def __missing__(self, name):
-        raise UndefinedName(name)
+    __slots__ = ("path",)
 
-
-def load_pybars():
-    # Imported only when some text holds "{{": its grammar costs ~0.3 s.
-    global _compiler
-    if _compiler is None:
-        try:
-            import pybars
-            import pybars._compiler
-        except ImportError:
-            raise PegasusError("templates need pybars3: pip install --user pybars3") from None
-        # {{x}} HTML-escapes & " ' ` < > through this module-level function and
-        # pybars has no switch to turn that off; a shell command needs the text
-        # as written. test_pegasus.py pins this on every one of those characters.
-        pybars._compiler.escape = lambda text: text
-        _compiler = pybars.Compiler()
-    return _compiler
+    def __init__(self, path):
+        self.path = path
 
 
-def compile_template(text, what):
-    compiled = _templates.get(text)
-    if compiled is None:
-        check_braces(text, what)
-        try:
-            compiled = load_pybars().compile(text)
-        except Exception as e:  # pybars and its parser raise several unrelated types
-            raise PegasusError("%s: template error in %r: %s" % (what, text, e)) from None
-        _templates[text] = compiled
-    return compiled
+class Path:
+    __slots__ = ("text", "root", "local", "up", "parts")
+
+    def __init__(self, text, root, local, up, parts):
+        self.text, self.root, self.local, self.up, self.parts = text, root, local, up, parts
 
 
-def check_braces(text, what):
-    # pybars quietly takes "{{a" or an unclosed "{{#if}}" as plain text;
-    # Handlebars proper (and so Pegasus) rejects both.
-    depth = 0
-    for tag in re.finditer(r"\{\{(.?)([^{}]*?)(\}\}|$|\{\{)", text):
-        if tag.group(3) != "}}":
-            raise PegasusError("%s: template error in %r: '{{' is never closed" % (what, text))
-        if tag.group(1) == "#":
-            depth += 1
-        elif tag.group(1) == "/":
-            depth -= 1
-        if depth < 0:
-            break
-    if depth:
-        raise PegasusError("%s: template error in %r: a {{#block}} is not matched by "
-                           "its {{/block}}" % (what, text))
+class Template:
+    """A parsed template: `nodes`, and `tested`, the names whose values
+    decide what it renders (in block tags or lookups): check_queue tries
+    every value of those, and one value of the others."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+        self.tested = set()
+        _collect_tested(nodes, self.tested)
+
+
+def compile_template(text):
+    template = _templates.get(text)
+    if template is None:
+        template = Template(_Parser(text).parse())
+        _templates[text] = template
+    return template
 
 
 def render(text, names, what):
-    """Fill in a template; `what` names the job and host for error messages."""
+    """Fill in a template; `what` names the job and host for error messages.
+    Raises only PegasusError, whatever the template says."""
     if "{{" not in text:
         return text
-    template = compile_template(text, what)
     try:
-        return str(template(Names(names), helpers=HELPERS))
-    except UndefinedName as e:
-        raise PegasusError("%s: {{%s}} is not defined (defined here: %s)"
-                           % (what, e.args[0], ", ".join(sorted(names)) or "nothing")) from None
-    except HelperError as e:
+        template = compile_template(text)
+        out = []
+        _render_nodes(template.nodes, _Frame(names, None), out)
+        return "".join(out)
+    except TemplateError as e:
         raise PegasusError("%s: %s" % (what, e)) from None
-    except Exception as e:  # pybars' own errors, e.g. an unknown helper in a subexpression
-        if type(e).__name__ != "PybarsError":
-            raise
-        raise PegasusError("%s: template error in %r: %s" % (what, text, e)) from None
+    except _Undefined as e:
+        raise PegasusError("%s: {{%s}} is not defined (defined here: %s)" % (
+            what, e.args[0], ", ".join(sorted(names)) or "nothing")) from None
+    except RecursionError:
+        raise PegasusError("%s: template nested too deeply" % what) from None
 
 
-class HelperError(Exception):
-    pass
+class _Undefined(Exception):
+    """A name that is not defined was printed or given to a text helper."""
 
 
-def _words(text):
-    return re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", str(text))
+# --- parsing: text into nodes -------------------------------------------------
+#
+# Nodes: ("text", str), ("out", call), ("block", call, params_as, body, inverse).
+# A call is (name, args, hash): name a helper name or, for `{{x}}`, a Path;
+# args are ("lit", value), ("path", Path) or ("sub", call).
+
+class _Parser:
+    def __init__(self, text):
+        self.text = text
+        self.pos = 0
+
+    def fail(self, message, at=None):
+        at = self.pos if at is None else at
+        line = self.text.count("\n", 0, at) + 1
+        raise TemplateError("template error in %r (line %d): %s" % (self.text, line, message))
+
+    def parse(self):
+        """The handlebars-rust compile loop: a stack of open blocks, text
+        trimmed around standalone tags and `~`."""
+        self.stack = [[None, []]]     # [open block tag or None, nodes]
+        self.omit_next = False         # the last tag ended with `~`
+        self.trim_line = False         # the last tag stood alone on its line
+        while True:
+            start = self._find_tag()
+            if start < 0:
+                break
+            kind, value, end, omit_before, omit_after = self._tag(start)
+            self._tag_done(kind, value, start, end, omit_before, omit_after)
+        if len(self.stack) > 1:
+            self.fail("{{#%s}} is not closed by {{/%s}}" % ((self.stack[-1][0][0][0],) * 2))
+        return self.stack[0][1]
+
+    # Text between tags, with `\{{` escapes undone.
+    def _find_tag(self):
+        text, pos, chunks = self.text, self.pos, []
+        while True:
+            found = text.find("{{", pos)
+            if found < 0:
+                chunks.append(text[pos:])
+                self._push_text("".join(chunks), len(text))
+                return -1
+            slashes = len(text[pos:found]) - len(text[pos:found].rstrip("\\"))
+            if slashes == 1:  # \{{ is a literal {{ (and \{{{{ a literal {{{{)
+                width = 4 if text.startswith("{{{{", found) else 2
+                chunks.append(text[pos:found - 1] + text[found:found + width])
+                pos = found + width
+                continue
+            # \\{{: one backslash goes, and the tag is a tag.
+            chunks.append(text[pos:found - 1] if slashes > 1 else text[pos:found])
+            self._push_text("".join(chunks), found)
+            return found
+
+    def _push_text(self, chunk, end):
+        if not chunk:
+            return
+        whitespace_only = not chunk.strip(_WS)
+        if end == len(self.text) and whitespace_only:
+            pass  # handlebars-rust keeps trailing blank text as it is
+        elif self.omit_next:
+            chunk = _rust_trim(chunk, end=False)
+        elif self.trim_line:
+            chunk = chunk.lstrip(" \t")
+            chunk = chunk[2:] if chunk.startswith("\r\n") else chunk[1:] if chunk[:1] == "\n" else chunk
+        self.omit_next = self.trim_line = False
+        if chunk:
+            self.stack[-1][1].append(("text", chunk))
+
+    def _standalone(self, start, end, trim_previous=True):
+        """A block tag alone on its line takes the line's indentation and
+        newline with it, as in handlebars-rust."""
+        after = self.text[end:].lstrip(" \t")
+        if not after.startswith(("\n", "\r")):
+            return False
+        before = self.text[:start].rstrip(" \t")
+        alone = not before or before.endswith(("\n", "\r"))
+        if alone and trim_previous:
+            self._trim_previous(lambda s: s.rstrip(" \t"))
+        return alone or start == 0
+
+    def _trim_previous(self, how):
+        nodes = self.stack[-1][1]
+        if nodes and nodes[-1][0] == "text":
+            nodes[-1] = ("text", how(nodes[-1][1]))
+
+    def _tag_done(self, kind, value, start, end, omit_before, omit_after):
+        if omit_before:
+            self._trim_previous(lambda s: _rust_trim(s, start=False))
+        self.omit_next = omit_after
+        if kind in ("out", "text"):
+            self.stack[-1][1].append((kind, value))
+        elif kind == "comment":
+            self.trim_line = self._standalone(start, end)
+        elif kind == "open":
+            self.trim_line = self._standalone(start, end)
+            self.stack.append([value, []])
+        elif kind == "else":
+            self.trim_line = self._standalone(start, end)
+            if len(self.stack) < 2 or len(self.stack[-1]) > 2:
+                self.fail("{{else}} outside a block", start)
+            self.stack[-1].append(self.stack[-1][1])
+            self.stack[-1][1] = []
+        elif kind == "close":
+            self.trim_line = self._standalone(start, end)
+            self._close(value, start)
+        elif kind == "raw":
+            self._close_raw(value, start, end)
+        self.pos = end
+
+    def _close(self, name, start):
+        if len(self.stack) < 2:
+            self.fail("{{/%s}} closes no block" % name, start)
+        frame = self.stack.pop()
+        call, as_names = frame[0]
+        if call[0] != name:
+            self.fail("{{#%s}} is closed by {{/%s}}" % (call[0], name), start)
+        body, inverse = (frame[2], frame[1]) if len(frame) > 2 else (frame[1], None)
+        self.stack[-1][1].append(("block", call, as_names, body, inverse))
+
+    def _close_raw(self, opened, start, end):
+        """{{{{raw}}}} ... {{{{/raw}}}}: the text between is not parsed."""
+        call, as_names = opened
+        self.trim_line = self._standalone(start, end)
+        text, pos, chunks = self.text, end, []
+        while True:
+            found = text.find("{{{{", pos)
+            if found < 0:
+                self.fail("{{{{%s}}}} is not closed by {{{{/%s}}}}" % (call[0], call[0]), start)
+            if text[pos:found].endswith("\\") and not text[pos:found].endswith("\\\\"):
+                chunks.append(text[pos:found - 1] + "{{{{")
+                pos = found + 4
+                continue
+            chunks.append(text[pos:found])
+            break
+        body = "".join(chunks).lstrip(_WS)  # handlebars-rust drops the body's leading blanks
+        if self.omit_next:
+            body = _rust_trim(body, end=False)
+        elif self.trim_line:
+            body = body.lstrip(" \t")
+            body = body[2:] if body.startswith("\r\n") else body[1:] if body[:1] == "\n" else body
+        close = self._raw_close(found)
+        if close[0] != call[0]:
+            self.fail("{{{{%s}}}} is closed by {{{{/%s}}}}" % (call[0], close[0]), found)
+        if close[1]:
+            body = _rust_trim(body, start=False)
+        self.omit_next = close[2]
+        # The closing tag alone on its line: as _standalone(), for the body.
+        self.trim_line = False
+        if self.text[self.pos:].lstrip(" \t").startswith(("\n", "\r")):
+            before = self.text[:found].rstrip(" \t")
+            alone = not before or before.endswith(("\n", "\r"))
+            body = body.rstrip(" \t") if alone else body
+            self.trim_line = alone or found == 0
+        nodes = [("text", body)] if body else []
+        self.stack[-1][1].append(("block", call, as_names, nodes, None))
+        self._end_raw = self.pos
+
+    def _raw_close(self, start):
+        self.pos = start + 4
+        omit_before = self._eat("~")
+        if not self._eat("/"):
+            self.fail("{{{{ inside a raw block must close it", start)
+        name = self._identifier()
+        self._skip()
+        omit_after = self._eat("~")
+        self._expect("}}}}")
+        return name, omit_before, omit_after
+
+    # One tag, from `{{` to `}}`.
+    def _tag(self, start):
+        text = self.text
+        if text.startswith("{{!--", start):
+            end = text.find("--}}", start + 5)
+            if end >= 0:
+                return "comment", None, end + 4, False, False
+        if text.startswith("{{!", start):
+            end = text.find("}}", start + 3)
+            if end < 0:
+                self.fail("'{{' is never closed", start)
+            return "comment", None, end + 2, False, False
+        if text.startswith("{{{{", start):
+            self.pos = start + 4
+            omit_before = self._eat("~")
+            if text.startswith("/", self.pos):
+                self.fail("{{{{/...}}}} closes no raw block", start)
+            call, as_names = self._exp_line()
+            omit_after = self._eat("~")
+            self._expect("}}}}")
+            if omit_before:
+                self._trim_previous(lambda s: _rust_trim(s, start=False))
+            self.omit_next = omit_after
+            self._close_raw((call, as_names), start, self.pos)
+            return "none", None, self._end_raw, False, self.omit_next
+        self.pos = start + 2
+        triple = self._eat("{")
+        omit_before = self._eat("~")
+        if not triple:
+            triple = self._eat("{")
+        sigil = text[self.pos:self.pos + 1]
+        if not triple and sigil in ("#", "/", "&", "^", ">", "*"):
+            self.pos += 1
+        else:
+            sigil = ""
+        self._skip()
+        if not triple and sigil in ("^", "") and self._invert_tag(sigil):
+            kind, value = "else", None
+        elif sigil in (">", "*") or sigil == "#" and text[self.pos:self.pos + 1] in (">", "*"):
+            self.fail("partials and decorators are not supported (Pegasus has none)", start)
+        elif sigil == "#":
+            kind, value = "open", self._exp_line()
+        elif sigil == "/":
+            kind, value = "close", self._identifier()
+        else:
+            kind, value = "out", self._expression(start, sigil == "&")
+        self._skip()
+        omit_after = self._eat("~")
+        self._expect("}}}" if triple else "}}", start)
+        return kind, value, self.pos, omit_before, omit_after
+
+    def _invert_tag(self, sigil):
+        """{{else}} or {{^}}; handlebars-rust 4.3.7 has no {{else if}}."""
+        if sigil == "":
+            match = re.compile(r"else(?![A-Za-z0-9_$\-\u0080-\U0010ffff])").match(
+                self.text, self.pos)
+            if match is None:
+                return False
+            self.pos = match.end()
+        self._skip()
+        if not self.text.startswith(("}}", "~}}"), self.pos):
+            if sigil == "^":
+                self.fail("{{^name}} is not Handlebars as Pegasus reads it; "
+                          "write {{#unless name}}")
+            self.fail("{{else if ...}} is not supported by Pegasus's Handlebars; "
+                      "nest an {{#if}} inside {{else}}")
+        return True
+
+    def _expression(self, start, name_only):
+        if self.text.startswith("(", self.pos):
+            head = ("sub", self._subexpression())
+        else:
+            head = ("path", self._path())
+        self._skip()
+        if name_only or self.text.startswith(("}", "~"), self.pos):
+            return head[1] if head[0] == "sub" else (head[1], [], {})
+        path = head[1] if head[0] == "path" else None
+        if path is None or _SYMBOL.fullmatch(path.text) is None:
+            self.fail("%r cannot be called as a helper" % self.text[start:self.pos].strip("{ "))
+        args, hash_, as_names = self._arguments()
+        if as_names:
+            self.fail("'as |...|' belongs in a block tag ({{#each x as |item|}})")
+        return path.text, args, hash_
+
+    def _exp_line(self):
+        self._skip()
+        name = self._identifier()
+        args, hash_, as_names = self._arguments()
+        return (name, args, hash_), as_names
+
+    def _arguments(self):
+        args, hash_, as_names = [], {}, None
+        while True:
+            self._skip()
+            match = re.compile(r"as[ \t\n\r]*\|").match(self.text, self.pos)
+            if match:
+                self.pos = match.end()
+                as_names = self._block_params()
+                self._skip()
+                return args, hash_, as_names
+            match = re.compile(r"([A-Za-z0-9_$\-\u0080-\U0010ffff]+)[ \t\n\r]*=").match(
+                self.text, self.pos)
+            if match:
+                self.pos = match.end()
+                self._skip()
+                hash_[match.group(1)] = self._param()
+                continue
+            if self.text.startswith(("}", "~", ")"), self.pos) or self.pos >= len(self.text):
+                return args, hash_, as_names
+            args.append(self._param())
+
+    def _block_params(self):
+        names = []
+        while True:
+            self._skip()
+            if self._eat("|"):
+                if not 1 <= len(names) <= 2:
+                    self.fail("'as |...|' names one or two block parameters")
+                return names
+            names.append(self._identifier())
+
+    def _param(self):
+        text, pos = self.text, self.pos
+        c = text[pos:pos + 1]
+        if c in ('"', "'"):
+            return ("lit", self._string())
+        if c == "(":
+            return ("sub", self._subexpression())
+        if c in ("[", "{"):
+            return ("lit", self._literal())
+        for word, value in (("true", True), ("false", False), ("null", None)):
+            if text.startswith(word, pos) and not _SYMBOL.match(text, pos + len(word)):
+                self.pos = pos + len(word)
+                return ("lit", value)
+        match = _NUMBER.match(text, pos)
+        if match and not _SYMBOL.match(text, match.end()):
+            self.pos = match.end()
+            number = match.group()
+            return ("lit", float(number) if "." in number or "E" in number else int(number))
+        if re.compile(r"(as|else)(?![A-Za-z0-9_$\-\u0080-\U0010ffff])").match(text, pos):
+            self.fail("unexpected %r" % text[pos:pos + 4])
+        return ("path", self._path())
+
+    def _literal(self):
+        """A JSON-like array or object literal, as the Rust grammar allows."""
+        self._skip()
+        if self._eat("["):
+            items = []
+            while not self._eat_after_space("]"):
+                if items:
+                    self._expect(",")
+                self._skip()
+                items.append(self._param_value())
+            return items
+        self._expect("{")
+        obj = {}
+        while not self._eat_after_space("}"):
+            if obj:
+                self._expect(",")
+            self._skip()
+            key = self._string()
+            self._skip()
+            self._expect(":")
+            self._skip()
+            obj[key] = self._param_value()
+        return obj
+
+    def _param_value(self):
+        kind, value = self._param()
+        if kind != "lit":
+            self.fail("only literals can go in a [...] or {...} literal")
+        return value
+
+    def _string(self):
+        quote = self.text[self.pos]
+        out, pos = [], self.pos + 1
+        while pos < len(self.text):
+            c = self.text[pos]
+            if c == quote:
+                self.pos = pos + 1
+                return "".join(out)
+            if c == "\\":
+                code = self.text[pos + 1:pos + 2]
+                if code == quote or code in _STRING_ESCAPES:
+                    out.append(_STRING_ESCAPES.get(code, code))
+                    pos += 2
+                    continue
+                hex_digits = self.text[pos + 2:pos + 6]
+                if code == "u" and re.fullmatch(r"[0-9A-Fa-f]{4}", hex_digits):
+                    out.append(chr(int(hex_digits, 16)))
+                    pos += 6
+                    continue
+                self.fail("bad escape in a string literal", pos)
+            out.append(c)
+            pos += 1
+        self.fail("a string literal is never closed")
+
+    def _subexpression(self):
+        start = self.pos
+        self._expect("(")
+        self._skip()
+        path = self._path()
+        args, hash_, as_names = self._arguments()
+        self._skip()
+        self._expect(")")
+        if not args and not hash_:
+            return (path, [], {})
+        if as_names or _SYMBOL.fullmatch(path.text) is None:
+            self.fail("bad subexpression %r" % self.text[start:self.pos])
+        return (path.text, args, hash_)
+
+    def _path(self):
+        match = _PATH.match(self.text, self.pos)
+        if match is None:
+            self.fail("expected a name, found %r" % self.text[self.pos:self.pos + 10])
+        self.pos = match.end()
+        parts = [p[1:-1] if p.startswith("[") else p
+                 for p in re.findall(r"\[[^\]]*\]|[^./\[]+", match.group(5))]
+        parts = [p for p in parts if p != "this"]  # `this` means here, as in Rust
+        return Path(match.group(), bool(match.group(2)), bool(match.group(3)),
+                    match.group(4).count(".."), parts)
+
+    def _identifier(self):
+        self._skip()
+        match = _SYMBOL.match(self.text, self.pos)
+        if match is None:
+            self.fail("expected a helper name, found %r" % self.text[self.pos:self.pos + 10])
+        self.pos = match.end()
+        return match.group()
+
+    def _skip(self):
+        while self.pos < len(self.text) and self.text[self.pos] in _WS:
+            self.pos += 1
+
+    def _eat(self, token):
+        if self.text.startswith(token, self.pos):
+            self.pos += len(token)
+            return True
+        return False
+
+    def _eat_after_space(self, token):
+        self._skip()
+        return self._eat(token)
+
+    def _expect(self, token, start=None):
+        if not self._eat(token):
+            if self.pos >= len(self.text) or start is not None and "}}" not in self.text[start:]:
+                self.fail("'{{' is never closed", start)
+            self.fail("expected %r, found %r" % (token, self.text[self.pos:self.pos + 10]))
+
+
+# --- text helpers ------------------------------------------------------------
+
+# Text helpers: handlebars_misc_helpers 0.13.0's string group, byte for byte.
+# Pegasus names result directories with these, so a sweep continued under
+# pegasus.py must get the same names. They follow the Rust code behind them:
+# std's case mapping and trimming, Inflector 0.11.4 (quirks and all: `person`
+# pluralizes to `personople`, a byte offset is used as a character index) and
+# enquote 1.1.0. Rust's character classes are Unicode properties; the nearest
+# Python tests are used, which agree on every letter, digit and mark we know
+# to be in use (see README).
+
+_RUST_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+                        "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+def _rust_trim(text, start=True, end=True):
+    # Rust's trim is Unicode White_Space, which, unlike str.isspace, leaves U+001C..U+001F.
+    i, j = 0, len(text)
+    while start and i < j and text[i] in _RUST_SPACE:
+        i += 1
+    while end and j > i and text[j - 1] in _RUST_SPACE:
+        j -= 1
+    return text[i:j]
+
+
+def _alphabetic(c):
+    """Rust's char::is_alphabetic: letters, letter numbers, and the marks and
+    symbols Unicode calls Other_Alphabetic (vowel signs, circled letters)."""
+    if c.isalpha():
+        return True
+    if c < "\x80":
+        return False
+    category = unicodedata.category(c)
+    if category == "Nl":
+        return True
+    if category == "Mc":
+        return "TONE MARK" not in unicodedata.name(c, "")
+    if category == "Mn":
+        code = ord(c)
+        if (0x5b0 <= code <= 0x5c7 and code not in (0x5be, 0x5c0, 0x5c3, 0x5c6)
+                or 0x610 <= code <= 0x61a or 0x64b <= code <= 0x657
+                or 0x659 <= code <= 0x65f or 0x6d6 <= code <= 0x6ed and code not in
+                (0x6dd, 0x6de, 0x6df, 0x6e0, 0x6e5, 0x6e6, 0x6e9, 0x6ea, 0x6eb, 0x6ec)
+                or code in (0x345, 0x670)):
+            return True
+        name = unicodedata.name(c, "")
+        return any(word in name for word in _ALPHABETIC_MARKS)
+    code = ord(c)
+    return (0x24b6 <= code <= 0x24e9 or 0x1f130 <= code <= 0x1f189
+            and code not in range(0x1f14a, 0x1f150) and code not in range(0x1f16a, 0x1f170))
+
+
+_ALPHABETIC_MARKS = ("VOWEL SIGN", "ANUSVARA", "CANDRABINDU", "VISARGA", "LENGTH MARK",
+                     "NIKAHIT", "NIKHAHIT", "PHINTHU", "MAI HAN-AKAT", "SARA ")
+
+
+def _numeric(c):
+    # Rust's char::is_numeric is the N* categories; str.isnumeric also takes 一 (Lo).
+    return c.isdigit() if c < "\x80" else unicodedata.category(c) in ("Nd", "Nl", "No")
+
+
+def _alnum(c):
+    return _alphabetic(c) or _numeric(c)
+
+
+def _rust_word(c):
+    """Rust regex's \\w: Alphabetic, marks, decimal digits, connector punctuation, ZWJ/ZWNJ."""
+    if c < "\x80":
+        return c.isalnum() or c == "_"
+    return (_alphabetic(c) or c in "\u200c\u200d"
+            or unicodedata.category(c) in ("Mn", "Mc", "Me", "Nd", "Pc"))
+
+
+def _ascii_lower(c):
+    return c.lower() if "A" <= c <= "Z" else c
+
+
+def _ascii_upper(c):
+    return c.upper() if "a" <= c <= "z" else c
+
+
+def _trim_separators(text):
+    end = len(text)
+    while end and not _alnum(text[end - 1]):
+        end -= 1
+    return text[:end]
+
+
+def _snake_like(text, separator, upper):
+    """Inflector's to_case_snake_like: snake, kebab and screaming snake case."""
+    chars = list(text)
+    case = _ascii_upper if upper else _ascii_lower
+    out, first, offset = [], True, 0
+    for c in _trim_separators(text):
+        index, offset = offset, offset + len(c.encode("utf-8"))
+        if not _alnum(c):
+            if not first:
+                first = True
+                out.append(separator)
+            continue
+        # Inflector reads its neighbours at a *byte* offset as if it were a
+        # character index, and calls anything but a-z upper case.
+        if (not first and not "a" <= c <= "z"
+                and (index + 1 < len(chars) and chars[index + 1].islower()
+                     or index - 1 < len(chars) and chars[index - 1].islower())):
+            out.append(separator)
+        first = False
+        out.append(case(c))
+    return "".join(out)
+
+
+def _camel_like(text, new_word, first_word, separator, inverted):
+    """Inflector's to_case_camel_like: camel, pascal, class, title, train and sentence case."""
+    out, found, last = [], False, " "
+    for c in _trim_separators(text):
+        alnum = _alnum(c)
+        if not alnum and found:
+            new_word = True
+        elif not alnum:
+            continue
+        elif _numeric(c):
+            found = new_word = True
+            out.append(c)
+        elif new_word or (last.islower() and c.isupper()):
+            found, new_word = True, False
+            if separator and not first_word:
+                out.append(separator)
+            out.append(_ascii_upper(c) if first_word or not inverted else _ascii_lower(c))
+            first_word = False
+        else:
+            found, last = True, c
+            out.append(_ascii_lower(c))
+    return "".join(out)
+
+
+def _class_case(text):
+    pascal = _camel_like(text, True, False, "", False)
+    cut = max((i for i, c in enumerate(pascal) if c.isupper()), default=0)
+    return pascal[:cut] + _singular(pascal[cut:])
+
+
+def _table_case(text):
+    snake = _snake_like(text, "_", False)
+    cut = max(snake.rfind("_"), 0)
+    return snake[:cut] + _plural(snake[cut:])
+
+
+_UNCOUNTABLE = frozenset("""
+accommodation adulthood advertising advice aggression aid air aircraft alcohol anger applause
+arithmetic assistance athletics bacon baggage beef biology blood botany bread butter carbon
+cardboard cash chalk chaos chess crossroads countryside dancing deer dignity dirt dust economics
+education electricity engineering enjoyment envy equipment ethics evidence evolution fame fiction
+flour flu food fuel fun furniture gallows garbage garlic genetics gold golf gossip grammar
+gratitude grief guilt gymnastics happiness hardware harm hate hatred health heat help homework
+honesty honey hospitality housework humour hunger hydrogen ice importance inflation information
+innocence iron irony jam jewelry judo karate knowledge lack laughter lava leather leisure
+lightning linguine linguini linguistics literature litter livestock logic loneliness luck luggage
+macaroni machinery magic management mankind marble mathematics mayonnaise measles methane milk
+money mud music mumps nature news nitrogen nonsense nurture nutrition obedience obesity oxygen
+pasta patience physics poetry pollution poverty pride psychology publicity punctuation quartz
+racism relaxation reliability research respect revenge rice rubbish rum safety scenery seafood
+seaside series shame sheep shopping sleep smoke smoking snow soap software soil spaghetti species
+steam stuff stupidity sunshine symmetry tennis thirst thunder timber traffic transportation trust
+underwear unemployment unity validity veal vegetation vegetarianism vengeance violence vitality
+warmth wealth weather welfare wheat wildlife wisdom yoga zinc zoology""".split())
+
+# Inflector's rules, tried last to first; the first that matches wins. `$`
+# is Rust's end of text (\Z here); \w is Rust's Unicode \w, see _inflect().
+_PLURAL_RULES = [(re.compile(p.replace("$", r"\Z")), r) for p, r in (
+    (r"(\w*)s$", "s"),
+    (r"(\w*([^aeiou]ese))$", ""),
+    (r"(\w*(ax|test))is$", "es"),
+    (r"(\w*(alias|[^aou]us|tlas|gas|ris))$", "es"),
+    (r"(\w*(e[mn]u))s?$", "s"),
+    (r"(\w*([^l]ias|[aeiou]las|[emjzr]as|[iu]am))$", ""),
+    (r"(\w*(alumn|syllab|octop|vir|radi|nucle|fung|cact|stimul|termin|bacill|foc|uter|loc"
+     r"|strat))(?:us|i)$", "i"),
+    (r"(\w*(alumn|alg|vertebr))(?:a|ae)$", "ae"),
+    (r"(\w*(seraph|cherub))(?:im)?$", "im"),
+    (r"(\w*(her|at|gr))o$", "oes"),
+    (r"(\w*(agend|addend|millenni|dat|extrem|bacteri|desiderat|strat|candelabr|errat|ov"
+     r"|symposi|curricul|automat|quor))(?:a|um)$", "a"),
+    (r"(\w*(apheli|hyperbat|periheli|asyndet|noumen|phenomen|criteri|organ|prolegomen|hedr"
+     r"|automat))(?:a|on)$", "a"),
+    (r"(\w*)sis$", "ses"),
+    (r"(\w*(kni|wi|li))fe$", "ves"),
+    (r"(\w*(ar|l|ea|eo|oa|hoo))f$", "ves"),
+    (r"(\w*([^aeiouy]|qu))y$", "ies"),
+    (r"(\w*([^ch][ieo][ln]))ey$", "ies"),
+    (r"(\w*(x|ch|ss|sh|zz)es)$", ""),
+    (r"(\w*(x|ch|ss|sh|zz))$", "es"),
+    (r"(\w*(matr|cod|mur|sil|vert|ind|append))(?:ix|ex)$", "ices"),
+    (r"(\w*(m|l)(?:ice|ouse))$", "ice"),
+    (r"(\w*(pe)(?:rson|ople))$", "ople"),
+    (r"(\w*(child))(?:ren)?$", "ren"),
+    (r"(\w*eaux)$", ""),
+)][::-1]
+
+_SINGULAR_RULES = [(re.compile(p.replace("$", r"\Z")), r) for p, r in (
+    (r"(\w*)s$", ""),
+    (r"(\w*)(ss)$", "$2"),
+    (r"(n)ews$", "ews"),
+    (r"(\w*)(o)es$", ""),
+    (r"(\w*)([ti])a$", "um"),
+    (r"((a)naly|(b)a|(d)iagno|(p)arenthe|(p)rogno|(s)ynop|(t)he)(sis|ses)$", "sis"),
+    (r"(^analy)(sis|ses)$", "sis"),
+    (r"(\w*)([^f])ves$", "fe"),
+    (r"(\w*)(hive)s$", ""),
+    (r"(\w*)(tive)s$", ""),
+    (r"(\w*)([lr])ves$", "f"),
+    (r"(\w*([^aeiouy]|qu))ies$", "y"),
+    (r"(s)eries$", "eries"),
+    (r"(m)ovies$", "ovie"),
+    (r"(\w*)(x|ch|ss|sh)es$", "$2"),
+    (r"(m|l)ice$", "ouse"),
+    (r"(bus)(es)?$", ""),
+    (r"(shoe)s$", ""),
+    (r"(cris|test)(is|es)$", "is"),
+    (r"^(a)x[ie]s$", "xis"),
+    (r"(octop|vir)(us|i)$", "us"),
+    (r"(alias|status)(es)?$", ""),
+    (r"^(ox)en", ""),
+    (r"(vert|ind)ices$", "ex"),
+    (r"(matr)ices$", "ix"),
+    (r"(quiz)zes$", ""),
+    (r"(database)s$", ""),
+)][::-1]
+
+_PLURAL_WORDS = {"ox": "oxen", "man": "men", "woman": "women", "die": "dice", "yes": "yeses",
+                 "foot": "feet", "eave": "eaves", "goose": "geese", "tooth": "teeth",
+                 "quiz": "quizzes"}
+_SINGULAR_WORDS = dict((p, s) for s, p in _PLURAL_WORDS.items())
+_SINGULAR_WORDS["boxes"] = "box"
+
+
+def _inflect(rules, text):
+    """The first rule that matches, and its match. Python's \\w is not Rust's
+    (marks, for one), so the rules run on a stand-in of the same length: ASCII
+    as it is, other characters as one word or one non-word character."""
+    masked = "".join(c if c < "\x80" else "\u00e9" if _rust_word(c) else "\u2022"
+                     for c in text)
+    for rule, replacement in rules:
+        match = rule.search(masked)
+        if match:
+            return match, replacement
+    return None, None
+
+
+def _plural(text):
+    if text in _UNCOUNTABLE:
+        return text
+    if text in _PLURAL_WORDS:
+        return _PLURAL_WORDS[text]
+    match, replacement = _inflect(_PLURAL_RULES, text)
+    if match is None:
+        return text + "s"
+    return text[match.start(1):match.end(1)] + replacement
+
+
+def _singular(text):
+    if text in _UNCOUNTABLE:
+        return text
+    if text in _SINGULAR_WORDS:
+        return _SINGULAR_WORDS[text]
+    match, replacement = _inflect(_SINGULAR_RULES, text)
+    if match is None:
+        return text
+    group = lambda n: text[match.start(n):match.end(n)] if match.start(n) >= 0 else ""
+    return _expand(group(1) + replacement, group, match.re.groups)
+
+
+def _expand(template, group, count):
+    """The Rust regex crate's Captures::expand: $2 and ${2} are groups, $$ is $."""
+    out, i = [], 0
+    while i < len(template):
+        c = template[i]
+        i += 1
+        if c != "$":
+            out.append(c)
+            continue
+        if template[i:i + 1] == "$":
+            out.append("$")
+            i += 1
+            continue
+        if template[i:i + 1] == "{":
+            end = template.find("}", i)
+            name, after = (template[i + 1:end], end + 1) if end > i + 1 else ("", i)
+        else:
+            name = re.match(r"[_0-9A-Za-z]*", template[i:]).group()
+            after = i + len(name)
+        if not name:
+            out.append("$")
+            continue
+        i = after
+        if name.isdigit() and int(name) <= count:  # named groups: these rules have none
+            out.append(group(int(name)))
+    return "".join(out)
+
+
+def _enquote(symbol, text):
+    quote = symbol[:1] or '"'
+    return quote + "".join("\\" + c if c == quote or c == "\\" else c for c in text) + quote
+
+
+def _unquote(text):
+    """enquote::unquote; anything it cannot unquote comes back unchanged, as
+    handlebars_misc_helpers does."""
+    if len(text) < 2 or text[0] not in "\"'`" or text[-1] != text[0]:
+        return text
+    result = _unescape(text[1:-1], text[0])
+    return text if result is None else result
+
+
+_ESCAPES = {"a": "\x07", "b": "\x08", "f": "\x0c", "n": "\n", "r": "\r", "t": "\t",
+            "v": "\x0b", "\\": "\\", '"': '"', "'": "'", "`": "`"}
+
+
+def _unescape(text, quote):
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        i += 1
+        if c == quote:
+            return None
+        if c != "\\":
+            out.append(c)
+            continue
+        if i == len(text):
+            return None
+        code = text[i]
+        i += 1
+        if code in _ESCAPES:
+            out.append(_ESCAPES[code])
+            continue
+        # Fixed-width numbers, padded with NULs past the end (never digits).
+        width, base, limit = {"x": (2, 16, 0xff), "u": (4, 16, 0x10ffff),
+                              "U": (8, 16, 0x10ffff)}.get(code, (3, 8, 0xff))
+        if code in "xuU":
+            digits, i = text[i:i + width].ljust(width, "\0"), i + width
+        elif "0" <= code <= "9":
+            digits, i = (code + text[i:i + 2]).ljust(3, "\0"), i + 2
+        else:
+            return None
+        value = _rust_uint(digits, base)
+        if value is None or value > limit or 0xd800 <= value <= 0xdfff:
+            return None
+        out.append(chr(value))
+    return "".join(out)
+
+
+_OCTAL = frozenset("01234567")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _rust_uint(text, base):
+    """Rust's from_str_radix for an unsigned type: an optional '+', then digits only."""
+    digits = text[1:] if text[:1] == "+" else text
+    valid = _OCTAL if base == 8 else _HEX
+    if not digits or any(d not in valid for d in digits):
+        return None
+    return int(digits, base)
+
+
+# --- rendering -----------------------------------------------------------------
+
+class _Frame:
+    """One level of context: the value `this` is, @index and friends, and the
+    names an `as |x i|` gave."""
+
+    __slots__ = ("base", "parent", "local", "params")
+
+    def __init__(self, base, parent, local=None, params=None):
+        self.base, self.parent, self.local, self.params = base, parent, local, params
+
+
+def _render_nodes(nodes, frame, out):
+    for node in nodes:
+        kind = node[0]
+        if kind == "text":
+            out.append(node[1])
+        elif kind == "out":
+            value = _call(node[1], frame)
+            if isinstance(value, Missing):
+                raise _Undefined(value.path)
+            out.append(_json_text(value))
+        else:
+            _render_block(node, frame, out)
+
+
+def _call(call, frame):
+    """The value of `{{x}}`, `{{helper a b}}` or `(helper a b)`."""
+    name, args, hash_ = call
+    if isinstance(name, Path):
+        if not (name.text in HELPERS or name.text in _BLOCK_HELPERS) or name.parts != [name.text]:
+            return _resolve(name, frame)
+        name = name.text
+    if name in _BLOCK_HELPERS:
+        raise TemplateError("'%s' is a block helper: write {{#%s ...}}...{{/%s}}"
+                            % (name, name, name))
+    helper = HELPERS.get(name)
+    if helper is None:
+        raise TemplateError("unknown helper '%s'" % name)
+    function, least, most = helper
+    if not least <= len(args) <= (most if most is not None else len(args)):
+        wanted = "%d" % least if least == most else "%d or more" % least
+        raise TemplateError("helper '%s' takes %s argument%s, got %d"
+                            % (name, wanted, "" if wanted == "1" else "s", len(args)))
+    values = [_eval(arg, frame) for arg in args]
+    if name == "lookup":
+        return _lookup(values, " ".join(_arg_text(arg) for arg in args))
+    return function(name, values, args)
+
+
+def _eval(arg, frame):
+    kind, value = arg
+    if kind == "lit":
+        return value
+    if kind == "path":
+        return _resolve(value, frame)
+    return _call(value, frame)
+
+
+def _arg_text(arg):
+    kind, value = arg
+    if kind == "lit":
+        return json.dumps(value)
+    return value.text if kind == "path" else "(%s)" % (value[0] if isinstance(value[0], str)
+                                                      else value[0].text)
+
+
+def _resolve(path, frame):
+    if path.root:
+        while frame.parent is not None:
+            frame = frame.parent
+    for _ in range(path.up):
+        frame = frame.parent or frame
+    parts = path.parts
+    if path.local:
+        value = (frame.local or {}).get(parts[0], _MISSING) if parts else _MISSING
+        parts = parts[1:]
+    else:
+        value = frame.base
+        block = frame
+        while parts and block is not None:
+            if block.params and parts[0] in block.params:
+                value, parts = block.params[parts[0]], parts[1:]
+                break
+            block = block.parent
+    for part in parts:
+        if isinstance(value, dict):
+            value = value.get(part, _MISSING)
+        elif isinstance(value, list) and part.isdigit() and part.isascii() \
+                and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            value = _MISSING
+        if value is _MISSING:
+            break
+    return Missing(path.text) if value is _MISSING or isinstance(value, Missing) else value
+
+
+_MISSING = object()
+
+
+def _truthy(value, include_zero=False):
+    """Handlebars' test: false, 0, "", [], {}, null and undefined are false."""
+    if isinstance(value, (Missing, type(None))):
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        if include_zero:
+            return value == value
+        return value != 0 and abs(value) >= 2.2250738585072014e-308 and abs(value) != float("inf")
+    return len(value) > 0
+
+
+def _json_text(value):
+    """A value as handlebars-rust prints it."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", repr(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[%s]" % "".join(_json_text(item) + ", " for item in value)
+    return "[object]"
+
+
+def _render_block(node, frame, out):
+    _, (name, args, hash_), as_names, body, inverse = node
+    block = _BLOCK_HELPERS.get(name)
+    if block is None:
+        if name in HELPERS:
+            raise TemplateError("'%s' is not a block helper: write {{%s ...}}" % (name, name))
+        raise TemplateError("unknown block helper '%s'" % name)
+    wanted = 0 if name == "raw" else 1
+    if len(args) != wanted:
+        raise TemplateError("{{#%s}} takes %s, got %d" % (
+            name, "no arguments" if not wanted else "one value", len(args)))
+    values = [_eval(arg, frame) for arg in args]
+    include_zero = _truthy(_eval(hash_["includeZero"], frame)) if "includeZero" in hash_ else False
+    block(values, args, as_names, body, inverse, frame, out, include_zero)
+
+
+def _block_if(values, args, as_names, body, inverse, frame, out, include_zero):
+    chosen = body if _truthy(values[0], include_zero) else inverse
+    _render_nodes(chosen or (), frame, out)
+
+
+def _block_unless(values, args, as_names, body, inverse, frame, out, include_zero):
+    chosen = inverse if _truthy(values[0], include_zero) else body
+    _render_nodes(chosen or (), frame, out)
+
+
+def _block_with(values, args, as_names, body, inverse, frame, out, include_zero):
+    value = values[0]
+    if not _truthy(value):
+        _render_nodes(inverse or (), frame, out)
+        return
+    params = {as_names[0]: value} if as_names else None
+    _render_nodes(body, _Frame(value, frame, None, params), out)
+
+
+def _block_each(values, args, as_names, body, inverse, frame, out, include_zero):
+    value = values[0]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    elif inverse is not None or not _truthy(value):
+        _render_nodes(inverse or (), frame, out)
+        return
+    else:  # Handlebars would print nothing, which is never what was meant
+        raise TemplateError("{{#each %s}}: %r is not a list, so there is nothing to go through"
+                            % (args[0][1].text if args[0][0] == "path" else "...", value))
+    if not items:
+        _render_nodes(inverse or (), frame, out)
+        return
+    for number, (key, item) in enumerate(items):
+        local = {"index": number, "key": key, "first": number == 0,
+                 "last": number == len(items) - 1}
+        if isinstance(value, list):
+            del local["key"]
+        params = dict(zip(as_names or (), (item, key)))
+        _render_nodes(body, _Frame(item, frame, local, params), out)
+
+
+def _block_raw(values, args, as_names, body, inverse, frame, out, include_zero):
+    _render_nodes(body, frame, out)
+
+
+_BLOCK_HELPERS = {"if": _block_if, "unless": _block_unless, "with": _block_with,
+                  "each": _block_each, "raw": _block_raw}
+
+
+def _lookup(values, text):
+    collection, key = values
+    if isinstance(collection, list) and isinstance(key, int) and not isinstance(key, bool) \
+            and 0 <= key < len(collection):
+        return collection[key]
+    if isinstance(collection, dict) and isinstance(key, str) and key in collection:
+        return collection[key]
+    return Missing("lookup " + text)
+
+
+def _text(name, value, arg):
+    """A text helper's argument: text, or an error naming what it got."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Missing):
+        raise _Undefined(value.path)
+    kind = ("a boolean" if isinstance(value, bool) else "a number"
+            if isinstance(value, (int, float)) else "null" if value is None
+            else "a list" if isinstance(value, list) else "an object")
+    raise TemplateError("helper '%s' needs text, but %s is %s" % (name, _arg_text(arg), kind))
+
+
+def _text_helper(function):
+    def helper(name, values, args):
+        return function(*[_text(name, v, a) for v, a in zip(values, args)])
+    return helper
 
 
 def _number(value):
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        return float(_json_text(value))
+    except ValueError:
         return None
 
 
 def _compare(op):
-    def compare(a, b):
-        x, y = _number(a), _number(b)
-        if x is None or y is None:  # compare as numbers when both are numbers
-            x, y = str(a), str(b)
+    def compare(name, values, args):
+        for value in values:
+            if isinstance(value, Missing):
+                raise _Undefined(value.path)
+        x, y = _number(values[0]), _number(values[1])
+        if x is None or y is None:  # numbers compare as numbers, the rest as text
+            x, y = _json_text(values[0]), _json_text(values[1])
         return op(x, y)
     return compare
 
 
-def _helper(name, function, arity):
-    """Wrap `function` as a pybars helper that checks how many arguments it got."""
-    def helper(this, *args):
-        if arity is not None and len(args) != arity:
-            raise HelperError("helper '%s' takes %d argument%s, got %d"
-                              % (name, arity, "" if arity == 1 else "s", len(args)))
-        return function(*args)
-    return helper
+def _same(a, b):
+    """eq: undefined and null equal each other only; the rest compare as text."""
+    if isinstance(a, Missing) or a is None or isinstance(b, Missing) or b is None:
+        return (isinstance(a, Missing) or a is None) and (isinstance(b, Missing) or b is None)
+    return _json_text(a) == _json_text(b)
+
+
+def _length(value):
+    return len(value) if isinstance(value, (str, list, dict)) else 0
+
+
+def _first_non_empty(name, values, args):
+    return next((v for v in values if isinstance(v, str) and v), "")
 
 
 _STRING_HELPERS = {
-    # handlebars_misc_helpers' string group, which Pegasus registers.
-    "replace": (lambda s, old, new: str(s).replace(str(old), str(new)), 3),
-    "to_lower_case": (lambda s: str(s).lower(), 1),
-    "to_upper_case": (lambda s: str(s).upper(), 1),
-    "to_snake_case": (lambda s: "_".join(w.lower() for w in _words(s)), 1),
-    "to_screaming_snake_case": (lambda s: "_".join(w.upper() for w in _words(s)), 1),
-    "to_kebab_case": (lambda s: "-".join(w.lower() for w in _words(s)), 1),
-    "to_train_case": (lambda s: "-".join(w.capitalize() for w in _words(s)), 1),
-    "to_title_case": (lambda s: " ".join(w.capitalize() for w in _words(s)), 1),
-    "to_sentence_case": (lambda s: " ".join(_words(s)).capitalize(), 1),
-    "to_camel_case": (lambda s: "".join(w.capitalize() if i else w.lower()
-                                        for i, w in enumerate(_words(s))), 1),
-    "to_pascal_case": (lambda s: "".join(w.capitalize() for w in _words(s)), 1),
-    "trim": (lambda s: str(s).strip(), 1),
-    "trim_start": (lambda s: str(s).lstrip(), 1),
-    "trim_end": (lambda s: str(s).rstrip(), 1),
-    "first_non_empty": (lambda *values: next((str(v) for v in values if str(v)), ""), None),
-    "len": (lambda s: len(str(s)), 1),
-    # Handlebars' comparison helpers; usable as {{#if (eq a "x")}}.
-    "eq": (lambda a, b: str(a) == str(b), 2),
-    "ne": (lambda a, b: str(a) != str(b), 2),
-    "gt": (_compare(lambda a, b: a > b), 2),
-    "gte": (_compare(lambda a, b: a >= b), 2),
-    "lt": (_compare(lambda a, b: a < b), 2),
-    "lte": (_compare(lambda a, b: a <= b), 2),
-    "and": (lambda *values: all(values), None),
-    "or": (lambda *values: any(values), None),
-    "not": (lambda value: not value, 1),
+    "to_lower_case": lambda s: s.lower(),
+    "to_upper_case": lambda s: s.upper(),
+    "trim": _rust_trim,
+    "trim_start": lambda s: _rust_trim(s, end=False),
+    "trim_end": lambda s: _rust_trim(s, start=False),
+    "to_camel_case": lambda s: _camel_like(s, False, False, "", False),
+    "to_pascal_case": lambda s: _camel_like(s, True, False, "", False),
+    "to_snake_case": lambda s: _snake_like(s, "_", False),
+    "to_screaming_snake_case": lambda s: _snake_like(s, "_", True),
+    "to_kebab_case": lambda s: _snake_like(s, "-", False),
+    "to_train_case": lambda s: _camel_like(s, True, True, "-", False),
+    "to_sentence_case": lambda s: _camel_like(s, True, True, " ", True),
+    "to_title_case": lambda s: _camel_like(s, True, True, " ", False),
+    "to_class_case": _class_case,
+    "to_table_case": _table_case,
+    "to_plural": _plural,
+    "to_singular": _singular,
+    "unquote": _unquote,
 }
-HELPERS = {name: _helper(name, f, n) for name, (f, n) in _STRING_HELPERS.items()}
+
+# name -> (function(name, values, args), fewest arguments, most or None)
+HELPERS = {name: (_text_helper(f), 1, 1) for name, f in _STRING_HELPERS.items()}
+HELPERS.update({
+    "replace": (_text_helper(lambda s, old, new: s.replace(old, new)), 3, 3),
+    "quote": (_text_helper(_enquote), 2, 2),
+    "first_non_empty": (_first_non_empty, 0, None),
+    # Handlebars' own helpers.
+    "lookup": (None, 2, 2),
+    "log": (lambda name, values, args: "", 0, None),
+    "len": (lambda name, values, args: _length(values[0]), 1, 1),
+    "eq": (lambda name, values, args: _same(*values), 2, 2),
+    "ne": (lambda name, values, args: not _same(*values), 2, 2),
+    "gt": (_compare(lambda a, b: a > b), 2, 2),
+    "gte": (_compare(lambda a, b: a >= b), 2, 2),
+    "lt": (_compare(lambda a, b: a < b), 2, 2),
+    "lte": (_compare(lambda a, b: a <= b), 2, 2),
+    "and": (lambda name, values, args: all(_truthy(v) for v in values), 2, None),
+    "or": (lambda name, values, args: any(_truthy(v) for v in values), 2, None),
+    "not": (lambda name, values, args: not _truthy(values[0]), 1, 1),
+})
+
+
+def _collect_tested(nodes, tested):
+    """Names in block tags and lookups: their values steer what renders."""
+    for node in nodes:
+        if node[0] == "block":
+            _names_in(node[1], tested, False)
+            _collect_tested(node[3], tested)
+            _collect_tested(node[4] or (), tested)
+        elif node[0] == "out":
+            _names_in(node[1], tested, True)
+
+
+def _names_in(call, tested, only_lookups):
+    name, args, hash_ = call
+    if name == "lookup":
+        only_lookups = False
+    for kind, value in list(args) + list(hash_.values()):
+        if kind == "path" and not only_lookups and value.parts and not value.local:
+            tested.add(value.parts[0])
+        elif kind == "sub":
+            _names_in(value, tested, only_lookups)
 
 
 def job_names(job, slot, indices):
@@ -963,10 +2018,8 @@ def count_jobs(entries):
 
 
 def check_queue(queue, slots, broadcast=False):
-    """Render each distinct job shape on each distinct slot shape once, so a
-    typo in a template stops the run before anything connects; and refuse a
-    job that needs more slots than any host has."""
-    seen = set()
+    """Stop a typo in a template before anything connects (see check_command),
+    and refuse a job that needs more slots than any host has."""
     largest = max(slot.capacity for slot in slots)
     for entry in queue.entries:
         needs = int(entry.spec.get("slots", ["1"])[0])
@@ -974,14 +2027,52 @@ def check_queue(queue, slots, broadcast=False):
             raise PegasusError("%s:%d: this entry's jobs need %d slots, but the largest host "
                                "has %d (give hosts 'slots: N' in the hosts file)"
                                % (queue.path, entry.line, needs, largest))
-        if not any("{{" in command for command in entry.spec["command"]):
-            continue  # nothing to render, nothing that can fail
-        for job in expand_jobs(entry.spec):
-            for slot in slots:
-                shape = (job.command, tuple(job.params), tuple(slot.params))
-                if shape not in seen:
-                    seen.add(shape)
-                    render_job(job, slot)
+        for command in dict.fromkeys(entry.spec["command"]):
+            if "{{" in command:  # nothing to render, nothing that can fail
+                check_command(entry.spec, command, slots)
+
+
+# At most this many combinations of tested values are rendered per command;
+# past it, each tested parameter runs through its values on its own.
+CHECK_COMBINATIONS = 4096
+
+
+def check_command(spec, command, slots):
+    """Render one command of an entry every way its jobs can render
+    differently: each value of the parameters its block tags test (`#if`,
+    `#each`, lookups), one value of the others, on each distinct kind of host.
+    So a name used in only one branch of an `#if` is checked wherever that
+    branch renders, and a 200 x 1000 entry costs a render or so, not 200,000."""
+    try:
+        tested = compile_template(command).tested
+    except TemplateError:
+        tested = set()  # render_job below reports it, naming the job
+    params = {k: v for k, v in spec.items() if k not in ("command", "slots")}
+    first = {k: v[0] for k, v in params.items()}
+    varied = [k for k in params if k in tested]
+    choices = [list(dict.fromkeys(params[k])) for k in varied]
+    hosts = {}
+    for slot in slots:
+        shape = (tuple(slot.params), tuple((k, v) for k, v in slot.params.items() if k in tested),
+                 slot.hostname if "hostname" in tested else None,
+                 slot.capacity if "slots" in tested else None)
+        hosts.setdefault(shape, slot)
+    needs = int(spec.get("slots", ["1"])[0])
+    for values in tested_combinations(choices):
+        job = Job(command, dict(first, **dict(zip(varied, values))), needs)
+        for slot in hosts.values():
+            render_job(job, slot)
+
+
+def tested_combinations(choices):
+    total = 1
+    for values in choices:
+        total *= len(values)
+    if total <= CHECK_COMBINATIONS:
+        return itertools.product(*choices)
+    base = [values[0] for values in choices]
+    return [base[:i] + [value] + base[i + 1:]
+            for i, values in enumerate(choices) for value in values]
 
 
 # ----------------------------------------------------------------------------
@@ -1020,9 +2111,34 @@ def master_argv(options, hostname, socket):
     # The master prints MASTER_UP once it has logged in (its control socket
     # exists by then), then runs `cat` on pegasus's pipe: if pegasus dies,
     # cat sees EOF and the master goes too, instead of idling forever.
-    return ssh_base(options) + [
+    base = ssh_base(options)
+    return base + host_key_options(base, hostname) + [
         "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-S", socket,
         "-T", "--", hostname, "echo %s; cat >/dev/null" % MASTER_UP]
+
+
+_host_key_options = {}  # (ssh argv, hostname) -> options to add for it
+
+
+def host_key_options(base, hostname):
+    """Pegasus accepts the key of a host it meets for the first time, and so
+    do we: StrictHostKeyChecking=accept-new (a key that changed is still
+    refused). ssh keeps the first value it sees and -o beats ~/.ssh/config,
+    so the option is added only where the user's config and --ssh-option
+    leave the default, "ask" (which BatchMode turns into a refusal); `ssh -G`
+    says, once per host, in a few milliseconds. The masters alone need it:
+    jobs ride on a master, which has checked the key already."""
+    key = (tuple(base), hostname)
+    if key not in _host_key_options:
+        try:
+            shown = subprocess.run(base + ["-G", "--", hostname], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   universal_newlines=True, timeout=15).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            shown = ""  # ssh itself will say what is wrong
+        default = "stricthostkeychecking ask" in shown.splitlines()
+        _host_key_options[key] = ["-o", "StrictHostKeyChecking=accept-new"] if default else []
+    return _host_key_options[key]
 
 
 def job_argv(options, hostname, socket, command):
@@ -2953,7 +4069,7 @@ def build_parser():
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                         help="an ssh -o option, e.g. --ssh-option Port=2222 (repeatable)")
     parser.add_argument("--ssh", default="ssh", help=argparse.SUPPRESS)
-    parser.add_argument("--version", action=VersionAction)
+    parser.add_argument("-V", "--version", action=VersionAction)
     return parser
 
 
