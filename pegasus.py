@@ -109,6 +109,14 @@ SSH_OPTIONS = (
 # `exec`, or sets its own EXIT trap, keeps the watcher until pegasus closes the
 # pipe after the job's exit, and so loses such leftovers.) The watcher uses
 # only builtins: a fork and no exec, which matters for thousands of short jobs.
+# The command ($c ends with one character added, a newline or a space, so that
+# a closing comment or `&` ends before `;;`) is parsed whole, inside a case,
+# before any of it runs, with the parser's stderr muted (fd 4 keeps the real
+# one, restored first thing): a syntax error would otherwise be reported as
+# eval's, showing the wrapper. Then nothing has run, and `sh -c` runs the
+# command as written to report the error in sh's own words. `command` keeps
+# the failed eval from ending the shell; `exit` after the case keeps the
+# fallback from running after the command did.
 # The text holds no backslash, `!`, newline or single quote, so every login
 # shell (sh, bash, zsh, fish, tcsh) passes it through single quotes untouched.
 DECODE = 'c=$(printf %b "$1"x);c=${c%x};'
@@ -118,7 +126,8 @@ RUN = (
     'exec 3<&-;'
     'trap "kill $! 2>/dev/null" EXIT;'
     'set --;'
-    'eval "unset c;$c"'
+    'command eval "case : in *) unset c;exec 2>&4 4>&-;$c;; esac;exit" 4>&2 2>/dev/null;'
+    'sh -c "${c%?}"'
 )
 
 # Bytes that may stand as themselves in the encoded command: safe inside
@@ -980,13 +989,14 @@ def encode_command(command):
 def wrapped_command(command):
     """The text a login shell on the host gets: it runs `command` with sh."""
     encoded = encode_command(command)
-    decode = DECODE if encoded != command else "c=$1;"  # no escapes: save a fork
-    return "exec sh -c '%s%s' sh '%s'" % (decode, RUN, encoded)
+    if encoded == command:  # no escapes: save the decoder's fork
+        return "exec sh -c 'c=\"$1 \";%s' sh '%s'" % (RUN, command)
+    return "exec sh -c '%s%s' sh '%s\\0012'" % (DECODE, RUN, encoded)
 
 
 def local_argv(command):
     # An absolute path: searching PATH costs a failed execve per entry, per job.
-    return ["/bin/sh", "-c", "c=$1;" + RUN, "sh", command]
+    return ["/bin/sh", "-c", "c=$1;" + RUN, "sh", command + "\n"]
 
 
 def ssh_base(options):

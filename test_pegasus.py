@@ -1183,6 +1183,40 @@ def test_the_command_is_verbatim_whatever_the_login_shell(tmp_path, shell_users)
         pytest.skip("tested %s; not installed: %s" % (", ".join(shells), ", ".join(missing)))
 
 
+SYNTAX_ERRORS = ["echo 'unclosed", "echo )", "if true; then echo x", "echo a\necho 'b"]
+
+
+def sh_says(command):
+    """What `sh -c command` writes to stderr, and its exit status."""
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    return out.stderr, out.returncode
+
+
+@pytest.mark.parametrize("command", SYNTAX_ERRORS)
+def test_a_syntax_error_reads_as_sh_s_own(command):
+    proc = subprocess.Popen(pegasus.local_argv(command), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    code = proc.wait(timeout=20)
+    proc.stdin.close()
+    assert (err, code) == sh_says(command)
+    assert out == ("a\n" if command.startswith("echo a") else "")  # run as sh would, once
+    assert "eval" not in err and "$c" not in err and "unset c" not in err
+
+
+def test_a_syntax_error_reads_as_sh_s_own_whatever_the_login_shell(tmp_path, shell_users):
+    config, shells = shell_users
+    write(tmp_path / "hosts.yaml", "".join("- as-%s\n" % shell for shell in shells))
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump(SYNTAX_ERRORS))
+    out = run_pegasus(tmp_path, "b", "-i", ssh_config=config)
+    assert out.returncode == 1, out.stderr
+    assert "eval" not in out.stdout and "unset c" not in out.stdout
+    expected = "".join(sh_says(command)[0] for command in SYNTAX_ERRORS).splitlines()
+    for shell in shells:
+        lines = [line.split("] ", 1)[1] for line in job_lines(out.stdout, "[as-%s]" % shell)]
+        assert [line for line in lines if line != "a"] == expected
+
 def as_nobody():
     """argv prefix running a command as an unprivileged user, or None."""
     if os.geteuid() != 0:
