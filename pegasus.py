@@ -168,7 +168,7 @@ def need_yaml():
     try:
         import yaml as module
     except ImportError:
-        raise PegasusError("needs PyYAML: pip install --user pyyaml pybars3") from None
+        raise PegasusError(install_hint("PyYAML")) from None
     yaml = module
     # Scalars stay the text the user wrote ("8", "yes", "1.10"): the base loader
     # resolves no implicit types. The C versions are ~6x faster where libyaml is.
@@ -179,6 +179,27 @@ def need_yaml():
 
     EntryDumper.add_representer(str, _represent_str)
     ENTRY_DUMPER = EntryDumper
+
+
+def install_hint(missing, in_venv=None, managed=None):
+    """How to get the two packages, for the Python running now: one message."""
+    if in_venv is None:
+        in_venv = sys.prefix != sys.base_prefix
+    if managed is None:  # Debian's and Fedora's Python: pip refuses even --user
+        import sysconfig
+        managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"),
+                                              "EXTERNALLY-MANAGED"))
+    fetch = "`uv run pegasus.py ...` or `pipx run pegasus.py ...` (they fetch them)"
+    if in_venv:
+        return "needs %s: pip install pyyaml pybars3 (into this venv, %s)" % (
+            missing, sys.prefix)
+    if managed:
+        return ("needs %s, and pip may not install into this system Python: run it as %s, "
+                "or in a venv: python3 -m venv ~/pegasus-venv && ~/pegasus-venv/bin/pip "
+                "install pyyaml pybars3 && ~/pegasus-venv/bin/python pegasus.py ..."
+                % (missing, fetch))
+    return "needs %s: python3 -m pip install --user pyyaml pybars3, or run it as %s" % (
+        missing, fetch)
 
 
 class Job:
@@ -469,7 +490,7 @@ def load_pybars():
             import pybars
             import pybars._compiler
         except ImportError:
-            raise PegasusError("templates need pybars3: pip install --user pybars3") from None
+            raise PegasusError(install_hint("pybars3 for templates")) from None
         # {{x}} HTML-escapes & " ' ` < > through this module-level function and
         # pybars has no switch to turn that off; a shell command needs the text
         # as written. test_pegasus.py pins this on every one of those characters.

@@ -1667,18 +1667,45 @@ def test_colors_and_wrapping_on_a_terminal_only(tmp_path):
 
 def test_missing_dependencies_say_how_to_install_them(tmp_path):
     write(tmp_path / "queue.yaml", "- echo {{x}}\n")
-    out = subprocess.run([sys.executable, "-S", PEGASUS, "q"], cwd=str(tmp_path),
+    # Outside a venv (-S: no site-packages, so no PyYAML): pip --user, uv, pipx.
+    base = os.path.join(sys.base_prefix, "bin", "python3")
+    out = subprocess.run([base, "-S", PEGASUS, "q"], cwd=str(tmp_path),
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
     assert out.returncode == 2
-    assert "pegasus: error: needs PyYAML: pip install --user pyyaml pybars3" in out.stderr
+    assert out.stderr.count("pegasus: error") == 1 and "Traceback" not in out.stderr
+    if pegasus.install_hint("x") == pegasus.install_hint("x", False, False):
+        assert ("pegasus: error: needs PyYAML: python3 -m pip install --user pyyaml pybars3, "
+                "or run it as `uv run pegasus.py ...` or `pipx run pegasus.py ...`"
+                in out.stderr)
+    # In a venv (a real one, made without pip: it has no packages): plain pip.
+    subprocess.run([base, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    out = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), PEGASUS, "q"],
+                         cwd=str(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "pegasus: error: needs PyYAML: pip install pyyaml pybars3 (into this venv, " \
+        in out.stderr and "--user" not in out.stderr
+    # PyYAML but no pybars3: templates say so.
     only_yaml = tmp_path / "only-yaml"
     only_yaml.mkdir()
     os.symlink(os.path.dirname(yaml.__file__), str(only_yaml / "yaml"))
-    out = subprocess.run([sys.executable, "-S", PEGASUS, "q"], cwd=str(tmp_path),
+    out = subprocess.run([base, "-S", PEGASUS, "q"], cwd=str(tmp_path),
                          capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(only_yaml)))
     assert out.returncode == 2
-    assert "templates need pybars3: pip install --user pybars3" in out.stderr
+    assert "needs pybars3 for templates: " in out.stderr
+
+
+@pytest.mark.parametrize("in_venv, managed, says, not_says", [
+    (True, False, "pip install pyyaml pybars3 (into this venv", "--user"),
+    (True, True, "pip install pyyaml pybars3 (into this venv", "--user"),
+    (False, False, "python3 -m pip install --user pyyaml pybars3, or run it as `uv run "
+                   "pegasus.py ...` or `pipx run pegasus.py ...`", "venv"),
+    (False, True, "may not install into this system Python: run it as `uv run pegasus.py "
+                  "...` or `pipx run pegasus.py ...`", "--user"),
+])
+def test_install_hint_fits_the_python(in_venv, managed, says, not_says):
+    hint = pegasus.install_hint("PyYAML", in_venv, managed)
+    assert hint.startswith("needs PyYAML") and says in hint and not_says not in hint
 
 
 def test_version_and_help(tmp_path):
