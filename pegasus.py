@@ -1032,7 +1032,10 @@ def ssh_base(options):
 def master_argv(options, hostname, socket):
     # The master runs `cat` on the host, reading pegasus's pipe: if pegasus
     # dies, cat sees EOF and the master goes too, instead of idling forever.
+    # LogLevel=ERROR: its stderr is the reason given when it fails; with the
+    # LogLevel QUIET many configs set, it would say nothing (--ssh-option wins).
     return ssh_base(options) + [
+        "-o", "LogLevel=ERROR",
         "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-S", socket,
         "-T", "--", hostname, "cat >/dev/null"]
 
@@ -1057,8 +1060,28 @@ class Connection:
         self.sessions = 0      # jobs running over it now
 
     def error(self):
+        """Why the master failed: the last line ssh wrote."""
+        self.read_rest()
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
-        return lines[-1] if lines else "ssh exited with status %s" % self.proc.returncode
+        if lines:
+            return lines[-1]
+        return "ssh exited with status %s and said nothing (try: ssh -v %s true)" % (
+            self.proc.returncode, self.hostname)
+
+    def read_rest(self):
+        # The master may be found dead before the loop has read its last
+        # words, and they are what says why.
+        pipe = self.proc.stderr
+        if pipe is None or pipe.closed:
+            return
+        os.set_blocking(pipe.fileno(), False)
+        try:
+            chunk = os.read(pipe.fileno(), READ_SIZE)
+            while chunk:
+                self.stderr = (self.stderr + chunk)[-4096:]
+                chunk = os.read(pipe.fileno(), READ_SIZE)
+        except BlockingIOError:
+            pass
 
     def alive(self):
         """The master runs (a master whose connection broke exits: keepalives)."""

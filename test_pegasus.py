@@ -906,6 +906,20 @@ def test_a_host_down_at_start_is_reported_and_the_others_work(tmp_path, hosts):
     assert read(tmp_path / "queue.yaml") == "- echo a\n"
 
 
+@pytest.mark.parametrize("log_level", ["QUIET", "ERROR"])
+def test_a_refused_connection_says_why_whatever_the_log_level(tmp_path, log_level):
+    if shutil.which("ssh") is None:
+        pytest.skip("needs ssh")
+    port = free_port(["127.0.0.98"])  # nothing listens there
+    (tmp_path / "ssh_config").write_text(
+        "Host closed\n  HostName 127.0.0.98\n  Port %d\n  LogLevel %s\n" % (port, log_level))
+    write(tmp_path / "hosts.yaml", "- closed\n")
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    out = run_pegasus(tmp_path, "q", ssh_config=tmp_path / "ssh_config")
+    assert out.returncode == 2
+    assert ("cannot connect to closed: ssh: connect to host 127.0.0.98 port %d: "
+            "Connection refused" % port) in out.stderr
+
 def test_consumed_entries_rerun_the_same_jobs(tmp_path, hosts):
     write(tmp_path / "hosts.yaml", "- hostname: h1\n  gpu: [0, 1]\n")
     write(tmp_path / "queue.yaml", """
