@@ -59,6 +59,7 @@ EXIT_OK = 0            # every job succeeded
 EXIT_FAILED = 1        # at least one job failed
 EXIT_USAGE = 2         # bad command line, bad file, no host reachable
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C or SIGTERM before the queue was done
+EXIT_PIPE = 141        # our output's reader went away (`| head`), as if killed by SIGPIPE
 
 LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -291,14 +292,31 @@ def compose_list(path, text):
     try:
         root = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
-        raise PegasusError("%s: invalid YAML: %s" % (path, detail)) from None
+        raise PegasusError(yaml_error(path, text, e)) from None
     if root is None:
         return None
     if not isinstance(root, yaml.SequenceNode):
         raise PegasusError("%s:%d: the file must be a YAML list (lines starting with '- '), "
                            "not a %s" % (path, root.start_mark.line + 1, node_kind(root)))
     return root
+
+
+def yaml_error(path, text, error):
+    """PyYAML's message as one line naming the file, line and column, without
+    its `in "<unicode string>"` and the excerpt it draws with a caret."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:  # a ReaderError: a character YAML does not allow
+        line = text.count("\n", 0, getattr(error, "position", 0)) + 1
+        detail = re.sub(r'\s*in "<unicode string>",? position \d+', "", str(error))
+        return "%s:%d: invalid YAML: %s" % (path, line, " ".join(detail.split()))
+    message = error.problem or "invalid"
+    if error.context:
+        at = error.context_mark
+        message += " (%s%s)" % (error.context, "" if at is None else
+                                " at line %d, column %d" % (at.line + 1, at.column + 1))
+    if "\\t" in message:
+        message += "; indent with spaces, not tabs"
+    return "%s:%d:%d: invalid YAML: %s" % (path, mark.line + 1, mark.column + 1, message)
 
 
 def node_kind(node):
@@ -2283,7 +2301,7 @@ def dry_run(slots, queue, broadcast):
     print("%d slot%s:" % (len(slots), plural(len(slots))))
     for slot in slots:
         print("  " + slot.label)
-    print("%d job%s in %s:" % (len(jobs), plural(len(jobs)), queue.path))
+    print("%d job%s in %s%s" % (len(jobs), plural(len(jobs)), queue.path, ":" if jobs else ""))
     for number, job in enumerate(jobs, 1):
         # Queue mode: shown on the first host it fits, with its first slot
         # numbers; in a run, it goes where it fits when slots are free.
@@ -2478,10 +2496,17 @@ def non_negative(text):
 def main(argv=None):
     options = build_parser().parse_args(argv)
     try:
-        return MODES[options.mode](options)
+        code = MODES[options.mode](options)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
     except PegasusError as e:
         print("pegasus: error: %s" % e, file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # `pegasus.py s | head -1`: the reader has all it wants. Point stdout
+        # at /dev/null so that the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

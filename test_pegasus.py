@@ -325,6 +325,19 @@ def test_bad_queue_files_are_named_errors(text, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("- a\n- b: c: d\n", "queue.yaml:2:7: invalid YAML: mapping values are not allowed"),
+    ("- a\n- 'abc\n", "queue.yaml:3:1: invalid YAML: found unexpected end of stream "
+                      "(while scanning a quoted scalar at line 2, column 3)"),
+    ("- a\n- b\x00\n", "queue.yaml:2: invalid YAML: unacceptable character #x0000"),
+])
+def test_yaml_errors_name_file_line_and_column_only(text, message):
+    with pytest.raises(pegasus.PegasusError) as e:
+        pegasus.parse_queue("queue.yaml", text)
+    assert str(e.value).startswith(message)
+    assert "unicode string" not in str(e.value) and "^" not in str(e.value)
+
+
 @pytest.mark.parametrize("hostname", ["-oProxyCommand=touch /tmp/x", "a b", "a\tb", "x\x1by"])
 def test_hostnames_that_ssh_would_misread_are_refused(tmp_path, hostname):
     (tmp_path / "hosts.yaml").write_text(yaml.safe_dump([hostname]))
@@ -682,7 +695,7 @@ def test_failed_jobs_are_summarized_and_exit_1(tmp_path):
     ("- x: 1\n", "- echo\n", "hosts.yaml:1: entry 1 has no 'hostname' key"),
     ("", "- echo\n", "hosts.yaml: no hosts in the file"),
     ("- localhost\n", "- echo {{ dir }}\n", "{{dir}} is not defined"),
-    ("- localhost\n", "- {command: x\n", "queue.yaml: invalid YAML"),
+    ("- localhost\n", "- {command: x\n", "queue.yaml:2:1: invalid YAML: did not find"),
     ("- localhost\n", "- command: [a]\n  p: [1, [2]]\n", "'p' holds a list"),
     ("- localhost\n", "- echo {{#if x}}\n", "is not matched"),
 ])
@@ -717,7 +730,7 @@ def test_broken_queue_mid_run_is_waited_on_and_never_rewritten(tmp_path):
     assert read(tmp_path / "queue.yaml") == broken  # never rewritten after a failed parse
     (tmp_path / "queue.yaml").write_text("- echo second\n- echo fixed\n")
     out, err = proc.communicate(timeout=20)
-    assert "queue.yaml: invalid YAML" in err and "waiting for" in err
+    assert re.search(r"queue\.yaml:\d+:\d+: invalid YAML: ", err) and "waiting for" in err
     assert job_lines(out) == ["[localhost] second", "[localhost] fixed"]
     assert proc.returncode == 0
 
@@ -1625,6 +1638,38 @@ def test_status_and_stop_from_another_terminal(tmp_path):
     status = run_pegasus(tmp_path, "s")
     assert status.returncode == 2 and "no pegasus is running" in status.stderr
 
+
+def run_into_closed_pipe(cwd, *args):
+    """Run pegasus with stdout a pipe whose reader is gone, as `| head -1` leaves it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, PEGASUS, *args], cwd=str(cwd), stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+
+
+def test_a_reader_that_goes_away_ends_pegasus_quietly(tmp_path):
+    write(tmp_path / "queue.yaml", "")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.state"), what="state")
+        for args in (["s"], ["q", "--dry-run"]):
+            out = run_into_closed_pipe(tmp_path, *args)
+            assert out.returncode == 141, out.stderr
+            assert "Error" not in out.stderr and "pegasus: error" not in out.stderr
+    finally:
+        proc.kill()
+        proc.communicate(timeout=20)
+
+
+def test_dry_run_of_an_empty_queue(tmp_path):
+    write(tmp_path / "queue.yaml", "# nothing yet\n")
+    out = run_pegasus(tmp_path, "q", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == ["0 jobs in queue.yaml",
+                                            "0 commands would run (queue mode)"]
 
 def run_in_terminal(cwd, args, env=None, columns=80):
     """Run pegasus with a pseudo-terminal as stdout and stderr; the screen bytes."""
