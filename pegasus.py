@@ -419,12 +419,15 @@ def check_hostname(name, here):
 
 
 RANGE = re.compile(r"\[(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)\]")
+TEMPLATE_TAG = re.compile(r"\{\{.*?\}\}", re.S)
 
 
 def expand_ranges(name):
-    """Host ranges as pdsh and clush write them: node-[01-16], gpu[1-4,7],
-    rack[1-2]-n[1-3] (leftmost range outermost). A range whose first number
-    has a leading zero keeps that width."""
+    """Host ranges as pdsh, clush and Slurm write them: node-[01-16],
+    gpu[1-4,7], rack[1-2]-n[1-3] (leftmost range outermost). A range whose
+    first number has a leading zero keeps that width."""
+    if "[" in name or "]" in name:
+        check_ranges(name)
     match = RANGE.search(name)
     if match is None:
         return [name]
@@ -438,6 +441,70 @@ def expand_ranges(name):
         numbers += [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
     head, tail = name[:match.start()], name[match.end():]
     return [head + number + rest for number in numbers for rest in expand_ranges(tail)]
+
+
+def check_ranges(name):
+    # No hostname holds a bracket: one left over is a range mistyped
+    # (node-[1-4, node[a-c]), which would otherwise become a host so named.
+    rest = RANGE.sub("", TEMPLATE_TAG.sub("", name))
+    if "[" in rest or "]" in rest:
+        raise PegasusError("bad host range in %r: write it as [1-4] or [01-04,07]" % name)
+
+
+def expand_hostlist(text):
+    """A comma-separated list of hosts with ranges (-H, SLURM_JOB_NODELIST):
+    "gpu[01-04,07],cpu5" -- commas inside brackets belong to the range."""
+    pieces, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth <= 0:
+            pieces.append(text[start:position])
+            start, depth = position + 1, 0
+    pieces.append(text[start:])  # an unclosed bracket runs to the end: an error below
+    return [name for piece in pieces if piece.strip() for name in expand_ranges(piece.strip())]
+
+
+def hosts_from_list(texts, source):
+    """Slots for hostnames given as lists (-H a,b -H c[1-2], or Slurm's)."""
+    slots = []
+    for text in texts:
+        try:
+            names = expand_hostlist(text)
+        except PegasusError as e:
+            raise PegasusError("%s: %s" % (source, e)) from None
+        for name in names:
+            check_hostname(name, source)
+            slots.append(Slot(len(slots), name, {}))
+    if not slots:
+        raise PegasusError("%s: no hosts given" % source)
+    return slots
+
+
+def slurm_hosts(environ):
+    """The nodes of the Slurm allocation this runs in."""
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise PegasusError("--slurm: SLURM_JOB_NODELIST is not set, so this is not inside "
+                           "a Slurm allocation (run it from salloc or an sbatch script)")
+    return hosts_from_list([nodelist], "SLURM_JOB_NODELIST")
+
+
+def label_copies(slots, source):
+    """The same slot twice (one host listed twice, overlapping ranges) runs
+    two jobs there at once, as in Pegasus; that may be meant, so it is
+    allowed, but said once, and each copy gets a label of its own."""
+    seen, repeated = {}, []
+    for slot in slots:
+        count = seen[slot.label] = seen.get(slot.label, 0) + 1
+        if count > 1:
+            if count == 2:
+                repeated.append(slot.label)
+            slot.label = "%s #%d]" % (slot.label[:-1], count)
+    if repeated:
+        note("%s lists the same host more than once: %s; each copy runs a job of its own "
+             "at the same time (say 'slots: N' in a hosts file to mean it)"
+             % (source, ", ".join("%s %d times" % (label, seen[label]) for label in repeated)))
+    return slots
 
 
 def read_hosts(path):
@@ -967,6 +1034,72 @@ class QueueFile:
         self.signature = file_signature(self.path)
 
 
+class MemoryQueue:
+    """Jobs given as arguments or on stdin: QueueFile's interface, kept in
+    memory. Nothing is written (no queue file, no consumed.yaml): a one-liner
+    leaves no files behind, and there is no file for lock mode to edit."""
+
+    on_disk = False
+
+    def __init__(self, jobs, path):
+        self.path = path          # what messages call it: <command line> or <stdin>
+        self.jobs = list(jobs)
+        self.count = len(self.jobs)
+        self.lock = MemoryLock(path)
+
+    @property
+    def entries(self):
+        return [Entry(0, 0, job_spec(job), number) for number, job in enumerate(self.jobs, 1)]
+
+    def load(self):
+        pass  # nobody else can change it
+
+    def take(self, choose):
+        """As QueueFile.take: walk from the head, take what `choose` accepts."""
+        taken, kept, error, looked = [], [], None, 0
+        for job in self.jobs[:LOOKAHEAD]:
+            looked += 1
+            try:
+                choice = choose(job)
+            except StopScan:
+                kept.append(job)
+                break
+            except PegasusError as e:
+                kept.append(job)
+                error = e
+                break
+            if choice is None:
+                kept.append(job)
+            else:
+                taken.append((choice, job))
+        self.jobs[:looked] = kept
+        self.count = len(self.jobs)
+        return taken, error
+
+    def put_back(self, jobs):
+        self.jobs[:0] = jobs
+        self.count = len(self.jobs)
+
+    def commit(self, jobs):
+        pass  # nothing records taken jobs: the output and --joblog do
+
+
+class MemoryLock:
+    """A lock no one else can hold: there is no file to edit."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def try_acquire(self):
+        return True
+
+    def release(self):
+        pass
+
+    def holder(self):
+        return "no one"
+
+
 def job_spec(job):
     spec = {"command": [job.command]}
     spec.update((key, [value]) for key, value in job.params.items())
@@ -1469,7 +1602,9 @@ class Records:
 
     def __init__(self, options, queue_path):
         self.sequence = itertools.count(1)
-        self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
+        self.failed_path = None  # no queue file (commands as arguments): no failed.yaml
+        if queue_path is not None:
+            self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
         self.output_dir = options.output_dir
         self.joblog = None
         try:
@@ -1508,6 +1643,8 @@ class Records:
             self.joblog.flush()
 
     def failed(self, job):
+        if self.failed_path is None:
+            return
         try:
             append_durably(self.failed_path, dump_entry(job.canonical()))
         except OSError as e:
@@ -1524,9 +1661,12 @@ class StateFile:
     it describes the moment, and a crash makes it stale anyway)."""
 
     def __init__(self, queue_path):
-        self.path = queue_path + ".state"
+        # None: a run without a queue file, which `s` and `stop` cannot find
+        self.path = None if queue_path is None else queue_path + ".state"
 
     def write(self, state):
+        if self.path is None:
+            return
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             fd, temp = tempfile.mkstemp(dir=directory, prefix=".pegasus-state.")
@@ -1553,7 +1693,8 @@ class StateFile:
 
     def remove(self):
         try:
-            os.unlink(self.path)
+            if self.path is not None:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
 
@@ -1605,8 +1746,9 @@ class Runner:
         self.blocked = False      # the queue is locked or broken: take nothing
         self.reported = None      # the last queue problem told to the user
         self.unreturned = []      # jobs to put back once the queue lock is free
-        self.records = Records(options, queue.path)
-        self.state = StateFile(queue.path)
+        on_disk = getattr(queue, "on_disk", True)  # a MemoryQueue writes no file
+        self.records = Records(options, queue.path if on_disk else None)
+        self.state = StateFile(queue.path if on_disk else None)
         self.state_dirty = True
         self.started_at = time.monotonic()
         self.run_seconds = 0.0    # summed durations of finished jobs, for the estimate
@@ -2242,33 +2384,59 @@ def short_temp_dir():
 
 
 def load_slots(options):
-    """The slots from the hosts file, or this machine alone if there is none."""
+    """The slots from -H, --slurm or the hosts file; or this machine alone."""
+    if options.host:
+        return label_copies(hosts_from_list(options.host, "-H"), "-H")
+    if options.slurm:
+        return label_copies(slurm_hosts(os.environ), "SLURM_JOB_NODELIST")
     path = options.hosts_file
     if path is None:
         path = "hosts.yaml"
         if not os.path.exists(path):
             note("no hosts.yaml here: running jobs on this machine, one at a time "
-                 "(write hosts.yaml to use others)")
+                 "(write hosts.yaml, or give hosts with -H, to use others)")
             return [Slot(0, "localhost", {})]
-    return read_hosts(path)
+    return label_copies(read_hosts(path), path)
 
 
 def open_queue(options, slots):
-    queue = QueueFile(options.queue_file, options.mode)
-    if not os.path.exists(options.queue_file):
-        raise PegasusError("%s: no such file (write one job per line as '- command', "
-                           "or name another with --queue-file)" % options.queue_file)
-    queue.load()
+    if options.commands:
+        queue = command_queue(options.commands, sys.stdin)
+    else:
+        queue = open_queue_file(options)
     check_queue(queue, slots, options.mode == "b")
+    return queue
+
+
+def command_queue(commands, stdin):
+    """Commands given as arguments; "-" stands for stdin's lines, one command each."""
+    jobs = []
+    for command in commands:
+        if command == "-":
+            jobs += [Job(line) for line in stdin.read().splitlines() if line.strip()]
+        elif command.strip():
+            jobs.append(Job(command))
+        else:
+            raise PegasusError("an empty command was given")
+    return MemoryQueue(jobs, "<stdin>" if commands == ["-"] else "<command line>")
+
+
+def open_queue_file(options):
+    path = options.queue_file
+    queue = QueueFile(path, options.mode)
+    if not os.path.exists(path):
+        raise PegasusError("%s: no such file (write one job per line as '- command', name "
+                           "another with --queue-file, or give commands as arguments)" % path)
+    queue.load()
     if options.dry_run:
         return queue
-    directory = os.path.dirname(os.path.abspath(options.queue_file))
+    directory = os.path.dirname(os.path.abspath(path))
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PegasusError("%s: cannot write in this directory, so jobs could not be "
-                           "moved from %s to consumed.yaml" % (directory, options.queue_file))
-    for path in (options.queue_file, queue.consumed_path):
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            raise PegasusError("%s: not writable" % path)
+                           "moved from %s to consumed.yaml" % (directory, path))
+    for name in (path, queue.consumed_path):
+        if os.path.exists(name) and not os.access(name, os.W_OK):
+            raise PegasusError("%s: not writable" % name)
     return queue
 
 
@@ -2284,7 +2452,7 @@ def mode_run(options, runner_class):
     if options.dry_run:
         return dry_run(slots, queue, runner_class is BroadcastRunner)
     if not queue.entries and not options.daemon:
-        note("%s is empty: nothing to do" % options.queue_file)
+        note("%s is empty: nothing to do" % queue.path)
         return EXIT_OK
     kind = "queue" if runner_class is QueueRunner else "broadcast"
     note("%s mode: %d job%s queued, %d slot%s on %d host%s" % (
@@ -2413,6 +2581,16 @@ modes, with an example each:
   s     pegasus.py s           show what a running pegasus is doing, slot by slot
   stop  pegasus.py stop --now  make a running pegasus cancel its jobs and exit
 
+one-liners (no files):
+  pegasus.py b -H node-[1-8] 'nvidia-smi -L'
+                               run a command on every host, prefixed by host
+  pegasus.py q -H gpu1,gpu2 'cmd one' 'cmd two' 'cmd three'
+                               run commands on the next free host
+  cat jobs.txt | pegasus.py q -H gpu[1-4] -
+                               the commands on stdin, one a line
+  pegasus.py q --slurm - < jobs.txt
+                               on the nodes of this Slurm allocation
+
 more examples:
   pegasus.py q --dry-run       show the slots and the commands that would run
   pegasus.py q -d --joblog jobs.tsv
@@ -2447,6 +2625,15 @@ def build_parser():
     parser.add_argument("mode", choices=list(MODES), metavar="MODE",
                         help="q (queue), b (broadcast), l (lock and edit the queue), "
                              "s (status of a running pegasus), stop (stop it)")
+    parser.add_argument("commands", nargs="*", metavar="COMMAND",
+                        help="(q, b) commands to run instead of the queue file's; "
+                             "\"-\" reads them from stdin, one a line. No file is written")
+    parser.add_argument("-H", "--host", action="append", metavar="HOSTS",
+                        help="hosts to run on instead of hosts.yaml: commas and ranges, "
+                             "e.g. -H node-[1-8] or -H gpu1,gpu[3-4,7] (repeatable)")
+    parser.add_argument("--slurm", action="store_true",
+                        help="run on the nodes of this Slurm allocation "
+                             "($SLURM_JOB_NODELIST) instead of hosts.yaml")
     parser.add_argument("-d", "--daemon", action="store_true",
                         help="when the queue is empty, wait for more jobs instead of exiting")
     parser.add_argument("-i", "--ignore-errors", action="store_true",
@@ -2470,7 +2657,7 @@ def build_parser():
                         help="also keep each job's output in a file of its own in DIR")
     parser.add_argument("--now", action="store_true",
                         help="(stop) cancel the running jobs instead of waiting for them")
-    parser.add_argument("--queue-file", default="queue.yaml", metavar="FILE",
+    parser.add_argument("--queue-file", metavar="FILE",
                         help="the job queue (default queue.yaml)")
     parser.add_argument("--hosts-file", metavar="FILE",
                         help="the hosts (default hosts.yaml; without it, this machine)")
@@ -2493,8 +2680,29 @@ def non_negative(text):
     return value
 
 
+def check_options(parser, options):
+    """Refuse combinations that cannot mean anything; exits 2 with usage."""
+    sources = [flag for flag, given in (("-H", options.host), ("--slurm", options.slurm),
+                                        ("--hosts-file", options.hosts_file)) if given]
+    if len(sources) > 1:
+        parser.error("%s: give the hosts one way" % " and ".join(sources))
+    if options.commands:
+        if options.mode not in ("q", "b"):
+            parser.error("mode %s takes no commands (got %r)" % (options.mode,
+                                                                 options.commands[0]))
+        if options.queue_file:
+            parser.error("commands as arguments and --queue-file: give the jobs one way")
+        if options.daemon:
+            parser.error("-d waits for jobs added to the queue file; commands given as "
+                         "arguments have none")
+    options.queue_file = options.queue_file or "queue.yaml"
+
+
 def main(argv=None):
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Intermixed: commands may come after options (q -H a,b 'cmd one' 'cmd two').
+    options = parser.parse_intermixed_args(argv)
+    check_options(parser, options)
     try:
         code = MODES[options.mode](options)
         sys.stdout.flush()  # here, so that a closed pipe is caught below
