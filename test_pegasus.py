@@ -1566,6 +1566,118 @@ def test_host_ranges_in_hosts_file_and_dry_run(tmp_path):
     assert out.returncode == 2 and "hosts.yaml:1: entry 1: host range [3-1]" in out.stderr
 
 
+@pytest.mark.parametrize("text, expanded", [
+    ("gpu[01-04,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu5"]),
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01",
+                               "rack2-node02"]),
+    ("h[1-2],x[8-10]", ["h1", "h2", "x8", "x9", "x10"]),
+    ("a,b", ["a", "b"]),
+    ("a, b,", ["a", "b"]),
+    ("node1", ["node1"]),
+    ("n[1,3],m[2]", ["n1", "n3", "m2"]),
+])
+def test_hostlists_as_slurm_and_pdsh_write_them(text, expanded):
+    assert pegasus.expand_hostlist(text) == expanded
+
+
+@pytest.mark.parametrize("text", ["node-[1-4", "node[a-b]", "n]1", "gpu[1-2,b", "x[]"])
+def test_bad_host_ranges_are_errors_not_hostnames(text):
+    with pytest.raises(pegasus.PegasusError) as e:
+        pegasus.expand_hostlist(text)
+    assert "bad host range in %r" % text in str(e.value)
+
+
+def test_bad_range_in_hosts_file_and_on_the_command_line(tmp_path):
+    write(tmp_path / "hosts.yaml", "- node-1\n- node-[1-4\n")
+    write(tmp_path / "queue.yaml", "- echo\n")
+    out = run_pegasus(tmp_path, "q", "--dry-run")
+    assert out.returncode == 2
+    assert "hosts.yaml:2: entry 2: bad host range in 'node-[1-4'" in out.stderr
+    out = run_pegasus(tmp_path, "q", "-n", "-H", "a,node-[1-4", "echo")
+    assert out.returncode == 2
+    assert "pegasus: error: -H: bad host range in 'node-[1-4'" in out.stderr
+
+
+def test_the_same_slot_twice_runs_two_jobs_and_is_said_once(tmp_path):
+    write(tmp_path / "hosts.yaml", "- node-1\n- node-[1-2]\n- node-1\n")
+    write(tmp_path / "queue.yaml", "- echo\n")
+    out = run_pegasus(tmp_path, "b", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:5] == [
+        "4 slots:", "  [node-1]", "  [node-1 #2]", "  [node-2]", "  [node-1 #3]"]
+    assert out.stderr.count("more than once") == 1
+    assert "hosts.yaml lists the same host more than once: [node-1] 3 times" in out.stderr
+    out = run_pegasus(tmp_path, "q", "-H", "localhost,localhost", "sleep 1; echo a",
+                      "sleep 1; echo b")
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[localhost #2] b", "[localhost] a"]
+    assert "-H lists the same host more than once: [localhost] 2 times" in out.stderr
+
+
+def test_commands_as_arguments_write_no_file(tmp_path):
+    out = run_pegasus(tmp_path, "q", "-H", "localhost", "echo one", "echo two; exit 3")
+    assert out.returncode == 1
+    assert job_lines(out.stdout) == ["[localhost] one", "[localhost] two"]
+    assert "failed: [localhost] 'echo two; exit 3': exit status 3" in out.stderr
+    assert "hosts.yaml" not in out.stderr  # -H replaces it
+    assert os.listdir(str(tmp_path)) == []  # no queue, consumed, failed or state file
+    out = run_pegasus(tmp_path, "b", "-H", "localhost", "--joblog", "jobs.tsv",
+                      "echo {{hostname}}", "echo 'it''s'")
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[localhost] localhost", "[localhost] its"]
+    assert os.listdir(str(tmp_path)) == ["jobs.tsv"]  # records only where asked
+    assert len(read(tmp_path / "jobs.tsv").splitlines()) == 3
+
+
+def test_commands_on_stdin_one_a_line(tmp_path):
+    out = subprocess.run([sys.executable, PEGASUS, "q", "-H", "localhost", "-"],
+                         input="echo one\n\necho 'two  spaced'\n", cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[localhost] one", "[localhost] two  spaced"]
+    assert os.listdir(str(tmp_path)) == []
+    out = subprocess.run([sys.executable, PEGASUS, "q", "-n", "-H", "localhost", "-"],
+                         input="", cwd=str(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 0 and "0 jobs in <stdin>\n" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["l", "echo"], "mode l takes no commands"),
+    (["q", "-d", "echo"], "-d waits for jobs added to the queue file"),
+    (["q", "--queue-file", "x.yaml", "echo"], "give the jobs one way"),
+    (["q", "-H", "a", "--hosts-file", "h.yaml"], "-H and --hosts-file: give the hosts one way"),
+    (["q", "-H", "a", "--slurm", "echo"], "-H and --slurm"),
+    (["q", "--host=-oProxyCommand=x", "echo"], "refusing hostname '-oProxyCommand=x'"),
+    (["q", "--slurm", "echo"], "--slurm: SLURM_JOB_NODELIST is not set"),
+])
+def test_command_line_hosts_and_commands_misused(tmp_path, args, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = run_pegasus(tmp_path, *args, env=env)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_hosts_and_commands_on_the_command_line_over_ssh(tmp_path, hosts):
+    out = run_pegasus(tmp_path, "b", "-H", "h[1-2]", "-H", "h3", "echo on $PEGASUS_TEST_HOST",
+                      ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[h1] on h1", "[h2] on h2", "[h3] on h3"]
+    out = run_pegasus(tmp_path, "q", "-H", "h[1-3]", *["echo %d" % n for n in range(6)],
+                      ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    assert sorted(line.split("] ")[1] for line in job_lines(out.stdout)) == [
+        str(n) for n in range(6)]
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_slurm_allocation_nodes_over_ssh(tmp_path, hosts):
+    env = dict(os.environ, SLURM_JOB_NODELIST="h[1-2],h3")
+    out = run_pegasus(tmp_path, "b", "--slurm", "echo on $PEGASUS_TEST_HOST",
+                      ssh_config=hosts.config, env=env)
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[h1] on h1", "[h2] on h2", "[h3] on h3"]
+    assert os.listdir(str(tmp_path)) == []
+
 @pytest.mark.parametrize("heading", sorted(README_COUNTS))
 def test_dry_run_counts_the_readme_examples(tmp_path, heading):
     example = readme_examples()[heading]
