@@ -1597,8 +1597,9 @@ JOBLOG_HEADER = "Seq\tSlot\tHost\tStarttime\tJobRuntime\tExitval\tSignal\tComman
 
 class Records:
     """What a run leaves behind besides its output: one joblog line per
-    finished job (as GNU parallel's --joblog), each job's output in a file of
-    its own (--output-dir), and failed jobs in failed.yaml, ready to requeue."""
+    finished job (GNU parallel's --joblog columns, less Send and Receive, plus
+    Slot), each job's output in a file of its own (--output-dir), and failed
+    jobs in failed.yaml, ready to requeue."""
 
     def __init__(self, options, queue_path):
         self.sequence = itertools.count(1)
@@ -2582,11 +2583,11 @@ modes, with an example each:
   stop  pegasus.py stop --now  make a running pegasus cancel its jobs and exit
 
 one-liners (no files):
-  pegasus.py b -H node-[1-8] 'nvidia-smi -L'
+  pegasus.py b -H 'node-[1-8]' 'nvidia-smi -L'
                                run a command on every host, prefixed by host
   pegasus.py q -H gpu1,gpu2 'cmd one' 'cmd two' 'cmd three'
                                run commands on the next free host
-  cat jobs.txt | pegasus.py q -H gpu[1-4] -
+  cat jobs.txt | pegasus.py q -H 'gpu[1-4]' -
                                the commands on stdin, one a line
   pegasus.py q --slurm - < jobs.txt
                                on the nodes of this Slurm allocation

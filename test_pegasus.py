@@ -1516,6 +1516,55 @@ def test_readme_quiz_answer_is_9(tmp_path):
     assert "9" in read(README).split("### Quiz", 1)[1].split("###", 1)[0]
 
 
+def readme_section(heading):
+    return read(README).split("## " + heading, 1)[1].split("\n## ", 1)[0]
+
+
+def python3_on_path(directory):
+    """A PATH whose python3 is the one running the tests (./pegasus.py uses env python3)."""
+    os.makedirs(directory, exist_ok=True)
+    os.symlink(sys.executable, os.path.join(directory, "python3"))
+    return directory + os.pathsep + os.environ["PATH"]
+
+
+PACKAGE_MODULES = {"pyyaml": "yaml", "pybars3": "pybars", "pytest": "pytest"}
+
+
+def test_readme_first_command_runs_in_a_fresh_copy(tmp_path):
+    first = re.search(r"^\$ (.*)$", readme_section("Set-up"), re.M).group(1)
+    install = re.match(r"pip install ([\w ]+?) && ", first)
+    assert install, first  # the README's promise: install, then run
+    # A fresh venv is too slow for a test: check the packages import instead.
+    modules = [PACKAGE_MODULES[name] for name in install.group(1).split()]
+    subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], check=True)
+    copy = tmp_path / "clone"
+    copy.mkdir()
+    for name in ("pegasus.py", "test_pegasus.py", "README.md", "LICENSE"):
+        shutil.copy2(os.path.join(HERE, name), str(copy / name))  # keeps the mode bits
+    env = dict(os.environ, PATH=python3_on_path(str(tmp_path / "bin")))
+    out = subprocess.run(["bash", "-c", first[install.end():]], cwd=str(copy), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "hello from" in out.stdout
+    assert sorted(os.listdir(str(copy))) == ["LICENSE", "README.md", "pegasus.py",
+                                             "test_pegasus.py"]  # it wrote nothing
+
+
+def test_readme_one_liners_run_as_written(tmp_path):
+    lines = re.findall(r"^\$ (\./pegasus\.py .*?)\s*(?:#.*)?$", readme_section("One-liners"),
+                       re.M)
+    assert len(lines) == 4
+    os.symlink(PEGASUS, str(tmp_path / "pegasus.py"))
+    write(tmp_path / "jobs.txt", "echo one\necho two\n")
+    env = dict(os.environ, PATH=python3_on_path(str(tmp_path / "bin")),
+               SLURM_JOB_NODELIST="gpu[01-02],cpu5")
+    for line in lines:
+        dry = re.sub(r"^\./pegasus\.py ([qb]) ", r"./pegasus.py \1 -n ", line)
+        out = subprocess.run(["bash", "-c", dry], cwd=str(tmp_path), env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (line, out.stderr)
+        assert re.search(r"^\d+ commands? would run", out.stdout, re.M), out.stdout
+
 def test_ci_runs_the_test_command_in_the_readme():
     with open(os.path.join(HERE, ".ci", "run")) as f:
         ci = f.read()
