@@ -7,6 +7,7 @@ Tests that need sshd skip, saying why, where it is missing.
 """
 
 import getpass
+import io
 import os
 import re
 import shutil
@@ -518,6 +519,30 @@ def test_a_job_that_cannot_be_rendered_stays_in_the_queue(tmp_path):
     assert "{{missing}} is not defined" in str(error)
     assert read(tmp_path / "queue.yaml") == "- echo {{missing}}\n- echo later\n"
 
+
+def test_memory_queue_takes_like_the_queue_file():
+    queue = pegasus.command_queue(["echo a", "-", "echo d"], io.StringIO("echo b\n\necho c\n"))
+    assert queue.path == "<command line>" and queue.count == 4
+    assert [e.spec["command"] for e in queue.entries] == [["echo a"], ["echo b"], ["echo c"],
+                                                          ["echo d"]]
+    assert queue.lock.try_acquire()
+
+    def choose(job):  # leave b (backfill), take a and c, stop at d
+        if job.command == "echo d":
+            raise pegasus.StopScan
+        return None if job.command == "echo b" else job.command.upper()
+    taken, error = queue.take(choose)
+    assert taken == [("ECHO A", pegasus.Job("echo a")), ("ECHO C", pegasus.Job("echo c"))]
+    assert error is None and [j.command for j in queue.jobs] == ["echo b", "echo d"]
+    queue.put_back([pegasus.Job("echo a")])
+    assert [j.command for j in queue.jobs] == ["echo a", "echo b", "echo d"]
+
+    def broken(job):
+        raise pegasus.PegasusError("cannot render")
+    taken, error = queue.take(broken)
+    assert taken == [] and str(error) == "cannot render" and queue.count == 3
+    with pytest.raises(pegasus.PegasusError):
+        pegasus.command_queue([" "], io.StringIO(""))
 
 def test_put_back_goes_to_the_head(tmp_path):
     write(tmp_path / "queue.yaml", "# notes\n- b\n")
