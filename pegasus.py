@@ -11,6 +11,11 @@ Write hosts.yaml (where to run) and queue.yaml (what to run), then:
     ./pegasus.py b      broadcast mode: each job runs on every slot, in lock-step
     ./pegasus.py l      lock mode: lock queue.yaml and open it in an editor
 
+or, without files, hosts and commands on the command line (or stdin, "-"):
+
+    ./pegasus.py b -H 'node-[1-8]' 'nvidia-smi -L'
+    ./pegasus.py q --slurm - < jobs.txt     (the nodes of this Slurm allocation)
+
 Hosts and jobs may be parametrized (a mapping of lists expands to the
 cartesian product) and are filled in with Handlebars templates. Jobs that
 start move from queue.yaml to consumed.yaml; the queue file keeps the user's
