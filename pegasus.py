@@ -11,6 +11,11 @@ Write hosts.yaml (where to run) and queue.yaml (what to run), then:
     ./pegasus.py b      broadcast mode: each job runs on every slot, in lock-step
     ./pegasus.py l      lock mode: lock queue.yaml and open it in an editor
 
+or, without files, hosts and commands on the command line (or stdin, "-"):
+
+    ./pegasus.py b -H 'node-[1-8]' 'nvidia-smi -L'
+    ./pegasus.py q --slurm - < jobs.txt     (the nodes of this Slurm allocation)
+
 Hosts and jobs may be parametrized (a mapping of lists expands to the
 cartesian product) and are filled in with Handlebars templates. Jobs that
 start move from queue.yaml to consumed.yaml; the queue file keeps the user's
@@ -63,6 +68,7 @@ EXIT_OK = 0            # every job succeeded
 EXIT_FAILED = 1        # at least one job failed
 EXIT_USAGE = 2         # bad command line, bad file, no host reachable
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C or SIGTERM before the queue was done
+EXIT_PIPE = 141        # our output's reader went away (`| head`), as if killed by SIGPIPE
 
 LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -129,6 +135,14 @@ SSH_OPTIONS = (
 # short jobs. The text holds no backslash, `!`, newline or single quote, so
 # every login shell (sh, bash, zsh, fish, tcsh) passes it through single
 # quotes untouched.
+# The command ($c ends with one character added, a newline or a space, so that
+# a closing comment or `&` ends before `;;`) is parsed whole, inside a case,
+# before any of it runs, with the parser's stderr muted (fd 4 keeps the real
+# one, restored first thing): a syntax error would otherwise be reported as
+# eval's, showing the wrapper. Then nothing has run, and `sh -c` runs the
+# command as written to report the error in sh's own words. `command` keeps
+# the failed eval from ending the shell; `exit` after the case keeps the
+# fallback from running after the command did.
 DECODE = 'c=$(printf %b "$1"x);c=${c%x};'
 READ_LINE = 'c=$(head -n 1);c=$(printf %b "$c"x);c=${c%x};'
 RUN = (
@@ -138,7 +152,8 @@ RUN = (
     'exec 3<&-;'
     'trap "kill -KILL $! 2>/dev/null" EXIT;'
     'set --;'
-    'eval "unset c;$c"'
+    'command eval "case : in *) unset c;exec 2>&4 4>&-;$c;; esac;exit" 4>&2 2>/dev/null;'
+    'sh -c "${c%?}"'
 )
 
 # Bytes that may stand as themselves in the encoded command: safe inside
@@ -179,7 +194,7 @@ def need_yaml():
     try:
         import yaml as module
     except ImportError:
-        raise PegasusError("needs PyYAML: pip install --user pyyaml") from None
+        raise PegasusError(install_hint("PyYAML")) from None
     yaml = module
     # Scalars stay the text the user wrote ("8", "yes", "1.10"): the base loader
     # resolves no implicit types. The C versions are ~6x faster where libyaml is.
@@ -190,6 +205,27 @@ def need_yaml():
 
     EntryDumper.add_representer(str, _represent_str)
     ENTRY_DUMPER = EntryDumper
+
+
+def install_hint(missing, in_venv=None, managed=None):
+    """How to get PyYAML, for the Python running now: one message."""
+    if in_venv is None:
+        in_venv = sys.prefix != sys.base_prefix
+    if managed is None:  # Debian's and Fedora's Python: pip refuses even --user
+        import sysconfig
+        managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"),
+                                              "EXTERNALLY-MANAGED"))
+    fetch = "`uv run pegasus.py ...` or `pipx run pegasus.py ...` (they fetch them)"
+    if in_venv:
+        return "needs %s: pip install pyyaml (into this venv, %s)" % (
+            missing, sys.prefix)
+    if managed:
+        return ("needs %s, and pip may not install into this system Python: run it as %s, "
+                "or in a venv: python3 -m venv ~/pegasus-venv && ~/pegasus-venv/bin/pip "
+                "install pyyaml && ~/pegasus-venv/bin/python pegasus.py ..."
+                % (missing, fetch))
+    return "needs %s: python3 -m pip install --user pyyaml, or run it as %s" % (
+        missing, fetch)
 
 
 class Job:
@@ -281,14 +317,31 @@ def compose_list(path, text):
     try:
         root = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
-        raise PegasusError("%s: invalid YAML: %s" % (path, detail)) from None
+        raise PegasusError(yaml_error(path, text, e)) from None
     if root is None:
         return None
     if not isinstance(root, yaml.SequenceNode):
         raise PegasusError("%s:%d: the file must be a YAML list (lines starting with '- '), "
                            "not a %s" % (path, root.start_mark.line + 1, node_kind(root)))
     return root
+
+
+def yaml_error(path, text, error):
+    """PyYAML's message as one line naming the file, line and column, without
+    its `in "<unicode string>"` and the excerpt it draws with a caret."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:  # a ReaderError: a character YAML does not allow
+        line = text.count("\n", 0, getattr(error, "position", 0)) + 1
+        detail = re.sub(r'\s*in "<unicode string>",? position \d+', "", str(error))
+        return "%s:%d: invalid YAML: %s" % (path, line, " ".join(detail.split()))
+    message = error.problem or "invalid"
+    if error.context:
+        at = error.context_mark
+        message += " (%s%s)" % (error.context, "" if at is None else
+                                " at line %d, column %d" % (at.line + 1, at.column + 1))
+    if "\\t" in message:
+        message += "; indent with spaces, not tabs"
+    return "%s:%d:%d: invalid YAML: %s" % (path, mark.line + 1, mark.column + 1, message)
 
 
 def node_kind(node):
@@ -391,12 +444,15 @@ def check_hostname(name, here):
 
 
 RANGE = re.compile(r"\[(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)\]")
+TEMPLATE_TAG = re.compile(r"\{\{.*?\}\}", re.S)
 
 
 def expand_ranges(name):
-    """Host ranges as pdsh and clush write them: node-[01-16], gpu[1-4,7],
-    rack[1-2]-n[1-3] (leftmost range outermost). A range whose first number
-    has a leading zero keeps that width."""
+    """Host ranges as pdsh, clush and Slurm write them: node-[01-16],
+    gpu[1-4,7], rack[1-2]-n[1-3] (leftmost range outermost). A range whose
+    first number has a leading zero keeps that width."""
+    if "[" in name or "]" in name:
+        check_ranges(name)
     match = RANGE.search(name)
     if match is None:
         return [name]
@@ -410,6 +466,70 @@ def expand_ranges(name):
         numbers += [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
     head, tail = name[:match.start()], name[match.end():]
     return [head + number + rest for number in numbers for rest in expand_ranges(tail)]
+
+
+def check_ranges(name):
+    # No hostname holds a bracket: one left over is a range mistyped
+    # (node-[1-4, node[a-c]), which would otherwise become a host so named.
+    rest = RANGE.sub("", TEMPLATE_TAG.sub("", name))
+    if "[" in rest or "]" in rest:
+        raise PegasusError("bad host range in %r: write it as [1-4] or [01-04,07]" % name)
+
+
+def expand_hostlist(text):
+    """A comma-separated list of hosts with ranges (-H, SLURM_JOB_NODELIST):
+    "gpu[01-04,07],cpu5" -- commas inside brackets belong to the range."""
+    pieces, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth <= 0:
+            pieces.append(text[start:position])
+            start, depth = position + 1, 0
+    pieces.append(text[start:])  # an unclosed bracket runs to the end: an error below
+    return [name for piece in pieces if piece.strip() for name in expand_ranges(piece.strip())]
+
+
+def hosts_from_list(texts, source):
+    """Slots for hostnames given as lists (-H a,b -H c[1-2], or Slurm's)."""
+    slots = []
+    for text in texts:
+        try:
+            names = expand_hostlist(text)
+        except PegasusError as e:
+            raise PegasusError("%s: %s" % (source, e)) from None
+        for name in names:
+            check_hostname(name, source)
+            slots.append(Slot(len(slots), name, {}))
+    if not slots:
+        raise PegasusError("%s: no hosts given" % source)
+    return slots
+
+
+def slurm_hosts(environ):
+    """The nodes of the Slurm allocation this runs in."""
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise PegasusError("--slurm: SLURM_JOB_NODELIST is not set, so this is not inside "
+                           "a Slurm allocation (run it from salloc or an sbatch script)")
+    return hosts_from_list([nodelist], "SLURM_JOB_NODELIST")
+
+
+def label_copies(slots, source):
+    """The same slot twice (one host listed twice, overlapping ranges) runs
+    two jobs there at once, as in Pegasus; that may be meant, so it is
+    allowed, but said once, and each copy gets a label of its own."""
+    seen, repeated = {}, []
+    for slot in slots:
+        count = seen[slot.label] = seen.get(slot.label, 0) + 1
+        if count > 1:
+            if count == 2:
+                repeated.append(slot.label)
+            slot.label = "%s #%d]" % (slot.label[:-1], count)
+    if repeated:
+        note("%s lists the same host more than once: %s; each copy runs a job of its own "
+             "at the same time (say 'slots: N' in a hosts file to mean it)"
+             % (source, ", ".join("%s %d times" % (label, seen[label]) for label in repeated)))
+    return slots
 
 
 def read_hosts(path):
@@ -1992,6 +2112,72 @@ class QueueFile:
         self.signature = file_signature(self.path)
 
 
+class MemoryQueue:
+    """Jobs given as arguments or on stdin: QueueFile's interface, kept in
+    memory. Nothing is written (no queue file, no consumed.yaml): a one-liner
+    leaves no files behind, and there is no file for lock mode to edit."""
+
+    on_disk = False
+
+    def __init__(self, jobs, path):
+        self.path = path          # what messages call it: <command line> or <stdin>
+        self.jobs = list(jobs)
+        self.count = len(self.jobs)
+        self.lock = MemoryLock(path)
+
+    @property
+    def entries(self):
+        return [Entry(0, 0, job_spec(job), number) for number, job in enumerate(self.jobs, 1)]
+
+    def load(self):
+        pass  # nobody else can change it
+
+    def take(self, choose):
+        """As QueueFile.take: walk from the head, take what `choose` accepts."""
+        taken, kept, error, looked = [], [], None, 0
+        for job in self.jobs[:LOOKAHEAD]:
+            looked += 1
+            try:
+                choice = choose(job)
+            except StopScan:
+                kept.append(job)
+                break
+            except PegasusError as e:
+                kept.append(job)
+                error = e
+                break
+            if choice is None:
+                kept.append(job)
+            else:
+                taken.append((choice, job))
+        self.jobs[:looked] = kept
+        self.count = len(self.jobs)
+        return taken, error
+
+    def put_back(self, jobs):
+        self.jobs[:0] = jobs
+        self.count = len(self.jobs)
+
+    def commit(self, jobs):
+        pass  # nothing records taken jobs: the output and --joblog do
+
+
+class MemoryLock:
+    """A lock no one else can hold: there is no file to edit."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def try_acquire(self):
+        return True
+
+    def release(self):
+        pass
+
+    def holder(self):
+        return "no one"
+
+
 def job_spec(job):
     spec = {"command": [job.command]}
     spec.update((key, [value]) for key, value in job.params.items())
@@ -2089,13 +2275,14 @@ def encode_command(command):
 def wrapped_command(command):
     """The text a login shell on the host gets: it runs `command` with sh."""
     encoded = encode_command(command)
-    decode = DECODE if encoded != command else "c=$1;"  # no escapes: save a fork
-    return "exec sh -c '%s%s' sh '%s'" % (decode, RUN, encoded)
+    if encoded == command:  # no escapes: save the decoder's fork
+        return "exec sh -c 'c=\"$1 \";%s' sh '%s'" % (RUN, command)
+    return "exec sh -c '%s%s' sh '%s\\0012'" % (DECODE, RUN, encoded)
 
 
 def local_argv(command):
     # An absolute path: searching PATH costs a failed execve per entry, per job.
-    return ["/bin/sh", "-c", "c=$1;" + RUN, "sh", command]
+    return ["/bin/sh", "-c", "c=$1;" + RUN, "sh", command + "\n"]
 
 
 def ssh_base(options):
@@ -2112,7 +2299,10 @@ def master_argv(options, hostname, socket):
     # exists by then), then runs `cat` on pegasus's pipe: if pegasus dies,
     # cat sees EOF and the master goes too, instead of idling forever.
     base = ssh_base(options)
+    # LogLevel=ERROR: its stderr is the reason given when it fails; with the
+    # LogLevel QUIET many configs set, it would say nothing (--ssh-option wins).
     return base + host_key_options(base, hostname) + [
+        "-o", "LogLevel=ERROR",
         "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-S", socket,
         "-T", "--", hostname, "echo %s; cat >/dev/null" % MASTER_UP]
 
@@ -2152,19 +2342,19 @@ def launch(options, master, command):
 
     argv is bounded (ARG_MAX, and 128 kB for one argument on Linux), so a
     long command travels on the session's stdin instead, as one line of
-    printf %b escapes that the wrapper reads before it starts watching."""
+    printf %b escapes that the wrapper reads before it starts watching (with
+    the newline RUN wants at the end of $c)."""
     if master.socket is None:
         if len(command) <= ARGV_MAX:
             return local_argv(command), b""
-        return (["/bin/sh", "-c", READ_LINE + RUN, "sh"],
-                encode_command(command).encode("ascii") + b"\n")
-    encoded = encode_command(command)
-    if len(encoded) <= ARGV_MAX:
+        argv = ["/bin/sh", "-c", READ_LINE + RUN, "sh"]
+    elif len(command) <= ARGV_MAX // 5 or len(encode_command(command)) <= ARGV_MAX:
         return job_argv(options, master.hostname, master.socket, command), b""
-    argv = ssh_base(options) + [
-        "-o", "ControlMaster=no", "-S", master.socket, "-T", "--", master.hostname,
-        "exec sh -c '%s%s' sh" % (READ_LINE, RUN)]
-    return argv, encoded.encode("ascii") + b"\n"
+    else:
+        argv = ssh_base(options) + [
+            "-o", "ControlMaster=no", "-S", master.socket, "-T", "--", master.hostname,
+            "exec sh -c '%s%s' sh" % (READ_LINE, RUN)]
+    return argv, encode_command(command + "\n").encode("ascii") + b"\n"
 
 
 def signal_group(proc, signum):
@@ -2194,10 +2384,30 @@ class Master:
         self.deadline = None     # the timer that gives up on a login
 
     def error(self):
+        """Why the master failed: what pegasus knows, or the last line ssh wrote."""
         if self.why:
             return self.why
+        self.read_rest()
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
-        return lines[-1] if lines else "ssh exited with status %s" % self.proc.returncode
+        if lines:
+            return lines[-1]
+        return "ssh exited with status %s and said nothing (try: ssh -v %s true)" % (
+            self.proc.returncode, self.hostname)
+
+    def read_rest(self):
+        # The master may be found dead before the loop has read its last
+        # words, and they are what says why.
+        pipe = self.proc.stderr
+        if pipe is None or pipe.closed:
+            return
+        os.set_blocking(pipe.fileno(), False)
+        try:
+            chunk = os.read(pipe.fileno(), READ_SIZE)
+            while chunk:
+                self.stderr = (self.stderr + chunk)[-4096:]
+                chunk = os.read(pipe.fileno(), READ_SIZE)
+        except BlockingIOError:
+            pass
 
     def alive(self):
         """Up, and its process runs (a master whose connection broke exits)."""
@@ -2871,13 +3081,16 @@ JOBLOG_HEADER = "Seq\tSlot\tHost\tStarttime\tJobRuntime\tExitval\tSignal\tComman
 
 class Records:
     """What a run leaves behind besides its output: one joblog line per
-    finished job, each job's output in a file of its own (--output-dir), and
-    failed jobs in failed.yaml, ready to requeue. A record that cannot be
-    written (disk full, a directory removed) is reported once; the jobs go on."""
+    finished job (GNU parallel's --joblog columns, less Send and Receive, plus
+    Slot), each job's output in a file of its own (--output-dir), and failed
+    jobs in failed.yaml, ready to requeue. A record that cannot be written
+    (disk full, a directory removed) is reported once; the jobs go on."""
 
     def __init__(self, options, queue_path):
         self.sequence = itertools.count(1)
-        self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
+        self.failed_path = None  # no queue file (commands as arguments): no failed.yaml
+        if queue_path is not None:
+            self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
         self.output_dir = options.output_dir
         self.joblog = None
         try:
@@ -2940,6 +3153,8 @@ class Records:
             note_once(("joblog", e.errno), "cannot write %s: %s" % (self.joblog.name, e.strerror))
 
     def failed(self, job):
+        if self.failed_path is None:
+            return
         try:
             append_durably(self.failed_path, dump_entry(job.canonical()))
         except OSError as e:
@@ -2960,9 +3175,12 @@ class StateFile:
     it describes the moment, and a crash makes it stale anyway)."""
 
     def __init__(self, queue_path):
-        self.path = queue_path + ".state"
+        # None: a run without a queue file, which `s` and `stop` cannot find
+        self.path = None if queue_path is None else queue_path + ".state"
 
     def write(self, state):
+        if self.path is None:
+            return
         directory = os.path.dirname(os.path.abspath(self.path))
         temp = None
         try:
@@ -2992,7 +3210,8 @@ class StateFile:
 
     def remove(self):
         try:
-            os.unlink(self.path)
+            if self.path is not None:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
 
@@ -3149,7 +3368,8 @@ class Monitor:
 
     def __init__(self, dispatcher):
         self.d = dispatcher
-        self.state = StateFile(dispatcher.queue.path)
+        queue = dispatcher.queue
+        self.state = StateFile(queue.path if getattr(queue, "on_disk", True) else None)
         self.dirty = True         # the state file is out of date
         self.started_at = time.monotonic()
         self.run_seconds = 0.0    # summed durations of finished jobs, for the estimate
@@ -3236,7 +3456,8 @@ class Dispatcher:
         self.loop = Loop(self.on_error)
         self.printer = Printer(options.print_period)
         self.errors = Output(sys.stderr)
-        self.records = Records(options, queue.path)
+        on_disk = getattr(queue, "on_disk", True)  # a MemoryQueue writes no file
+        self.records = Records(options, queue.path if on_disk else None)
         self.pool = ConnectionPool(options, slots, self.loop, self.on_master)
         self.gate = QueueGate(queue, self.loop, self.schedule)
         self.monitor = Monitor(self)
@@ -3831,33 +4052,59 @@ def short_temp_dir():
 
 
 def load_slots(options):
-    """The slots from the hosts file, or this machine alone if there is none."""
+    """The slots from -H, --slurm or the hosts file; or this machine alone."""
+    if options.host:
+        return label_copies(hosts_from_list(options.host, "-H"), "-H")
+    if options.slurm:
+        return label_copies(slurm_hosts(os.environ), "SLURM_JOB_NODELIST")
     path = options.hosts_file
     if path is None:
         path = "hosts.yaml"
         if not os.path.exists(path):
             note("no hosts.yaml here: running jobs on this machine, one at a time "
-                 "(write hosts.yaml to use others)")
+                 "(write hosts.yaml, or give hosts with -H, to use others)")
             return [Slot(0, "localhost", {})]
-    return read_hosts(path)
+    return label_copies(read_hosts(path), path)
 
 
 def open_queue(options, slots):
-    queue = QueueFile(options.queue_file, options.mode)
-    if not os.path.exists(options.queue_file):
-        raise PegasusError("%s: no such file (write one job per line as '- command', "
-                           "or name another with --queue-file)" % options.queue_file)
-    queue.load()
+    if options.commands:
+        queue = command_queue(options.commands, sys.stdin)
+    else:
+        queue = open_queue_file(options)
     check_queue(queue, slots, options.mode == "b")
+    return queue
+
+
+def command_queue(commands, stdin):
+    """Commands given as arguments; "-" stands for stdin's lines, one command each."""
+    jobs = []
+    for command in commands:
+        if command == "-":
+            jobs += [Job(line) for line in stdin.read().splitlines() if line.strip()]
+        elif command.strip():
+            jobs.append(Job(command))
+        else:
+            raise PegasusError("an empty command was given")
+    return MemoryQueue(jobs, "<stdin>" if commands == ["-"] else "<command line>")
+
+
+def open_queue_file(options):
+    path = options.queue_file
+    queue = QueueFile(path, options.mode)
+    if not os.path.exists(path):
+        raise PegasusError("%s: no such file (write one job per line as '- command', name "
+                           "another with --queue-file, or give commands as arguments)" % path)
+    queue.load()
     if options.dry_run:
         return queue
-    directory = os.path.dirname(os.path.abspath(options.queue_file))
+    directory = os.path.dirname(os.path.abspath(path))
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PegasusError("%s: cannot write in this directory, so jobs could not be "
-                           "moved from %s to consumed.yaml" % (directory, options.queue_file))
-    for path in (options.queue_file, queue.consumed_path):
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            raise PegasusError("%s: not writable" % path)
+                           "moved from %s to consumed.yaml" % (directory, path))
+    for name in (path, queue.consumed_path):
+        if os.path.exists(name) and not os.access(name, os.W_OK):
+            raise PegasusError("%s: not writable" % name)
     return queue
 
 
@@ -3873,7 +4120,7 @@ def mode_run(options, policy):
     if options.dry_run:
         return dry_run(slots, queue, policy is BroadcastMode)
     if not queue.entries and not options.daemon:
-        note("%s is empty: nothing to do" % options.queue_file)
+        note("%s is empty: nothing to do" % queue.path)
         return EXIT_OK
     kind = "queue" if policy is QueueMode else "broadcast"
     note("%s mode: %d job%s queued, %d slot%s on %d host%s" % (
@@ -3889,7 +4136,7 @@ def dry_run(slots, queue, broadcast):
     print("%d slot%s:" % (len(slots), plural(len(slots))))
     for slot in slots:
         print("  " + slot.label)
-    print("%d job%s in %s:" % (len(jobs), plural(len(jobs)), queue.path))
+    print("%d job%s in %s%s" % (len(jobs), plural(len(jobs)), queue.path, ":" if jobs else ""))
     for number, job in enumerate(jobs, 1):
         # Queue mode: shown on the first host it fits, with its first slot
         # numbers; in a run, it goes where it fits when slots are free.
@@ -4003,6 +4250,16 @@ modes, with an example each:
   s     pegasus.py s           show what a running pegasus is doing, slot by slot
   stop  pegasus.py stop --now  make a running pegasus cancel its jobs and exit
 
+one-liners (no files):
+  pegasus.py b -H 'node-[1-8]' 'nvidia-smi -L'
+                               run a command on every host, prefixed by host
+  pegasus.py q -H gpu1,gpu2 'cmd one' 'cmd two' 'cmd three'
+                               run commands on the next free host
+  cat jobs.txt | pegasus.py q -H 'gpu[1-4]' -
+                               the commands on stdin, one a line
+  pegasus.py q --slurm - < jobs.txt
+                               on the nodes of this Slurm allocation
+
 more examples:
   pegasus.py q --dry-run       show the slots and the commands that would run
   pegasus.py q -d --joblog jobs.tsv
@@ -4037,6 +4294,15 @@ def build_parser():
     parser.add_argument("mode", choices=list(MODES), metavar="MODE",
                         help="q (queue), b (broadcast), l (lock and edit the queue), "
                              "s (status of a running pegasus), stop (stop it)")
+    parser.add_argument("commands", nargs="*", metavar="COMMAND",
+                        help="(q, b) commands to run instead of the queue file's; "
+                             "\"-\" reads them from stdin, one a line. No file is written")
+    parser.add_argument("-H", "--host", action="append", metavar="HOSTS",
+                        help="hosts to run on instead of hosts.yaml: commas and ranges, "
+                             "e.g. -H node-[1-8] or -H gpu1,gpu[3-4,7] (repeatable)")
+    parser.add_argument("--slurm", action="store_true",
+                        help="run on the nodes of this Slurm allocation "
+                             "($SLURM_JOB_NODELIST) instead of hosts.yaml")
     parser.add_argument("-d", "--daemon", action="store_true",
                         help="when the queue is empty, wait for more jobs instead of exiting")
     parser.add_argument("-i", "--ignore-errors", action="store_true",
@@ -4060,7 +4326,7 @@ def build_parser():
                         help="also keep each job's output in a file of its own in DIR")
     parser.add_argument("--now", action="store_true",
                         help="(stop) cancel the running jobs instead of waiting for them")
-    parser.add_argument("--queue-file", default="queue.yaml", metavar="FILE",
+    parser.add_argument("--queue-file", metavar="FILE",
                         help="the job queue (default queue.yaml)")
     parser.add_argument("--hosts-file", metavar="FILE",
                         help="the hosts (default hosts.yaml; without it, this machine)")
@@ -4083,13 +4349,41 @@ def non_negative(text):
     return value
 
 
+def check_options(parser, options):
+    """Refuse combinations that cannot mean anything; exits 2 with usage."""
+    sources = [flag for flag, given in (("-H", options.host), ("--slurm", options.slurm),
+                                        ("--hosts-file", options.hosts_file)) if given]
+    if len(sources) > 1:
+        parser.error("%s: give the hosts one way" % " and ".join(sources))
+    if options.commands:
+        if options.mode not in ("q", "b"):
+            parser.error("mode %s takes no commands (got %r)" % (options.mode,
+                                                                 options.commands[0]))
+        if options.queue_file:
+            parser.error("commands as arguments and --queue-file: give the jobs one way")
+        if options.daemon:
+            parser.error("-d waits for jobs added to the queue file; commands given as "
+                         "arguments have none")
+    options.queue_file = options.queue_file or "queue.yaml"
+
+
 def main(argv=None):
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Intermixed: commands may come after options (q -H a,b 'cmd one' 'cmd two').
+    options = parser.parse_intermixed_args(argv)
+    check_options(parser, options)
     try:
-        return MODES[options.mode](options)
+        code = MODES[options.mode](options)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
     except PegasusError as e:
         print("pegasus: error: %s" % e, file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # `pegasus.py s | head -1`: the reader has all it wants. Point stdout
+        # at /dev/null so that the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

@@ -7,6 +7,7 @@ Tests that need sshd skip, saying why, where it is missing.
 """
 
 import getpass
+import io
 import json
 import os
 import re
@@ -401,6 +402,19 @@ def test_bad_queue_files_are_named_errors(text, message):
     assert message in str(e.value)
     assert str(e.value).startswith("queue.yaml")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n- b: c: d\n", "queue.yaml:2:7: invalid YAML: mapping values are not allowed"),
+    ("- a\n- 'abc\n", "queue.yaml:3:1: invalid YAML: found unexpected end of stream "
+                      "(while scanning a quoted scalar at line 2, column 3)"),
+    ("- a\n- b\x00\n", "queue.yaml:2: invalid YAML: unacceptable character #x0000"),
+])
+def test_yaml_errors_name_file_line_and_column_only(text, message):
+    with pytest.raises(pegasus.PegasusError) as e:
+        pegasus.parse_queue("queue.yaml", text)
+    assert str(e.value).startswith(message)
+    assert "unicode string" not in str(e.value) and "^" not in str(e.value)
 
 
 @pytest.mark.parametrize("hostname", ["-oProxyCommand=touch /tmp/x", "a b", "a\tb", "x\x1by"])
@@ -846,6 +860,30 @@ def test_a_job_that_cannot_be_rendered_stays_in_the_queue(tmp_path):
     assert read(tmp_path / "queue.yaml") == "- echo {{missing}}\n- echo later\n"
 
 
+def test_memory_queue_takes_like_the_queue_file():
+    queue = pegasus.command_queue(["echo a", "-", "echo d"], io.StringIO("echo b\n\necho c\n"))
+    assert queue.path == "<command line>" and queue.count == 4
+    assert [e.spec["command"] for e in queue.entries] == [["echo a"], ["echo b"], ["echo c"],
+                                                          ["echo d"]]
+    assert queue.lock.try_acquire()
+
+    def choose(job):  # leave b (backfill), take a and c, stop at d
+        if job.command == "echo d":
+            raise pegasus.StopScan
+        return None if job.command == "echo b" else job.command.upper()
+    taken, error = queue.take(choose)
+    assert taken == [("ECHO A", pegasus.Job("echo a")), ("ECHO C", pegasus.Job("echo c"))]
+    assert error is None and [j.command for j in queue.jobs] == ["echo b", "echo d"]
+    queue.put_back([pegasus.Job("echo a")])
+    assert [j.command for j in queue.jobs] == ["echo a", "echo b", "echo d"]
+
+    def broken(job):
+        raise pegasus.PegasusError("cannot render")
+    taken, error = queue.take(broken)
+    assert taken == [] and str(error) == "cannot render" and queue.count == 3
+    with pytest.raises(pegasus.PegasusError):
+        pegasus.command_queue([" "], io.StringIO(""))
+
 def test_put_back_goes_to_the_head(tmp_path):
     write(tmp_path / "queue.yaml", "# notes\n- b\n")
     queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
@@ -1029,7 +1067,7 @@ def test_failed_jobs_are_summarized_and_exit_1(tmp_path):
     ("- x: 1\n", "- echo\n", "hosts.yaml:1: entry 1 has no 'hostname' key"),
     ("", "- echo\n", "hosts.yaml: no hosts in the file"),
     ("- localhost\n", "- echo {{ dir }}\n", "{{dir}} is not defined"),
-    ("- localhost\n", "- {command: x\n", "queue.yaml: invalid YAML"),
+    ("- localhost\n", "- {command: x\n", "queue.yaml:2:1: invalid YAML: did not find"),
     ("- localhost\n", "- command: [a]\n  p: [1, [2]]\n", "'p' holds a list"),
     ("- localhost\n", "- echo {{#if x}}\n", "{{#if}} is not closed by {{/if}}"),
 ])
@@ -1064,7 +1102,7 @@ def test_broken_queue_mid_run_is_waited_on_and_never_rewritten(tmp_path):
     assert read(tmp_path / "queue.yaml") == broken  # never rewritten after a failed parse
     (tmp_path / "queue.yaml").write_text("- echo second\n- echo fixed\n")
     out, err = proc.communicate(timeout=20)
-    assert "queue.yaml: invalid YAML" in err and "waiting for" in err
+    assert re.search(r"queue\.yaml:\d+:\d+: invalid YAML: ", err) and "waiting for" in err
     assert job_lines(out) == ["[localhost] second", "[localhost] fixed"]
     assert proc.returncode == 0
 
@@ -1253,6 +1291,20 @@ def test_a_host_down_at_start_is_reported_and_the_others_work(tmp_path, hosts):
     assert out.returncode == 2 and "no host can be reached" in out.stderr
     assert read(tmp_path / "queue.yaml") == "- echo a\n"
 
+
+@pytest.mark.parametrize("log_level", ["QUIET", "ERROR"])
+def test_a_refused_connection_says_why_whatever_the_log_level(tmp_path, log_level):
+    if shutil.which("ssh") is None:
+        pytest.skip("needs ssh")
+    port = free_port(["127.0.0.98"])  # nothing listens there
+    (tmp_path / "ssh_config").write_text(
+        "Host closed\n  HostName 127.0.0.98\n  Port %d\n  LogLevel %s\n" % (port, log_level))
+    write(tmp_path / "hosts.yaml", "- closed\n")
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    out = run_pegasus(tmp_path, "q", ssh_config=tmp_path / "ssh_config")
+    assert out.returncode == 2
+    assert ("cannot connect to closed: ssh: connect to host 127.0.0.98 port %d: "
+            "Connection refused" % port) in out.stderr
 
 def test_consumed_entries_rerun_the_same_jobs(tmp_path, hosts):
     write(tmp_path / "hosts.yaml", "- hostname: h1\n  gpu: [0, 1]\n")
@@ -1531,6 +1583,40 @@ def test_the_command_is_verbatim_whatever_the_login_shell(tmp_path, shell_users)
         pytest.skip("tested %s; not installed: %s" % (", ".join(shells), ", ".join(missing)))
 
 
+SYNTAX_ERRORS = ["echo 'unclosed", "echo )", "if true; then echo x", "echo a\necho 'b"]
+
+
+def sh_says(command):
+    """What `sh -c command` writes to stderr, and its exit status."""
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    return out.stderr, out.returncode
+
+
+@pytest.mark.parametrize("command", SYNTAX_ERRORS)
+def test_a_syntax_error_reads_as_sh_s_own(command):
+    proc = subprocess.Popen(pegasus.local_argv(command), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    code = proc.wait(timeout=20)
+    proc.stdin.close()
+    assert (err, code) == sh_says(command)
+    assert out == ("a\n" if command.startswith("echo a") else "")  # run as sh would, once
+    assert "eval" not in err and "$c" not in err and "unset c" not in err
+
+
+def test_a_syntax_error_reads_as_sh_s_own_whatever_the_login_shell(tmp_path, shell_users):
+    config, shells = shell_users
+    write(tmp_path / "hosts.yaml", "".join("- as-%s\n" % shell for shell in shells))
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump(SYNTAX_ERRORS))
+    out = run_pegasus(tmp_path, "b", "-i", ssh_config=config)
+    assert out.returncode == 1, out.stderr
+    assert "eval" not in out.stdout and "unset c" not in out.stdout
+    expected = "".join(sh_says(command)[0] for command in SYNTAX_ERRORS).splitlines()
+    for shell in shells:
+        lines = [line.split("] ", 1)[1] for line in job_lines(out.stdout, "[as-%s]" % shell)]
+        assert [line for line in lines if line != "a"] == expected
+
 def as_nobody():
     """argv prefix running a command as an unprivileged user, or None."""
     if os.geteuid() != 0:
@@ -1803,6 +1889,55 @@ def test_readme_quiz_answer_is_9(tmp_path):
     assert "9" in read(README).split("### Quiz", 1)[1].split("###", 1)[0]
 
 
+def readme_section(heading):
+    return read(README).split("## " + heading, 1)[1].split("\n## ", 1)[0]
+
+
+def python3_on_path(directory):
+    """A PATH whose python3 is the one running the tests (./pegasus.py uses env python3)."""
+    os.makedirs(directory, exist_ok=True)
+    os.symlink(sys.executable, os.path.join(directory, "python3"))
+    return directory + os.pathsep + os.environ["PATH"]
+
+
+PACKAGE_MODULES = {"pyyaml": "yaml", "pybars3": "pybars", "pytest": "pytest"}
+
+
+def test_readme_first_command_runs_in_a_fresh_copy(tmp_path):
+    first = re.search(r"^\$ (.*)$", readme_section("Set-up"), re.M).group(1)
+    install = re.match(r"pip install ([\w ]+?) && ", first)
+    assert install, first  # the README's promise: install, then run
+    # A fresh venv is too slow for a test: check the packages import instead.
+    modules = [PACKAGE_MODULES[name] for name in install.group(1).split()]
+    subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], check=True)
+    copy = tmp_path / "clone"
+    copy.mkdir()
+    for name in ("pegasus.py", "test_pegasus.py", "README.md", "LICENSE"):
+        shutil.copy2(os.path.join(HERE, name), str(copy / name))  # keeps the mode bits
+    env = dict(os.environ, PATH=python3_on_path(str(tmp_path / "bin")))
+    out = subprocess.run(["bash", "-c", first[install.end():]], cwd=str(copy), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "hello from" in out.stdout
+    assert sorted(os.listdir(str(copy))) == ["LICENSE", "README.md", "pegasus.py",
+                                             "test_pegasus.py"]  # it wrote nothing
+
+
+def test_readme_one_liners_run_as_written(tmp_path):
+    lines = re.findall(r"^\$ (\./pegasus\.py .*?)\s*(?:#.*)?$", readme_section("One-liners"),
+                       re.M)
+    assert len(lines) == 4
+    os.symlink(PEGASUS, str(tmp_path / "pegasus.py"))
+    write(tmp_path / "jobs.txt", "echo one\necho two\n")
+    env = dict(os.environ, PATH=python3_on_path(str(tmp_path / "bin")),
+               SLURM_JOB_NODELIST="gpu[01-02],cpu5")
+    for line in lines:
+        dry = re.sub(r"^\./pegasus\.py ([qb]) ", r"./pegasus.py \1 -n ", line)
+        out = subprocess.run(["bash", "-c", dry], cwd=str(tmp_path), env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (line, out.stderr)
+        assert re.search(r"^\d+ commands? would run", out.stdout, re.M), out.stdout
+
 def test_ci_runs_the_test_command_in_the_readme():
     with open(os.path.join(HERE, ".ci", "run")) as f:
         ci = f.read()
@@ -1852,6 +1987,118 @@ def test_host_ranges_in_hosts_file_and_dry_run(tmp_path):
     out = run_pegasus(tmp_path, "q", "--dry-run")
     assert out.returncode == 2 and "hosts.yaml:1: entry 1: host range [3-1]" in out.stderr
 
+
+@pytest.mark.parametrize("text, expanded", [
+    ("gpu[01-04,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu5"]),
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01",
+                               "rack2-node02"]),
+    ("h[1-2],x[8-10]", ["h1", "h2", "x8", "x9", "x10"]),
+    ("a,b", ["a", "b"]),
+    ("a, b,", ["a", "b"]),
+    ("node1", ["node1"]),
+    ("n[1,3],m[2]", ["n1", "n3", "m2"]),
+])
+def test_hostlists_as_slurm_and_pdsh_write_them(text, expanded):
+    assert pegasus.expand_hostlist(text) == expanded
+
+
+@pytest.mark.parametrize("text", ["node-[1-4", "node[a-b]", "n]1", "gpu[1-2,b", "x[]"])
+def test_bad_host_ranges_are_errors_not_hostnames(text):
+    with pytest.raises(pegasus.PegasusError) as e:
+        pegasus.expand_hostlist(text)
+    assert "bad host range in %r" % text in str(e.value)
+
+
+def test_bad_range_in_hosts_file_and_on_the_command_line(tmp_path):
+    write(tmp_path / "hosts.yaml", "- node-1\n- node-[1-4\n")
+    write(tmp_path / "queue.yaml", "- echo\n")
+    out = run_pegasus(tmp_path, "q", "--dry-run")
+    assert out.returncode == 2
+    assert "hosts.yaml:2: entry 2: bad host range in 'node-[1-4'" in out.stderr
+    out = run_pegasus(tmp_path, "q", "-n", "-H", "a,node-[1-4", "echo")
+    assert out.returncode == 2
+    assert "pegasus: error: -H: bad host range in 'node-[1-4'" in out.stderr
+
+
+def test_the_same_slot_twice_runs_two_jobs_and_is_said_once(tmp_path):
+    write(tmp_path / "hosts.yaml", "- node-1\n- node-[1-2]\n- node-1\n")
+    write(tmp_path / "queue.yaml", "- echo\n")
+    out = run_pegasus(tmp_path, "b", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:5] == [
+        "4 slots:", "  [node-1]", "  [node-1 #2]", "  [node-2]", "  [node-1 #3]"]
+    assert out.stderr.count("more than once") == 1
+    assert "hosts.yaml lists the same host more than once: [node-1] 3 times" in out.stderr
+    out = run_pegasus(tmp_path, "q", "-H", "localhost,localhost", "sleep 1; echo a",
+                      "sleep 1; echo b")
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[localhost #2] b", "[localhost] a"]
+    assert "-H lists the same host more than once: [localhost] 2 times" in out.stderr
+
+
+def test_commands_as_arguments_write_no_file(tmp_path):
+    out = run_pegasus(tmp_path, "q", "-H", "localhost", "echo one", "echo two; exit 3")
+    assert out.returncode == 1
+    assert job_lines(out.stdout) == ["[localhost] one", "[localhost] two"]
+    assert "failed: [localhost] 'echo two; exit 3': exit status 3" in out.stderr
+    assert "hosts.yaml" not in out.stderr  # -H replaces it
+    assert os.listdir(str(tmp_path)) == []  # no queue, consumed, failed or state file
+    out = run_pegasus(tmp_path, "b", "-H", "localhost", "--joblog", "jobs.tsv",
+                      "echo {{hostname}}", "echo 'it''s'")
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[localhost] localhost", "[localhost] its"]
+    assert os.listdir(str(tmp_path)) == ["jobs.tsv"]  # records only where asked
+    assert len(read(tmp_path / "jobs.tsv").splitlines()) == 3
+
+
+def test_commands_on_stdin_one_a_line(tmp_path):
+    out = subprocess.run([sys.executable, PEGASUS, "q", "-H", "localhost", "-"],
+                         input="echo one\n\necho 'two  spaced'\n", cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[localhost] one", "[localhost] two  spaced"]
+    assert os.listdir(str(tmp_path)) == []
+    out = subprocess.run([sys.executable, PEGASUS, "q", "-n", "-H", "localhost", "-"],
+                         input="", cwd=str(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 0 and "0 jobs in <stdin>\n" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["l", "echo"], "mode l takes no commands"),
+    (["q", "-d", "echo"], "-d waits for jobs added to the queue file"),
+    (["q", "--queue-file", "x.yaml", "echo"], "give the jobs one way"),
+    (["q", "-H", "a", "--hosts-file", "h.yaml"], "-H and --hosts-file: give the hosts one way"),
+    (["q", "-H", "a", "--slurm", "echo"], "-H and --slurm"),
+    (["q", "--host=-oProxyCommand=x", "echo"], "refusing hostname '-oProxyCommand=x'"),
+    (["q", "--slurm", "echo"], "--slurm: SLURM_JOB_NODELIST is not set"),
+])
+def test_command_line_hosts_and_commands_misused(tmp_path, args, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = run_pegasus(tmp_path, *args, env=env)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_hosts_and_commands_on_the_command_line_over_ssh(tmp_path, hosts):
+    out = run_pegasus(tmp_path, "b", "-H", "h[1-2]", "-H", "h3", "echo on $PEGASUS_TEST_HOST",
+                      ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[h1] on h1", "[h2] on h2", "[h3] on h3"]
+    out = run_pegasus(tmp_path, "q", "-H", "h[1-3]", *["echo %d" % n for n in range(6)],
+                      ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    assert sorted(line.split("] ")[1] for line in job_lines(out.stdout)) == [
+        str(n) for n in range(6)]
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_slurm_allocation_nodes_over_ssh(tmp_path, hosts):
+    env = dict(os.environ, SLURM_JOB_NODELIST="h[1-2],h3")
+    out = run_pegasus(tmp_path, "b", "--slurm", "echo on $PEGASUS_TEST_HOST",
+                      ssh_config=hosts.config, env=env)
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[h1] on h1", "[h2] on h2", "[h3] on h3"]
+    assert os.listdir(str(tmp_path)) == []
 
 @pytest.mark.parametrize("heading", sorted(README_COUNTS))
 def test_dry_run_counts_the_readme_examples(tmp_path, heading):
@@ -1926,6 +2173,38 @@ def test_status_and_stop_from_another_terminal(tmp_path):
     assert status.returncode == 2 and "no pegasus is running" in status.stderr
 
 
+def run_into_closed_pipe(cwd, *args):
+    """Run pegasus with stdout a pipe whose reader is gone, as `| head -1` leaves it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, PEGASUS, *args], cwd=str(cwd), stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+
+
+def test_a_reader_that_goes_away_ends_pegasus_quietly(tmp_path):
+    write(tmp_path / "queue.yaml", "")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.state"), what="state")
+        for args in (["s"], ["q", "--dry-run"]):
+            out = run_into_closed_pipe(tmp_path, *args)
+            assert out.returncode == 141, out.stderr
+            assert "Error" not in out.stderr and "pegasus: error" not in out.stderr
+    finally:
+        proc.kill()
+        proc.communicate(timeout=20)
+
+
+def test_dry_run_of_an_empty_queue(tmp_path):
+    write(tmp_path / "queue.yaml", "# nothing yet\n")
+    out = run_pegasus(tmp_path, "q", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == ["0 jobs in queue.yaml",
+                                            "0 commands would run (queue mode)"]
+
 def run_in_terminal(cwd, args, env=None, columns=80):
     """Run pegasus with a pseudo-terminal as stdout and stderr; the screen bytes."""
     import fcntl as fcntl_module
@@ -1981,18 +2260,45 @@ def test_colors_and_wrapping_on_a_terminal_only(tmp_path):
 
 def test_missing_dependencies_say_how_to_install_them(tmp_path):
     write(tmp_path / "queue.yaml", "- echo {{x}}\n")
-    out = subprocess.run([sys.executable, "-S", PEGASUS, "q"], cwd=str(tmp_path),
+    # Outside a venv (-S: no site-packages, so no PyYAML): pip --user, uv, pipx.
+    base = os.path.join(sys.base_prefix, "bin", "python3")
+    out = subprocess.run([base, "-S", PEGASUS, "q"], cwd=str(tmp_path),
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
     assert out.returncode == 2
-    assert "pegasus: error: needs PyYAML: pip install --user pyyaml" in out.stderr
+    assert out.stderr.count("pegasus: error") == 1 and "Traceback" not in out.stderr
+    if pegasus.install_hint("x") == pegasus.install_hint("x", False, False):
+        assert ("pegasus: error: needs PyYAML: python3 -m pip install --user pyyaml, "
+                "or run it as `uv run pegasus.py ...` or `pipx run pegasus.py ...`"
+                in out.stderr)
+    # In a venv (a real one, made without pip: it has no packages): plain pip.
+    subprocess.run([base, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    out = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), PEGASUS, "q"],
+                         cwd=str(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "pegasus: error: needs PyYAML: pip install pyyaml (into this venv, " \
+        in out.stderr and "--user" not in out.stderr
+    # PyYAML alone is enough, templates too.
     only_yaml = tmp_path / "only-yaml"
     only_yaml.mkdir()
     os.symlink(os.path.dirname(yaml.__file__), str(only_yaml / "yaml"))
-    out = subprocess.run([sys.executable, "-S", PEGASUS, "q"], cwd=str(tmp_path),
+    out = subprocess.run([base, "-S", PEGASUS, "q"], cwd=str(tmp_path),
                          capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(only_yaml)))
     assert out.returncode == 2  # templates need nothing more than PyYAML
     assert "{{x}} is not defined" in out.stderr
+
+
+@pytest.mark.parametrize("in_venv, managed, says, not_says", [
+    (True, False, "pip install pyyaml (into this venv", "--user"),
+    (True, True, "pip install pyyaml (into this venv", "--user"),
+    (False, False, "python3 -m pip install --user pyyaml, or run it as `uv run "
+                   "pegasus.py ...` or `pipx run pegasus.py ...`", "venv"),
+    (False, True, "may not install into this system Python: run it as `uv run pegasus.py "
+                  "...` or `pipx run pegasus.py ...`", "--user"),
+])
+def test_install_hint_fits_the_python(in_venv, managed, says, not_says):
+    hint = pegasus.install_hint("PyYAML", in_venv, managed)
+    assert hint.startswith("needs PyYAML") and says in hint and not_says not in hint
 
 
 def test_version_and_help(tmp_path):
