@@ -29,9 +29,11 @@ reads the same files.
 """
 
 import argparse
+import contextlib
 import datetime
 import errno
 import fcntl
+import glob
 import heapq
 import itertools
 import json
@@ -657,8 +659,12 @@ class QueueLock:
             return "another process"
 
 
-def atomic_write(path, text):
-    """Replace `path` with `text` so that a crash leaves the old or the new file."""
+def atomic_write(path, text, before_rename=None):
+    """Replace `path` with `text` so that a crash leaves the old or the new file.
+
+    before_rename(temp), if given, runs once the new text is safe in the
+    temporary file and before it replaces `path`: the journal records there
+    what this write does, naming the file (see Journal)."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         mode = os.stat(path).st_mode & 0o7777
@@ -671,6 +677,8 @@ def atomic_write(path, text):
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(temp)
         os.replace(temp, path)
     except BaseException:
         os.unlink(temp)
@@ -802,7 +810,7 @@ class QueueFile:
         self.count = count_jobs(entries)
         self.signature = signature
 
-    def take(self, choose):
+    def take(self, choose, before_rename=None):
         """Walk the queue from the head and take the jobs `choose` accepts.
 
         choose(job) returns what to start the job with (having rendered it
@@ -810,6 +818,7 @@ class QueueFile:
         None to leave the job and look at the next (backfill), or raises
         StopScan to look no further. Must hold the lock. Returns
         [(choice, job)] and the PegasusError that stopped the walk, if any.
+        before_rename(temp, jobs): see atomic_write.
         """
         taken, error, index, seen, stop = [], None, 0, 0, False
         while index < len(self.entries) and seen < LOOKAHEAD and not stop:
@@ -835,7 +844,7 @@ class QueueFile:
             else:
                 index += 1
         if taken:
-            self.commit([job for _, job in taken])
+            self.commit([job for _, job in taken], before_rename)
             self.count -= len(taken)
         return taken, error
 
@@ -878,8 +887,9 @@ class QueueFile:
         self.entries[index:index] = [Entry(s - self.shift, e - self.shift, spec, line)
                                      for s, e, spec in new_entries]
 
-    def put_back(self, jobs):
-        """Return jobs to the head of the queue (must hold the lock)."""
+    def put_back(self, jobs, before_rename=None):
+        """Return jobs to the head of the queue (must hold the lock).
+        before_rename(temp, jobs): see atomic_write."""
         self.load()
         if self.editable:
             if self.entries:
@@ -890,9 +900,9 @@ class QueueFile:
         else:
             self.entries[:0] = [Entry(0, 0, job_spec(job), 1) for job in jobs]
         self.count += len(jobs)
-        self.write()
+        self.write(before_rename and (lambda temp: before_rename(temp, jobs)))
 
-    def commit(self, jobs):
+    def commit(self, jobs, before_rename=None):
         # consumed.yaml first: a crash between the two writes leaves a job in
         # both files (run again by mistake, at worst), never in neither.
         try:
@@ -901,21 +911,21 @@ class QueueFile:
         except OSError as e:
             self.signature = None  # the cached text no longer matches the file
             raise QueueWriteError("cannot write %s: %s" % (self.consumed_path, e.strerror))
-        self.write()
+        self.write(before_rename and (lambda temp: before_rename(temp, jobs)))
 
-    def write(self):
+    def write(self, before_rename=None):
         try:
-            self.write_text()
+            self.write_text(before_rename)
         except OSError as e:
             self.signature = None
             raise QueueWriteError("cannot write %s: %s" % (self.path, e.strerror))
 
-    def write_text(self):
+    def write_text(self, before_rename=None):
         if not self.editable:
             self.text = "".join(dump_entry(spec_canonical(e.spec)) for e in self.entries)
             self.entries, self.editable = parse_queue(self.path, self.text)
             self.shift = 0
-        atomic_write(self.path, self.text)
+        atomic_write(self.path, self.text, before_rename)
         self.signature = file_signature(self.path)
 
 
@@ -964,6 +974,325 @@ def check_queue(queue, slots, broadcast=False):
                 if shape not in seen:
                     seen.add(shape)
                     render_job(job, slot)
+
+
+# A runner's journal, beside the queue file: queue.yaml.<node>.<pid>.running
+# (the node's name in it: the directory may be shared by login nodes over NFS).
+JOURNAL_SUFFIX = ".running"
+
+
+class Journal:
+    """Which jobs this runner took from the queue and has not finished, so
+    that whoever starts next on the queue puts them back if it crashes.
+
+    The runner holds an flock on it for its whole life. The kernel drops the
+    lock when its holder dies, however it dies: a journal whose lock is free
+    is a dead runner's. Its first line says whose it is and which hosts it
+    runs jobs on (its claim); then one line per event, in JSON:
+
+        + [n, temp, job]  job n taken by the queue-file write through `temp`
+        - [n, temp]       job n put back by the write through `temp`
+        - [n]             job n ended: succeeded, or failed for good
+        ! temp            the write through `temp` failed: it never happened
+
+    A write's records go in after the new queue text is fsynced to its
+    temporary file and before that file is renamed over the queue file (see
+    atomic_write). After a crash, then, `temp` still there means the write
+    never happened (its jobs are still in the queue file, or still taken),
+    and `temp` gone means it did: recovery puts back exactly the jobs taken
+    and not ended or put back, none twice. "+" records are fsynced: losing
+    one to a power cut would lose its jobs. The others are not: a kill -9
+    keeps what was written, and losing a "-" to a power cut only runs a job
+    again.
+    """
+
+    def __init__(self, queue_path):
+        self.queue_path = queue_path
+        self.node = os.uname().nodename
+        self.pid = os.getpid()
+        self.path = journal_path(queue_path, self.node, self.pid)
+        self.file = None
+        self.numbers = itertools.count(1)
+        self.open = {}  # id(job) -> (n, job): taken and not yet ended
+
+    def create(self, claims):
+        """Create the journal and lock it; the caller holds the queue lock,
+        so no other runner can see it before it is locked."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise PegasusError("%s: cannot create: %s" % (self.path, e.strerror)) from None
+        self.file = os.fdopen(fd, "a", encoding="utf-8")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        header = {"queue": os.path.basename(self.queue_path), "node": self.node,
+                  "pid": self.pid, "started": time.time(), "hosts": claims}
+        self.append(json.dumps(header) + "\n", sync=True)
+
+    def append(self, text, sync=False):
+        try:
+            self.file.write(text)
+            self.file.flush()
+            if sync:
+                os.fsync(self.file.fileno())
+        except OSError as e:
+            raise QueueWriteError("cannot write %s: %s" % (self.path, e.strerror)) from None
+
+    @contextlib.contextmanager
+    def writing(self, kind):
+        """Yields the before_rename hook for one QueueFile.take ("+") or
+        put_back ("-") within the block. If the write fails after the hook
+        ran, the journal says so, and the jobs stay as they were."""
+        done = []
+
+        def hook(temp, jobs):
+            if kind == "+":
+                numbered = [(next(self.numbers), job) for job in jobs]
+                self.append("".join("+ %s\n" % json.dumps([n, temp, job_record(job)])
+                                    for n, job in numbered), sync=True)
+            else:
+                numbered = [self.open[id(job)] for job in jobs if id(job) in self.open]
+                self.append("".join("- %s\n" % json.dumps([n, temp]) for n, _ in numbered))
+            done[:] = [temp, numbered]
+        try:
+            yield hook
+        except BaseException:
+            if done:
+                self.append("! %s\n" % json.dumps(done[0]), sync=True)
+            raise
+        for n, job in done[1] if done else ():
+            if kind == "+":
+                self.open[id(job)] = (n, job)
+            else:
+                del self.open[id(job)]
+
+    def ended(self, job):
+        """The job no longer needs putting back: it succeeded, or failed for good."""
+        if id(job) in self.open:
+            n, _ = self.open.pop(id(job))
+            self.append("- %s\n" % json.dumps([n]))
+
+    def close(self):
+        """At exit: the journal goes, unless some job neither ended nor went
+        back (lock mode held the queue); then the next start puts it back."""
+        if self.file is None:
+            return
+        if self.open:
+            note("%d job%s did not end and could not go back to %s; the next pegasus "
+                 "started on it puts %s back: %s" % (
+                     len(self.open), plural(len(self.open)), self.queue_path,
+                     "it" if len(self.open) == 1 else "them",
+                     ", ".join(describe(job) for _, job in sorted(self.open.values(),
+                                                                  key=lambda item: item[0]))))
+        else:
+            remove_file(self.path)
+        self.file.close()
+        self.file = None
+
+
+def journal_path(queue_path, node, pid):
+    return "%s.%s.%d%s" % (queue_path, node, pid, JOURNAL_SUFFIX)
+
+
+def job_record(job):
+    return [job.command, list(job.params.items()), job.slots]
+
+
+def describe(job):
+    """A job on one line: its command and its parameters."""
+    params = ", ".join("%s=%s" % item for item in job.params.items())
+    return shown(job.command) + (" (%s)" % params if params else "")
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def replay(path, lines, exists=os.path.exists):
+    """What a dead runner's journal leaves to do: [(n, job)] for the jobs it
+    took and did not end or put back, in the order it took them, and the
+    temporary files of writes that never happened (to delete)."""
+    records = []
+    for number, line in enumerate(lines, 2):
+        try:
+            records.append((line[:2], json.loads(line[2:])))
+        except ValueError:
+            if number == len(lines) + 1:
+                break  # cut short by the crash: its write never happened
+            raise PegasusError("%s:%d: not a journal record: %r" % (path, number, line)) from None
+    failed = {data for kind, data in records if kind == "! "}
+    stale = set()
+
+    def happened(temp):
+        if temp in failed or exists(temp):
+            stale.add(temp)
+            return False
+        return True
+    taken = {}
+    for kind, data in records:
+        if kind == "+ " and happened(data[1]):
+            taken[data[0]] = Job(data[2][0], data[2][1], data[2][2])
+        elif kind == "- " and (len(data) == 1 or happened(data[1])):
+            taken.pop(data[0], None)
+    return list(taken.items()), {temp for temp in stale if exists(temp)}
+
+
+class OtherRunner:
+    """Another runner's journal, as found beside the queue file."""
+
+    def __init__(self, path, header, lines, file, alive):
+        self.path = path
+        self.header = header
+        self.lines = lines  # the records, after the header
+        self.file = file    # open, and locked if the runner is dead
+        self.alive = alive
+        self.pid, self.node = header.get("pid"), header.get("node")
+        self.claims = header.get("hosts", [])
+
+    def who(self):
+        return "pegasus pid %s on %s" % (self.pid, self.node)
+
+    def append(self, text):
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(text)
+        self.file.flush()
+
+    def state_file(self):
+        return StateFile(path=self.path[:-len(JOURNAL_SUFFIX)] + ".state")
+
+    def close(self):
+        self.file.close()  # and with it the lock, if taken
+
+
+def try_lock(file, how):
+    """Take an flock if it is free. A few tries: `s` may hold a dead
+    runner's lock for an instant, and that must not pass for a live runner."""
+    for attempt in range(5):
+        try:
+            fcntl.flock(file, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.02 * attempt)
+    return False
+
+
+def other_runners(queue_path, mode="r"):
+    """The journals beside the queue file, oldest first: mode "r" to look
+    (`s`, `stop`), "r+" to adopt the dead ones (their lock stays held)."""
+    runners = []
+    pattern = glob.escape(queue_path) + ".*" + JOURNAL_SUFFIX
+    for path in glob.glob(pattern):
+        try:
+            f = open(path, mode, encoding="utf-8")
+        except FileNotFoundError:
+            continue  # its runner just ended
+        except OSError as e:
+            raise PegasusError("%s: cannot open: %s" % (path, e.strerror)) from None
+        # Read once locked: a runner that dies just now may have written more.
+        alive = not try_lock(f, fcntl.LOCK_SH if mode == "r" else fcntl.LOCK_EX)
+        lines = f.read().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except ValueError:
+            header = None
+        # A queue named queue.yaml.x has journals that match the pattern too;
+        # and a journal without its header is being created or never was.
+        if not isinstance(header, dict) or header.get("queue") != os.path.basename(queue_path):
+            f.close()
+            continue
+        runners.append(OtherRunner(path, header, lines[1:], f, alive))
+    runners.sort(key=lambda r: r.header.get("started", 0))
+    return runners
+
+
+def start_journal(queue, slots):
+    """At start, holding the queue lock: put back the jobs of runners that
+    crashed, keep off the hosts that live runners use, and create this
+    runner's journal. Returns the journal and the slots left to use."""
+    lock = queue.lock
+    told = False
+    while not lock.try_acquire():
+        if not told:
+            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
+            told = True
+        time.sleep(LOCK_RETRY)
+    try:
+        others = other_runners(queue.path, "r+")
+        try:
+            recover(queue, [r for r in others if not r.alive])
+            journal = Journal(queue.path)
+            slots = unclaimed(queue, slots, [r for r in others if r.alive], journal.node)
+        finally:
+            for runner in others:
+                runner.close()
+        journal.create(sorted({claim_name(slot, journal.node) for slot in slots}))
+    finally:
+        lock.release()
+    return journal, slots
+
+
+def recover(queue, dead):
+    """Put back at the head of the queue what crashed runners left running:
+    oldest runner first, each one's jobs in the order it took them."""
+    found = [(runner,) + replay(runner.path, runner.lines) for runner in dead]
+    jobs = [job for _, numbered, _ in found for _, job in numbered]
+    written = []
+
+    def hook(temp, _):
+        # Should this runner die before it deletes the dead journals, the
+        # next one must not put these jobs back a second time.
+        written.append(temp)
+        for runner, numbered, _ in found:
+            runner.append("".join("- %s\n" % json.dumps([n, temp]) for n, _ in numbered))
+    if jobs:
+        try:
+            queue.put_back(jobs, hook)
+        except PegasusError as e:
+            for runner, _, _ in found:
+                runner.append("".join("! %s\n" % json.dumps(temp) for temp in written))
+            raise PegasusError("cannot put back the jobs of a crashed pegasus: %s" % e) from None
+    for runner, numbered, stale in found:
+        # The journal goes first: while it exists, the stale temporary files
+        # are what says that their writes never happened.
+        remove_file(runner.path)
+        remove_file(runner.state_file().path)
+        for temp in stale:
+            remove_file(temp)
+        if numbered:
+            note("put back at the head of %s, from a crashed run (pid %s on %s): %s" % (
+                queue.path, runner.pid, runner.node,
+                ", ".join(describe(job) for _, job in numbered)))
+
+
+def claim_name(slot, node):
+    """What a runner claims for a slot: its host; this machine, for localhost."""
+    return "localhost on %s" % node if slot.is_local else slot.hostname.lower()
+
+
+def unclaimed(queue, slots, live, node):
+    """The slots on hosts no live runner of this queue uses. A host's slots
+    are counted by one runner only: two would double-book them."""
+    owners = {}
+    for runner in live:
+        for name in runner.claims:
+            owners.setdefault(name, runner)
+    kept, refused = [], {}
+    for slot in slots:
+        name = claim_name(slot, node)
+        if name in owners:
+            refused.setdefault(owners[name], {})[name] = True  # a dict keeps file order
+        else:
+            kept.append(slot)
+    for owner, names in refused.items():
+        if kept:
+            note("warning: not using %s: %s runs jobs of %s there" % (
+                ", ".join(names), owner.who(), queue.path))
+    if not kept:
+        raise PegasusError("every host is in use by another pegasus on %s (%s): nothing left to "
+                           "run on" % (queue.path, ", ".join(r.who() for r in live)))
+    return kept
 
 
 # ----------------------------------------------------------------------------
@@ -1447,12 +1776,16 @@ class Records:
 
 
 class StateFile:
-    """queue.yaml.state: what runs where right now, for `pegasus.py s` and
-    `pegasus.py stop` in another terminal. Rewritten atomically (no fsync:
-    it describes the moment, and a crash makes it stale anyway)."""
+    """queue.yaml.<node>.<pid>.state, one per runner: what runs where right
+    now, for `pegasus.py s` and `pegasus.py stop` in another terminal.
+    Rewritten atomically (no fsync: it describes the moment). Whether its
+    runner lives is for its journal to say (see Journal)."""
 
-    def __init__(self, queue_path):
-        self.path = queue_path + ".state"
+    def __init__(self, queue_path=None, path=None):
+        if path is None:
+            path = journal_path(queue_path, os.uname().nodename, os.getpid())
+            path = path[:-len(JOURNAL_SUFFIX)] + ".state"
+        self.path = path
 
     def write(self, state):
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -1465,39 +1798,17 @@ class StateFile:
             note("cannot write %s: %s" % (self.path, e.strerror))
 
     def read(self):
-        """The state of a live runner; a PegasusError if there is none."""
+        """The state; None if there is none yet."""
         try:
             with open(self.path) as f:
-                state = json.load(f)
+                return json.load(f)
         except FileNotFoundError:
-            raise PegasusError("no pegasus is running on this queue (%s does not exist)"
-                               % self.path) from None
+            return None
         except (OSError, ValueError) as e:
             raise PegasusError("%s: unreadable: %s" % (self.path, e)) from None
-        if not process_alive(state.get("pid")):
-            raise PegasusError("pegasus (pid %s) is no longer running; %s is stale"
-                               % (state.get("pid"), self.path))
-        return state
 
     def remove(self):
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def process_alive(pid):
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    cmdline = "/proc/%d/cmdline" % int(pid)
-    if os.path.exists(cmdline):  # Linux: make sure the pid was not reused
-        with open(cmdline, "rb") as f:
-            return b"pegasus" in f.read()
-    return True
+        remove_file(self.path)
 
 
 # ----------------------------------------------------------------------------
@@ -1511,8 +1822,9 @@ class Runner:
 
     reconnect = False  # whether a lost host is connected again in the background
 
-    def __init__(self, options, slots, queue, printer):
+    def __init__(self, options, slots, queue, printer, journal):
         self.options = options
+        self.journal = journal    # what to put back should this runner crash
         self.slots = slots
         self.queue = queue
         self.printer = printer
@@ -1731,8 +2043,9 @@ class Runner:
                        LOCK_RETRY, until_changed=False)
             return []
         try:
-            self.queue.load()
-            taken, error = self.queue.take(choose)
+            with self.journal.writing("+") as before_rename:
+                self.queue.load()
+                taken, error = self.queue.take(choose, before_rename)
         except QueueWriteError as e:
             taken, error = [], None
             self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
@@ -1783,7 +2096,8 @@ class Runner:
         if not lock.try_acquire():
             return False
         try:
-            self.queue.put_back(self.unreturned)
+            with self.journal.writing("-") as before_rename:
+                self.queue.put_back(self.unreturned, before_rename)
             self.unreturned = []
         except PegasusError as e:
             note("%s; will try again" % e)
@@ -1802,9 +2116,8 @@ class Runner:
                      % (self.queue.lock.path, self.queue.lock.holder()))
                 told = True
             time.sleep(LOCK_RETRY)
-        if self.unreturned:
-            note("could not put these back in %s (add them by hand):\n%s" % (
-                self.queue.path, "".join(dump_entry(j.canonical()) for j in self.unreturned)))
+        # What is still unreturned stays open in the journal, which
+        # journal.close() keeps for the next start on this queue.
 
     # -- running -------------------------------------------------------------
 
@@ -2077,14 +2390,17 @@ class QueueRunner(Runner):
                 self.options.retries))
             avoid = run.avoid | {run.slot.label}
             self.retries.append([run.job, run.attempt + 1, avoid, run])
-        elif not self.record(run):
-            self.records.failed(run.job)
+        else:
+            if not self.record(run):
+                self.records.failed(run.job)
+            self.journal.ended(run.job)
         self.schedule()
 
     def finish_if_idle(self):
         for job, attempt, avoid, last in self.retries:
             self.record(last)  # not retried: stopping
             self.records.failed(job)
+            self.journal.ended(job)
         self.retries = []
         super().finish_if_idle()
 
@@ -2158,6 +2474,8 @@ class BroadcastRunner(Runner):
             return
         if not self.record(run):
             self.step_failed.append(run.label)
+        if not self.runs:
+            self.journal.ended(run.job)  # the step is over, on every host
         self.schedule()
 
 
@@ -2211,6 +2529,14 @@ def mode_run(options, runner_class):
     queue = open_queue(options, slots)
     if options.dry_run:
         return dry_run(slots, queue, runner_class is BroadcastRunner)
+    journal, slots = start_journal(queue, slots)  # crash recovery, host claims
+    try:
+        return run_queue(options, runner_class, slots, queue, journal)
+    finally:
+        journal.close()
+
+
+def run_queue(options, runner_class, slots, queue, journal):
     if not queue.entries and not options.daemon:
         note("%s is empty: nothing to do" % options.queue_file)
         return EXIT_OK
@@ -2219,7 +2545,7 @@ def mode_run(options, runner_class):
         kind, count_jobs(queue.entries), plural(count_jobs(queue.entries)),
         len(slots), plural(len(slots)),
         len({s.hostname for s in slots}), plural(len({s.hostname for s in slots}))))
-    runner = runner_class(options, slots, queue, Printer(options.print_period))
+    runner = runner_class(options, slots, queue, Printer(options.print_period), journal)
     return runner.run()
 
 
@@ -2288,12 +2614,51 @@ def mode_lock(options):
     return EXIT_OK if status == 0 else EXIT_FAILED
 
 
+def runners_of(options):
+    """The live runners of the queue file (--pid: that one), and the dead
+    ones whose jobs the next run puts back."""
+    runners = other_runners(options.queue_file)
+    for runner in runners:
+        runner.close()
+    live = [r for r in runners if r.alive and options.pid in (None, r.pid)]
+    dead = [r for r in runners if not r.alive]
+    if not live:
+        message = "no pegasus%s is running on %s" % (
+            "" if options.pid is None else " pid %d" % options.pid, options.queue_file)
+        if dead:
+            message += "; %s crashed, and the next run on it puts back what %s left " \
+                       "unfinished" % (", ".join(r.who() for r in dead),
+                                       "it" if len(dead) == 1 else "they")
+        raise PegasusError(message)
+    return live, dead
+
+
 def mode_status(options):
-    """Print what a running pegasus is doing, from its state file."""
-    state = StateFile(options.queue_file).read()
+    """Print what every pegasus running on the queue does, from their state files."""
+    live, dead = runners_of(options)
+    for number, runner in enumerate(live):
+        if number:
+            print()
+        state = runner.state_file().read()
+        if state is None:
+            print("%s: starting" % runner.who())
+        else:
+            print_state(state, runner.node)
+    for runner in dead:
+        try:
+            count = len(replay(runner.path, runner.lines)[0])
+            left = "%d job%s" % (count, plural(count))
+        except PegasusError:
+            left = "the jobs"
+        note("%s crashed; the next run on %s puts back %s it left unfinished"
+             % (runner.who(), options.queue_file, left))
+    return EXIT_OK
+
+
+def print_state(state, node):
     now = time.time()
-    print("pegasus pid %s, %s mode on %s, running for %s: %d done, %d failed, "
-          "%d running, %d queued" % (state["pid"], state["mode"], state["queue"],
+    print("pegasus pid %s on %s, %s mode on %s, running for %s: %d done, %d failed, "
+          "%d running, %d queued" % (state["pid"], node, state["mode"], state["queue"],
                                      duration(now - state["started"]), state["done"],
                                      state["failed"], state["running"], state["queued"]))
     rows = [("SLOT", "HOST", "FOR", "JOB")]
@@ -2310,20 +2675,32 @@ def mode_status(options):
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
-    return EXIT_OK
 
 
 def mode_stop(options):
-    """Ask a running pegasus to stop: after its running jobs, or (--now) at once."""
-    state = StateFile(options.queue_file).read()
-    os.kill(int(state["pid"]), signal.SIGTERM if options.now else signal.SIGINT)
-    if options.now:
-        note("asked pegasus (pid %s) to cancel its %d running job%s and exit"
-             % (state["pid"], state["running"], plural(state["running"])))
-    else:
-        note("asked pegasus (pid %s) to start no new job and exit when its %d running "
-             "job%s finish" % (state["pid"], state["running"], plural(state["running"])))
-    return EXIT_OK
+    """Ask every pegasus running on the queue (--pid: one) to stop: after
+    its running jobs, or (--now) at once. A signal cannot reach another
+    machine: a runner on another login node is named, not stopped."""
+    live, _ = runners_of(options)
+    here, code = os.uname().nodename, EXIT_OK
+    for runner in live:
+        if runner.node != here:
+            note("%s: cannot signal it from %s; run pegasus.py stop on %s"
+                 % (runner.who(), here, runner.node))
+            code = EXIT_FAILED
+            continue
+        try:
+            os.kill(int(runner.pid), signal.SIGTERM if options.now else signal.SIGINT)
+        except ProcessLookupError:
+            continue  # it ended just now
+        state = runner.state_file().read() or {"running": 0}
+        running = "%d running job%s" % (state["running"], plural(state["running"]))
+        if options.now:
+            note("asked pegasus (pid %s) to cancel its %s and exit" % (runner.pid, running))
+        else:
+            note("asked pegasus (pid %s) to start no new job and exit when its %s finish"
+                 % (runner.pid, running))
+    return code
 
 
 MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock,
@@ -2398,6 +2775,9 @@ def build_parser():
                         help="also keep each job's output in a file of its own in DIR")
     parser.add_argument("--now", action="store_true",
                         help="(stop) cancel the running jobs instead of waiting for them")
+    parser.add_argument("--pid", type=int, metavar="PID",
+                        help="(s, stop) only the pegasus with this pid, when several run "
+                             "on one queue")
     parser.add_argument("--queue-file", default="queue.yaml", metavar="FILE",
                         help="the job queue (default queue.yaml)")
     parser.add_argument("--hosts-file", metavar="FILE",

@@ -1557,11 +1557,11 @@ def test_status_and_stop_from_another_terminal(tmp_path):
     write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2]\n")
     write(tmp_path / "queue.yaml", "- sleep 1.5; echo one\n- sleep 30; echo never\n- echo z\n")
     proc = start_pegasus(tmp_path, "q", "-d")
-    wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.state")
-             and '"running": 2' in read(tmp_path / "queue.yaml.state"), what="state")
+    state = tmp_path / ("queue.yaml.%s.%d.state" % (os.uname().nodename, proc.pid))
+    wait_for(lambda: os.path.exists(state) and '"running": 2' in read(state), what="state")
     status = run_pegasus(tmp_path, "s")
     assert status.returncode == 0, status.stderr
-    assert "pegasus pid %d, q mode" % proc.pid in status.stdout
+    assert "pegasus pid %d on %s, q mode" % (proc.pid, os.uname().nodename) in status.stdout
     assert re.search(r"\[localhost \(k=1\)\]\s+up\s+\d", status.stdout)
     assert "'sleep 30; echo never'" in status.stdout and "1 queued" in status.stdout
     stop = run_pegasus(tmp_path, "stop")
@@ -1573,7 +1573,8 @@ def test_status_and_stop_from_another_terminal(tmp_path):
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and job_lines(out) == ["[localhost (k=1)] one"]
     assert read(tmp_path / "queue.yaml") == "- sleep 30; echo never\n- echo z\n"
-    assert not os.path.exists(tmp_path / "queue.yaml.state")
+    assert not os.path.exists(state)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".running")]
     status = run_pegasus(tmp_path, "s")
     assert status.returncode == 2 and "no pegasus is running" in status.stderr
 
