@@ -979,6 +979,7 @@ def check_queue(queue, slots, broadcast=False):
 # A runner's journal, beside the queue file: queue.yaml.<node>.<pid>.running
 # (the node's name in it: the directory may be shared by login nodes over NFS).
 JOURNAL_SUFFIX = ".running"
+COMPACT_AFTER = 10000  # journal lines; then it is rewritten, if mostly done with
 
 
 class Journal:
@@ -991,6 +992,7 @@ class Journal:
     runs jobs on (its claim); then one line per event, in JSON:
 
         + [n, temp, job]  job n taken by the queue-file write through `temp`
+                          (null: a record rewritten by compact(); taken)
         - [n, temp]       job n put back by the write through `temp`
         - [n]             job n ended: succeeded, or failed for good
         ! temp            the write through `temp` failed: it never happened
@@ -1012,6 +1014,8 @@ class Journal:
         self.pid = os.getpid()
         self.path = journal_path(queue_path, self.node, self.pid)
         self.file = None
+        self.header = ""  # its first line
+        self.records = 0  # lines after the header
         self.numbers = itertools.count(1)
         self.open = {}  # id(job) -> (n, job): taken and not yet ended
 
@@ -1024,11 +1028,13 @@ class Journal:
             raise PegasusError("%s: cannot create: %s" % (self.path, e.strerror)) from None
         self.file = os.fdopen(fd, "a", encoding="utf-8")
         fcntl.flock(self.file, fcntl.LOCK_EX)
-        header = {"queue": os.path.basename(self.queue_path), "node": self.node,
-                  "pid": self.pid, "started": time.time(), "hosts": claims}
-        self.append(json.dumps(header) + "\n", sync=True)
+        self.header = json.dumps({"queue": os.path.basename(self.queue_path), "node": self.node,
+                                  "pid": self.pid, "started": time.time(), "hosts": claims}) + "\n"
+        self.append(self.header, sync=True)
+        self.records = 0
 
     def append(self, text, sync=False):
+        self.records += text.count("\n")
         try:
             self.file.write(text)
             self.file.flush()
@@ -1047,23 +1053,53 @@ class Journal:
         def hook(temp, jobs):
             if kind == "+":
                 numbered = [(next(self.numbers), job) for job in jobs]
-                self.append("".join("+ %s\n" % json.dumps([n, temp, job_record(job)])
-                                    for n, job in numbered), sync=True)
+                records = [("+", [n, temp, job_record(job)]) for n, job in numbered]
             else:
                 numbered = [self.open[id(job)] for job in jobs if id(job) in self.open]
-                self.append("".join("- %s\n" % json.dumps([n, temp]) for n, _ in numbered))
-            done[:] = [temp, numbered]
+                records = [("-", [n, temp]) for n, _ in numbered]
+            done[:] = [temp, numbered]  # first: the append may fail half done
+            self.append("".join("%s %s\n" % (k, json.dumps(r)) for k, r in records),
+                        sync=kind == "+")
         try:
             yield hook
         except BaseException:
             if done:
-                self.append("! %s\n" % json.dumps(done[0]), sync=True)
+                try:
+                    self.append("! %s\n" % json.dumps(done[0]), sync=True)
+                except QueueWriteError:
+                    pass  # the error that matters is the one on its way
             raise
         for n, job in done[1] if done else ():
             if kind == "+":
                 self.open[id(job)] = (n, job)
             else:
                 del self.open[id(job)]
+        if self.records > COMPACT_AFTER and self.records > 4 * len(self.open):
+            self.compact()
+
+    def compact(self):
+        """Rewrite the journal with the open jobs alone, or a long run's
+        would grow without end. The new file is locked before it replaces
+        the old one; the caller holds the queue lock, which keeps out the
+        runners that would adopt a journal whose lock is free."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=".pegasus-journal.")
+        new = os.fdopen(fd, "a", encoding="utf-8")
+        try:
+            fcntl.flock(new, fcntl.LOCK_EX)
+            new.write(self.header + "".join(
+                "+ %s\n" % json.dumps([n, None, job_record(job)])
+                for n, job in sorted(self.open.values(), key=lambda item: item[0])))
+            new.flush()
+            os.fsync(new.fileno())
+            os.replace(temp, self.path)
+        except OSError as e:
+            new.close()
+            remove_file(temp)
+            note("cannot compact %s: %s" % (self.path, e.strerror))
+            return
+        self.file.close()
+        self.file, self.records = new, len(self.open)
 
     def ended(self, job):
         """The job no longer needs putting back: it succeeded, or failed for good."""
@@ -1126,6 +1162,8 @@ def replay(path, lines, exists=os.path.exists):
     stale = set()
 
     def happened(temp):
+        if temp is None:
+            return True
         if temp in failed or exists(temp):
             stale.add(temp)
             return False

@@ -1232,6 +1232,37 @@ def test_recovery_replays_a_journal_exactly(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["consumed.yaml", "queue.yaml", "queue.yaml.lock"]
 
 
+def test_a_long_runs_journal_is_compacted_and_stays_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(pegasus, "COMPACT_AFTER", 20)
+    path = str(tmp_path / "queue.yaml")
+    write(path, "- command: echo {{n}}\n  n: [%s]\n" % ", ".join(map(str, range(100))))
+    queue = pegasus.QueueFile(path, "q")
+    journal = pegasus.Journal(path)
+    journal.create(["localhost"])
+    running = []
+    for number in range(40):
+        queue.lock.try_acquire()
+        try:
+            with journal.writing("+") as before_rename:
+                queue.load()
+                taken, _ = queue.take(first(2), before_rename)
+        finally:
+            queue.lock.release()
+        ending = [job for _, job in taken][number % 10 == 0:]  # now and then one runs on
+        running += [job for _, job in taken if job not in ending]
+        for job in ending:
+            journal.ended(job)
+    lines = read(journal.path).splitlines()
+    assert len(lines) < 30  # 120 records, compacted
+    jobs = [job for _, job in pegasus.replay(journal.path, lines[1:])[0]]
+    assert jobs == running and len(running) == 4
+    # and another runner sees it as a live runner's, locked
+    other = pegasus.other_runners(path)
+    assert [(r.pid, r.alive) for r in other] == [(os.getpid(), True)]
+    other[0].close()
+    journal.close()
+
+
 def test_retries_run_a_failed_job_again_on_another_slot(tmp_path, hosts):
     marker = tmp_path / "failed-once"
     write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
