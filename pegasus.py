@@ -21,7 +21,10 @@ How it works: one ssh ControlMaster per host (the system `ssh`, so the user's
 loop reads every job's output, exits, signals and timers. Each job runs under
 a small `sh` wrapper that kills the job's process group when its ssh
 connection goes away, so jobs never outlive pegasus. An fcntl lock on a
-sidecar file (queue.yaml.lock) guards the queue file against lock mode.
+sidecar file (queue.yaml.lock) guards the queue file against lock mode and
+other runners. Each runner journals the jobs it has taken and not finished
+(queue.yaml.<node>.<pid>.running), so that the next one started on the
+queue puts back what a crashed runner was running.
 
 Needs Python 3.8+, OpenSSH 7.6+, Linux or macOS, and two packages: PyYAML and
 pybars3. This is a re-creation of Pegasus (the Rust crate pegasus-ssh) and

@@ -990,7 +990,7 @@ def test_a_lost_job_reruns_even_if_lock_mode_held_the_queue(tmp_path, fault_host
     out, err = proc.communicate(timeout=60)
     lock_mode.wait(timeout=10)
     assert proc.returncode == 0, err
-    assert "lost its host" in err and "could not put these back" not in err
+    assert "lost its host" in err and "could not go back" not in err
     done = sorted(int(n) for n in re.findall(r"^\[f\d\] job (\d+) on", out, re.M))
     assert done == [1, 2, 3, 4]
 
