@@ -1025,6 +1025,10 @@ class Journal:
     def create(self, claims):
         """Create the journal and lock it; the caller holds the queue lock,
         so no other runner can see it before it is locked."""
+        # A file of this name is a dead process's that had this pid: one with
+        # its header was adopted just now; one without is a journal that
+        # never was.
+        remove_file(self.path)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         except OSError as e:
@@ -1207,15 +1211,15 @@ class OtherRunner:
         self.file.close()  # and with it the lock, if taken
 
 
-def try_lock(file, how):
-    """Take an flock if it is free. A few tries: `s` may hold a dead
-    runner's lock for an instant, and that must not pass for a live runner."""
-    for attempt in range(5):
+def try_lock(file, how, tries=1):
+    """Take an flock if it is free, trying `tries` times."""
+    for attempt in range(tries):
         try:
             fcntl.flock(file, how | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
-            time.sleep(0.02 * attempt)
+            if attempt + 1 < tries:
+                time.sleep(0.02 * (attempt + 1))
     return False
 
 
@@ -1232,7 +1236,12 @@ def other_runners(queue_path, mode="r"):
         except OSError as e:
             raise PegasusError("%s: cannot open: %s" % (path, e.strerror)) from None
         # Read once locked: a runner that dies just now may have written more.
-        alive = not try_lock(f, fcntl.LOCK_SH if mode == "r" else fcntl.LOCK_EX)
+        # An adopter tries a few times: `s` may hold a dead runner's lock for
+        # an instant, and that must not pass for a live runner.
+        if mode == "r":
+            alive = not try_lock(f, fcntl.LOCK_SH)
+        else:
+            alive = not try_lock(f, fcntl.LOCK_EX, tries=5)
         lines = f.read().splitlines()
         try:
             header = json.loads(lines[0]) if lines else None
@@ -1252,11 +1261,12 @@ def start_journal(queue, slots):
     """At start, holding the queue lock: put back the jobs of runners that
     crashed, keep off the hosts that live runners use, and create this
     runner's journal. Returns the journal and the slots left to use."""
-    lock = queue.lock
-    told = False
+    lock, since, told = queue.lock, time.monotonic(), False
     while not lock.try_acquire():
-        if not told:
-            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
+        # Another runner holds it for a moment at each take: not worth a word.
+        holder = lock.holder()
+        if not told and (", pegasus l," in holder or time.monotonic() - since > 1):
+            note("waiting for %s, held by %s" % (lock.path, holder))
             told = True
         time.sleep(LOCK_RETRY)
     try:

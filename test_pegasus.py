@@ -1495,7 +1495,9 @@ def test_a_job_larger_than_every_host(tmp_path, hosts):
     assert read(tmp_path / "queue.yaml") == queue  # reported, not consumed
     (tmp_path / "queue.yaml").write_text("- sleep 1\n")
     proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
-    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+    # consumed.yaml is written before the queue file is replaced: an append
+    # in between would be lost with the old file.
+    wait_for(lambda: read(tmp_path / "queue.yaml") == "", what="the first job taken")
     with open(str(tmp_path / "queue.yaml"), "a") as f:
         f.write("- command: echo big\n  slots: 8\n- echo after\n")
     out, err = proc.communicate(timeout=30)
