@@ -26,7 +26,10 @@ How it works: one ssh ControlMaster per host (the system `ssh`, so the user's
 loop reads every job's output, exits, signals and timers. Each job runs under
 a small `sh` wrapper that kills the job's process group when its ssh
 connection goes away, so jobs never outlive pegasus. An fcntl lock on a
-sidecar file (queue.yaml.lock) guards the queue file against lock mode.
+sidecar file (queue.yaml.lock) guards the queue file against lock mode and
+other runners. Each runner journals the jobs it has taken and not finished
+(queue.yaml.<node>.<pid>.running), so that the next one started on the
+queue puts back what a crashed runner was running.
 
 Needs Python 3.8+, OpenSSH 7.6+, Linux or macOS, and one package: PyYAML.
 Templates are rendered by a small Handlebars renderer of its own, as Pegasus
@@ -35,9 +38,11 @@ reads the same files.
 """
 
 import argparse
+import contextlib
 import datetime
 import errno
 import fcntl
+import glob
 import heapq
 import itertools
 import json
@@ -1850,8 +1855,12 @@ class QueueLock:
             return "another process"
 
 
-def atomic_write(path, text):
-    """Replace `path` with `text` so that a crash leaves the old or the new file."""
+def atomic_write(path, text, before_rename=None):
+    """Replace `path` with `text` so that a crash leaves the old or the new file.
+
+    before_rename(temp), if given, runs once the new text is safe in the
+    temporary file and before it replaces `path`: the journal records there
+    what this write does, naming the file (see Journal)."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         mode = os.stat(path).st_mode & 0o7777
@@ -1864,6 +1873,8 @@ def atomic_write(path, text):
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(temp)
         os.replace(temp, path)
     except BaseException:
         os.unlink(temp)
@@ -1995,7 +2006,7 @@ class QueueFile:
         self.count = count_jobs(entries)
         self.signature = signature
 
-    def take(self, choose):
+    def take(self, choose, before_rename=None):
         """Walk the queue from the head and take the jobs `choose` accepts.
 
         choose(job) returns what to start the job with (having rendered it
@@ -2003,6 +2014,7 @@ class QueueFile:
         None to leave the job and look at the next (backfill), or raises
         StopScan to look no further. Must hold the lock. Returns
         [(choice, job)] and the PegasusError that stopped the walk, if any.
+        before_rename(temp, jobs): see atomic_write.
         """
         taken, error, index, seen, stop = [], None, 0, 0, False
         while index < len(self.entries) and seen < LOOKAHEAD and not stop:
@@ -2028,7 +2040,7 @@ class QueueFile:
             else:
                 index += 1
         if taken:
-            self.commit([job for _, job in taken])
+            self.commit([job for _, job in taken], before_rename)
             self.count -= len(taken)
         return taken, error
 
@@ -2071,8 +2083,9 @@ class QueueFile:
         self.entries[index:index] = [Entry(s - self.shift, e - self.shift, spec, line)
                                      for s, e, spec in new_entries]
 
-    def put_back(self, jobs):
-        """Return jobs to the head of the queue (must hold the lock)."""
+    def put_back(self, jobs, before_rename=None):
+        """Return jobs to the head of the queue (must hold the lock).
+        before_rename(temp, jobs): see atomic_write."""
         self.load()
         if self.editable:
             if self.entries:
@@ -2083,9 +2096,9 @@ class QueueFile:
         else:
             self.entries[:0] = [Entry(0, 0, job_spec(job), 1) for job in jobs]
         self.count += len(jobs)
-        self.write()
+        self.write(before_rename and (lambda temp: before_rename(temp, jobs)))
 
-    def commit(self, jobs):
+    def commit(self, jobs, before_rename=None):
         # consumed.yaml first: a crash between the two writes leaves a job in
         # both files (run again by mistake, at worst), never in neither.
         try:
@@ -2094,21 +2107,21 @@ class QueueFile:
         except OSError as e:
             self.signature = None  # the cached text no longer matches the file
             raise QueueWriteError("cannot write %s: %s" % (self.consumed_path, e.strerror))
-        self.write()
+        self.write(before_rename and (lambda temp: before_rename(temp, jobs)))
 
-    def write(self):
+    def write(self, before_rename=None):
         try:
-            self.write_text()
+            self.write_text(before_rename)
         except OSError as e:
             self.signature = None
             raise QueueWriteError("cannot write %s: %s" % (self.path, e.strerror))
 
-    def write_text(self):
+    def write_text(self, before_rename=None):
         if not self.editable:
             self.text = "".join(dump_entry(spec_canonical(e.spec)) for e in self.entries)
             self.entries, self.editable = parse_queue(self.path, self.text)
             self.shift = 0
-        atomic_write(self.path, self.text)
+        atomic_write(self.path, self.text, before_rename)
         self.signature = file_signature(self.path)
 
 
@@ -2132,7 +2145,7 @@ class MemoryQueue:
     def load(self):
         pass  # nobody else can change it
 
-    def take(self, choose):
+    def take(self, choose, before_rename=None):
         """As QueueFile.take: walk from the head, take what `choose` accepts."""
         taken, kept, error, looked = [], [], None, 0
         for job in self.jobs[:LOOKAHEAD]:
@@ -2154,7 +2167,7 @@ class MemoryQueue:
         self.count = len(self.jobs)
         return taken, error
 
-    def put_back(self, jobs):
+    def put_back(self, jobs, before_rename=None):
         self.jobs[:0] = jobs
         self.count = len(self.jobs)
 
@@ -2259,6 +2272,390 @@ def tested_combinations(choices):
     base = [values[0] for values in choices]
     return [base[:i] + [value] + base[i + 1:]
             for i, values in enumerate(choices) for value in values]
+
+
+# A runner's journal, beside the queue file: queue.yaml.<node>.<pid>.running
+# (the node's name in it: the directory may be shared by login nodes over NFS).
+JOURNAL_SUFFIX = ".running"
+COMPACT_AFTER = 10000  # journal lines; then it is rewritten, if mostly done with
+
+
+class Journal:
+    """Which jobs this runner took from the queue and has not finished, so
+    that whoever starts next on the queue puts them back if it crashes.
+
+    The runner holds an flock on it for its whole life. The kernel drops the
+    lock when its holder dies, however it dies: a journal whose lock is free
+    is a dead runner's. Its first line says whose it is and which hosts it
+    runs jobs on (its claim); then one line per event, in JSON:
+
+        + [n, temp, job]  job n taken by the queue-file write through `temp`
+                          (null: a record rewritten by compact(); taken)
+        - [n, temp]       job n put back by the write through `temp`
+        - [n]             job n ended: succeeded, or failed for good
+        ! temp            the write through `temp` failed: it never happened
+
+    A write's records go in after the new queue text is fsynced to its
+    temporary file and before that file is renamed over the queue file (see
+    atomic_write). After a crash, then, `temp` still there means the write
+    never happened (its jobs are still in the queue file, or still taken),
+    and `temp` gone means it did: recovery puts back exactly the jobs taken
+    and not ended or put back, none twice. "+" records are fsynced: losing
+    one to a power cut would lose its jobs. The others are not: a kill -9
+    keeps what was written, and losing a "-" to a power cut only runs a job
+    again.
+    """
+
+    def __init__(self, queue_path):
+        self.queue_path = queue_path
+        self.node = os.uname().nodename
+        self.pid = os.getpid()
+        self.path = journal_path(queue_path, self.node, self.pid)
+        self.file = None
+        self.header = ""  # its first line
+        self.records = 0  # lines after the header
+        self.numbers = itertools.count(1)
+        self.open = {}  # id(job) -> (n, job): taken and not yet ended
+
+    def create(self, claims):
+        """Create the journal and lock it; the caller holds the queue lock,
+        so no other runner can see it before it is locked."""
+        # A file of this name is a dead process's that had this pid: one with
+        # its header was adopted just now; one without is a journal that
+        # never was.
+        remove_file(self.path)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise PegasusError("%s: cannot create: %s" % (self.path, e.strerror)) from None
+        self.file = os.fdopen(fd, "a", encoding="utf-8")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.header = json.dumps({"queue": os.path.basename(self.queue_path), "node": self.node,
+                                  "pid": self.pid, "started": time.time(), "hosts": claims}) + "\n"
+        self.append(self.header, sync=True)
+        self.records = 0
+
+    def append(self, text, sync=False):
+        self.records += text.count("\n")
+        try:
+            self.file.write(text)
+            self.file.flush()
+            if sync:
+                os.fsync(self.file.fileno())
+        except OSError as e:
+            raise QueueWriteError("cannot write %s: %s" % (self.path, e.strerror)) from None
+
+    @contextlib.contextmanager
+    def writing(self, kind):
+        """Yields the before_rename hook for one QueueFile.take ("+") or
+        put_back ("-") within the block. If the write fails after the hook
+        ran, the journal says so, and the jobs stay as they were."""
+        done = []
+
+        def hook(temp, jobs):
+            if kind == "+":
+                numbered = [(next(self.numbers), job) for job in jobs]
+                records = [("+", [n, temp, job_record(job)]) for n, job in numbered]
+            else:
+                numbered = [self.open[id(job)] for job in jobs if id(job) in self.open]
+                records = [("-", [n, temp]) for n, _ in numbered]
+            done[:] = [temp, numbered]  # first: the append may fail half done
+            self.append("".join("%s %s\n" % (k, json.dumps(r)) for k, r in records),
+                        sync=kind == "+")
+        try:
+            yield hook
+        except BaseException:
+            if done:
+                try:
+                    self.append("! %s\n" % json.dumps(done[0]), sync=True)
+                except QueueWriteError:
+                    pass  # the error that matters is the one on its way
+            raise
+        for n, job in done[1] if done else ():
+            if kind == "+":
+                self.open[id(job)] = (n, job)
+            else:
+                del self.open[id(job)]
+        if self.records > COMPACT_AFTER and self.records > 4 * len(self.open):
+            self.compact()
+
+    def compact(self):
+        """Rewrite the journal with the open jobs alone, or a long run's
+        would grow without end. The new file is locked before it replaces
+        the old one; the caller holds the queue lock, which keeps out the
+        runners that would adopt a journal whose lock is free."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=".pegasus-journal.")
+        new = os.fdopen(fd, "a", encoding="utf-8")
+        try:
+            fcntl.flock(new, fcntl.LOCK_EX)
+            new.write(self.header + "".join(
+                "+ %s\n" % json.dumps([n, None, job_record(job)])
+                for n, job in sorted(self.open.values(), key=lambda item: item[0])))
+            new.flush()
+            os.fsync(new.fileno())
+            os.replace(temp, self.path)
+        except OSError as e:
+            new.close()
+            remove_file(temp)
+            note("cannot compact %s: %s" % (self.path, e.strerror))
+            return
+        self.file.close()
+        self.file, self.records = new, len(self.open)
+
+    def ended(self, job):
+        """The job no longer needs putting back: it succeeded, or failed for good."""
+        if id(job) in self.open:
+            n, _ = self.open.pop(id(job))
+            self.append("- %s\n" % json.dumps([n]))
+
+    def close(self):
+        """At exit: the journal goes, unless some job neither ended nor went
+        back (lock mode held the queue); then the next start puts it back."""
+        if self.file is None:
+            return
+        if self.open:
+            note("%d job%s did not end and could not go back to %s; the next pegasus "
+                 "started on it puts %s back: %s" % (
+                     len(self.open), plural(len(self.open)), self.queue_path,
+                     "it" if len(self.open) == 1 else "them",
+                     ", ".join(describe(job) for _, job in sorted(self.open.values(),
+                                                                  key=lambda item: item[0]))))
+        else:
+            remove_file(self.path)
+        self.file.close()
+        self.file = None
+
+
+class NoJournal:
+    """The journal of a run whose jobs are in no file (commands given as
+    arguments): there is nothing to put them back into after a crash."""
+
+    @contextlib.contextmanager
+    def writing(self, kind):
+        yield None
+
+    def ended(self, job):
+        pass
+
+    def close(self):
+        pass
+
+
+def journal_path(queue_path, node, pid):
+    return "%s.%s.%d%s" % (queue_path, node, pid, JOURNAL_SUFFIX)
+
+
+def job_record(job):
+    return [job.command, list(job.params.items()), job.slots]
+
+
+def describe(job):
+    """A job on one line: its command and its parameters."""
+    params = ", ".join("%s=%s" % item for item in job.params.items())
+    return shown(job.command) + (" (%s)" % params if params else "")
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def replay(path, lines, exists=os.path.exists):
+    """What a dead runner's journal leaves to do: [(n, job)] for the jobs it
+    took and did not end or put back, in the order it took them, and the
+    temporary files of writes that never happened (to delete)."""
+    records = []
+    for number, line in enumerate(lines, 2):
+        try:
+            records.append((line[:2], json.loads(line[2:])))
+        except ValueError:
+            if number == len(lines) + 1:
+                break  # cut short by the crash: its write never happened
+            raise PegasusError("%s:%d: not a journal record: %r" % (path, number, line)) from None
+    failed = {data for kind, data in records if kind == "! "}
+    stale = set()
+
+    def happened(temp):
+        if temp is None:
+            return True
+        if temp in failed or exists(temp):
+            stale.add(temp)
+            return False
+        return True
+    taken = {}
+    for kind, data in records:
+        if kind == "+ " and happened(data[1]):
+            taken[data[0]] = Job(data[2][0], data[2][1], data[2][2])
+        elif kind == "- " and (len(data) == 1 or happened(data[1])):
+            taken.pop(data[0], None)
+    return list(taken.items()), {temp for temp in stale if exists(temp)}
+
+
+class OtherRunner:
+    """Another runner's journal, as found beside the queue file."""
+
+    def __init__(self, path, header, lines, file, alive):
+        self.path = path
+        self.header = header
+        self.lines = lines  # the records, after the header
+        self.file = file    # open, and locked if the runner is dead
+        self.alive = alive
+        self.pid, self.node = header.get("pid"), header.get("node")
+        self.claims = header.get("hosts", [])
+
+    def who(self):
+        return "pegasus pid %s on %s" % (self.pid, self.node)
+
+    def append(self, text):
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(text)
+        self.file.flush()
+
+    def state_file(self):
+        return StateFile(path=self.path[:-len(JOURNAL_SUFFIX)] + ".state")
+
+    def close(self):
+        self.file.close()  # and with it the lock, if taken
+
+
+def try_lock(file, how, tries=1):
+    """Take an flock if it is free, trying `tries` times."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(file, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.02 * (attempt + 1))
+    return False
+
+
+def other_runners(queue_path, mode="r"):
+    """The journals beside the queue file, oldest first: mode "r" to look
+    (`s`, `stop`), "r+" to adopt the dead ones (their lock stays held)."""
+    runners = []
+    pattern = glob.escape(queue_path) + ".*" + JOURNAL_SUFFIX
+    for path in glob.glob(pattern):
+        try:
+            f = open(path, mode, encoding="utf-8")
+        except FileNotFoundError:
+            continue  # its runner just ended
+        except OSError as e:
+            raise PegasusError("%s: cannot open: %s" % (path, e.strerror)) from None
+        # Read once locked: a runner that dies just now may have written more.
+        # An adopter tries a few times: `s` may hold a dead runner's lock for
+        # an instant, and that must not pass for a live runner.
+        if mode == "r":
+            alive = not try_lock(f, fcntl.LOCK_SH)
+        else:
+            alive = not try_lock(f, fcntl.LOCK_EX, tries=5)
+        lines = f.read().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except ValueError:
+            header = None
+        # A queue named queue.yaml.x has journals that match the pattern too;
+        # and a journal without its header is being created or never was.
+        if not isinstance(header, dict) or header.get("queue") != os.path.basename(queue_path):
+            f.close()
+            continue
+        runners.append(OtherRunner(path, header, lines[1:], f, alive))
+    runners.sort(key=lambda r: r.header.get("started", 0))
+    return runners
+
+
+def start_journal(queue, slots):
+    """At start, holding the queue lock: put back the jobs of runners that
+    crashed, keep off the hosts that live runners use, and create this
+    runner's journal. Returns the journal and the slots left to use."""
+    if not getattr(queue, "on_disk", True):
+        return NoJournal(), slots
+    lock, since, told = queue.lock, time.monotonic(), False
+    while not lock.try_acquire():
+        # Another runner holds it for a moment at each take: not worth a word.
+        holder = lock.holder()
+        if not told and (", pegasus l," in holder or time.monotonic() - since > 1):
+            note("waiting for %s, held by %s" % (lock.path, holder))
+            told = True
+        time.sleep(LOCK_RETRY)
+    try:
+        others = other_runners(queue.path, "r+")
+        try:
+            recover(queue, [r for r in others if not r.alive])
+            journal = Journal(queue.path)
+            slots = unclaimed(queue, slots, [r for r in others if r.alive], journal.node)
+        finally:
+            for runner in others:
+                runner.close()
+        journal.create(sorted({claim_name(slot, journal.node) for slot in slots}))
+    finally:
+        lock.release()
+    return journal, slots
+
+
+def recover(queue, dead):
+    """Put back at the head of the queue what crashed runners left running:
+    oldest runner first, each one's jobs in the order it took them."""
+    found = [(runner,) + replay(runner.path, runner.lines) for runner in dead]
+    jobs = [job for _, numbered, _ in found for _, job in numbered]
+    written = []
+
+    def hook(temp, _):
+        # Should this runner die before it deletes the dead journals, the
+        # next one must not put these jobs back a second time.
+        written.append(temp)
+        for runner, numbered, _ in found:
+            runner.append("".join("- %s\n" % json.dumps([n, temp]) for n, _ in numbered))
+    if jobs:
+        try:
+            queue.put_back(jobs, hook)
+        except PegasusError as e:
+            for runner, _, _ in found:
+                runner.append("".join("! %s\n" % json.dumps(temp) for temp in written))
+            raise PegasusError("cannot put back the jobs of a crashed pegasus: %s" % e) from None
+    for runner, numbered, stale in found:
+        # The journal goes first: while it exists, the stale temporary files
+        # are what says that their writes never happened.
+        remove_file(runner.path)
+        remove_file(runner.state_file().path)
+        for temp in stale:
+            remove_file(temp)
+        if numbered:
+            note("put back at the head of %s, from a crashed run (pid %s on %s): %s" % (
+                queue.path, runner.pid, runner.node,
+                ", ".join(describe(job) for _, job in numbered)))
+
+
+def claim_name(slot, node):
+    """What a runner claims for a slot: its host; this machine, for localhost."""
+    return "localhost on %s" % node if slot.is_local else slot.hostname.lower()
+
+
+def unclaimed(queue, slots, live, node):
+    """The slots on hosts no live runner of this queue uses. A host's slots
+    are counted by one runner only: two would double-book them."""
+    owners = {}
+    for runner in live:
+        for name in runner.claims:
+            owners.setdefault(name, runner)
+    kept, refused = [], {}
+    for slot in slots:
+        name = claim_name(slot, node)
+        if name in owners:
+            refused.setdefault(owners[name], {})[name] = True  # a dict keeps file order
+        else:
+            kept.append(slot)
+    for owner, names in refused.items():
+        if kept:
+            note("warning: not using %s: %s runs jobs of %s there" % (
+                ", ".join(names), owner.who(), queue.path))
+    if not kept:
+        raise PegasusError("every host is in use by another pegasus on %s (%s): nothing left to "
+                           "run on" % (queue.path, ", ".join(r.who() for r in live)))
+    return kept
 
 
 # ----------------------------------------------------------------------------
@@ -3170,13 +3567,16 @@ class Records:
 
 
 class StateFile:
-    """queue.yaml.state: what runs where right now, for `pegasus.py s` and
-    `pegasus.py stop` in another terminal. Rewritten atomically (no fsync:
-    it describes the moment, and a crash makes it stale anyway)."""
+    """queue.yaml.<node>.<pid>.state, one per runner: what runs where right
+    now, for `pegasus.py s` and `pegasus.py stop` in another terminal.
+    Rewritten atomically (no fsync: it describes the moment). Whether its
+    runner lives is for its journal to say (see Journal)."""
 
-    def __init__(self, queue_path):
-        # None: a run without a queue file, which `s` and `stop` cannot find
-        self.path = None if queue_path is None else queue_path + ".state"
+    def __init__(self, queue_path=None, path=None):
+        if path is None:
+            path = journal_path(queue_path, os.uname().nodename, os.getpid())
+            path = path[:-len(JOURNAL_SUFFIX)] + ".state"
+        self.path = path
 
     def write(self, state):
         if self.path is None:
@@ -3194,40 +3594,17 @@ class StateFile:
             note_once(("state", e.errno), "cannot write %s: %s" % (self.path, e.strerror))
 
     def read(self):
-        """The state of a live runner; a PegasusError if there is none."""
+        """The state; None if there is none yet."""
         try:
             with open(self.path) as f:
-                state = json.load(f)
+                return json.load(f)
         except FileNotFoundError:
-            raise PegasusError("no pegasus is running on this queue (%s does not exist)"
-                               % self.path) from None
+            return None
         except (OSError, ValueError) as e:
             raise PegasusError("%s: unreadable: %s" % (self.path, e)) from None
-        if not process_alive(state.get("pid")):
-            raise PegasusError("pegasus (pid %s) is no longer running; %s is stale"
-                               % (state.get("pid"), self.path))
-        return state
 
     def remove(self):
-        try:
-            if self.path is not None:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def process_alive(pid):
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    cmdline = "/proc/%d/cmdline" % int(pid)
-    if os.path.exists(cmdline):  # Linux: make sure the pid was not reused
-        with open(cmdline, "rb") as f:
-            return b"pegasus" in f.read()
-    return True
+        remove_file(self.path)
 
 
 # ----------------------------------------------------------------------------
@@ -3253,7 +3630,8 @@ class QueueGate:
     jobs back, and waits (with timers, never blocking the loop) while the
     file is locked by lock mode, broken mid-edit, or cannot be written."""
 
-    def __init__(self, queue, loop, schedule):
+    def __init__(self, queue, loop, schedule, journal):
+        self.journal = journal    # what to put back should this runner crash
         self.queue = queue
         self.loop = loop
         self.schedule = schedule  # asks the policy to fill slots again
@@ -3273,8 +3651,9 @@ class QueueGate:
                        LOCK_RETRY, until_changed=False)
             return []
         try:
-            self.queue.load()
-            taken, error = self.queue.take(choose)
+            with self.journal.writing("+") as before_rename:
+                self.queue.load()
+                taken, error = self.queue.take(choose, before_rename)
         except QueueWriteError as e:
             taken, error = [], None
             self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
@@ -3326,7 +3705,8 @@ class QueueGate:
         if not self.pending or not self.queue.lock.try_acquire():
             return not self.pending
         try:
-            self.queue.put_back(self.pending)
+            with self.journal.writing("-") as before_rename:
+                self.queue.put_back(self.pending, before_rename)
             self.pending = []
         except PegasusError as e:
             note_once(("put back", str(e)), "%s; will try again" % e)
@@ -3352,10 +3732,12 @@ class QueueGate:
             self.loop.call_later(LOCK_RETRY, self.retry_finish, owner="queue")
 
     def give_up(self):
+        """Stop waiting for the lock; the journal keeps the jobs for the
+        next start on this queue (see Journal.close)."""
         if self.pending and not self.gave_up:
             self.gave_up = True
-            note("could not put these back in %s (add them by hand):\n%s" % (
-                self.queue.path, "".join(dump_entry(j.canonical()) for j in self.pending)))
+            note("stopped waiting for %s, held by %s" % (
+                self.queue.lock.path, self.queue.lock.holder()))
 
     def settled(self):
         return not self.pending or self.gave_up
@@ -3369,7 +3751,8 @@ class Monitor:
     def __init__(self, dispatcher):
         self.d = dispatcher
         queue = dispatcher.queue
-        self.state = StateFile(queue.path if getattr(queue, "on_disk", True) else None)
+        # None: a run without a queue file, which `s` and `stop` cannot find
+        self.state = StateFile(queue.path) if getattr(queue, "on_disk", True) else None
         self.dirty = True         # the state file is out of date
         self.started_at = time.monotonic()
         self.run_seconds = 0.0    # summed durations of finished jobs, for the estimate
@@ -3406,7 +3789,7 @@ class Monitor:
         elif (time.monotonic() - self.last_progress >= PROGRESS_PERIOD
               and self.counts() != self.last_counts):
             self.progress()
-        if self.dirty:
+        if self.dirty and self.state is not None:
             self.dirty = False
             self.state.write(self.snapshot())
         self.d.loop.call_later(STATUS_PERIOD, self.tick, owner="monitor")
@@ -3449,8 +3832,9 @@ class Dispatcher:
     loop and wires the parts together (see the section comment). The only
     place that makes a Run, ends one, and decides to stop or exit."""
 
-    def __init__(self, options, slots, queue, policy_class):
+    def __init__(self, options, slots, queue, policy_class, journal):
         self.options = options
+        self.journal = journal    # what to put back should this runner crash
         self.slots = slots
         self.queue = queue
         self.loop = Loop(self.on_error)
@@ -3459,7 +3843,7 @@ class Dispatcher:
         on_disk = getattr(queue, "on_disk", True)  # a MemoryQueue writes no file
         self.records = Records(options, queue.path if on_disk else None)
         self.pool = ConnectionPool(options, slots, self.loop, self.on_master)
-        self.gate = QueueGate(queue, self.loop, self.schedule)
+        self.gate = QueueGate(queue, self.loop, self.schedule, journal)
         self.monitor = Monitor(self)
         self.policy = policy_class(self)
         self.pool.reconnect = self.policy.reconnect
@@ -3772,7 +4156,8 @@ class Dispatcher:
         self.loop.close()
         self.records.close()
         self.gate.give_up()
-        self.monitor.state.remove()  # last: `s` sees the run until it is over
+        if self.monitor.state is not None:
+            self.monitor.state.remove()  # last: `s` sees the run until it is over
 
     def report(self):
         self.policy.report()
@@ -3926,8 +4311,10 @@ class QueueMode:
                 run.label, shown(run.command), run.status(), run.attempt,
                 d.options.retries))
             self.retries.append([run.job, run.attempt + 1, run.avoid | {run.slot.label}, run])
-        elif not d.record(run):
-            d.records.failed(run.job)
+        else:
+            if not d.record(run):
+                d.records.failed(run.job)
+            d.journal.ended(run.job)
 
     def start_failed(self, run):
         """A run that could not start, or that pegasus itself broke: its job
@@ -3937,6 +4324,7 @@ class QueueMode:
         if self.start_errors[key] >= START_TRIES or self.d.stop_level:
             if not self.d.record(run):
                 self.d.records.failed(run.job)
+            self.d.journal.ended(run.job)
             return
         note("%s %s: %s; it goes back to the head of %s" % (
             run.label, shown(run.command), run.error, self.d.queue.path))
@@ -3949,6 +4337,7 @@ class QueueMode:
         for job, attempt, avoid, last in self.retries:
             self.d.record(last)
             self.d.records.failed(job)
+            self.d.journal.ended(job)
         self.retries = []
         self.cut_short.sort(key=lambda run: run.sequence)
         self.d.gate.put_back([run.job for run in self.cut_short])
@@ -3957,7 +4346,7 @@ class QueueMode:
         d = self.d
         if self.cut_short:
             note("cut short and %s %s: %s" % (
-                "could not be put back in" if d.gate.gave_up else "put back at the head of",
+                "not yet put back in" if d.gate.gave_up else "put back at the head of",
                 d.queue.path, ", ".join(shown(run.command) for run in self.cut_short)))
         never = sorted({m.hostname for m in d.pool.masters if not m.ever_up})
         if never:
@@ -4029,6 +4418,8 @@ class BroadcastMode:
             return
         if not d.record(run):
             self.step_failed.append(run.label)
+        if not d.runs:
+            d.journal.ended(run.job)  # the step is over, on every host
 
     def wind_up(self):
         if self.step_failed and self.step_job is not None:
@@ -4119,6 +4510,14 @@ def mode_run(options, policy):
     queue = open_queue(options, slots)
     if options.dry_run:
         return dry_run(slots, queue, policy is BroadcastMode)
+    journal, slots = start_journal(queue, slots)  # crash recovery, host claims
+    try:
+        return run_queue(options, policy, slots, queue, journal)
+    finally:
+        journal.close()
+
+
+def run_queue(options, policy, slots, queue, journal):
     if not queue.entries and not options.daemon:
         note("%s is empty: nothing to do" % queue.path)
         return EXIT_OK
@@ -4127,7 +4526,7 @@ def mode_run(options, policy):
         kind, count_jobs(queue.entries), plural(count_jobs(queue.entries)),
         len(slots), plural(len(slots)),
         len({s.hostname for s in slots}), plural(len({s.hostname for s in slots}))))
-    return Dispatcher(options, slots, queue, policy).run()
+    return Dispatcher(options, slots, queue, policy, journal).run()
 
 
 def dry_run(slots, queue, broadcast):
@@ -4195,12 +4594,51 @@ def mode_lock(options):
     return EXIT_OK if status == 0 else EXIT_FAILED
 
 
+def runners_of(options):
+    """The live runners of the queue file (--pid: that one), and the dead
+    ones whose jobs the next run puts back."""
+    runners = other_runners(options.queue_file)
+    for runner in runners:
+        runner.close()
+    live = [r for r in runners if r.alive and options.pid in (None, r.pid)]
+    dead = [r for r in runners if not r.alive]
+    if not live:
+        message = "no pegasus%s is running on %s" % (
+            "" if options.pid is None else " pid %d" % options.pid, options.queue_file)
+        if dead:
+            message += "; %s crashed, and the next run on it puts back what %s left " \
+                       "unfinished" % (", ".join(r.who() for r in dead),
+                                       "it" if len(dead) == 1 else "they")
+        raise PegasusError(message)
+    return live, dead
+
+
 def mode_status(options):
-    """Print what a running pegasus is doing, from its state file."""
-    state = StateFile(options.queue_file).read()
+    """Print what every pegasus running on the queue does, from their state files."""
+    live, dead = runners_of(options)
+    for number, runner in enumerate(live):
+        if number:
+            print()
+        state = runner.state_file().read()
+        if state is None:
+            print("%s: starting" % runner.who())
+        else:
+            print_state(state, runner.node)
+    for runner in dead:
+        try:
+            count = len(replay(runner.path, runner.lines)[0])
+            left = "%d job%s" % (count, plural(count))
+        except PegasusError:
+            left = "the jobs"
+        note("%s crashed; the next run on %s puts back %s it left unfinished"
+             % (runner.who(), options.queue_file, left))
+    return EXIT_OK
+
+
+def print_state(state, node):
     now = time.time()
-    print("pegasus pid %s, %s mode on %s, running for %s: %d done, %d failed, "
-          "%d running, %d queued" % (state["pid"], state["mode"], state["queue"],
+    print("pegasus pid %s on %s, %s mode on %s, running for %s: %d done, %d failed, "
+          "%d running, %d queued" % (state["pid"], node, state["mode"], state["queue"],
                                      duration(now - state["started"]), state["done"],
                                      state["failed"], state["running"], state["queued"]))
     rows = [("SLOT", "HOST", "FOR", "JOB")]
@@ -4217,22 +4655,34 @@ def mode_status(options):
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
-    return EXIT_OK
 
 
 def mode_stop(options):
-    """Ask a running pegasus to stop: after its running jobs, or (--now) at once."""
-    state = StateFile(options.queue_file).read()
-    # SIGUSR1 and SIGUSR2, not SIGINT and SIGTERM: the runner can tell a
-    # request from an interrupt, and exits 0 when asked to stop and all is well.
-    os.kill(int(state["pid"]), signal.SIGUSR2 if options.now else signal.SIGUSR1)
-    if options.now:
-        note("asked pegasus (pid %s) to cancel its %d running job%s and exit"
-             % (state["pid"], state["running"], plural(state["running"])))
-    else:
-        note("asked pegasus (pid %s) to start no new job and exit when its %d running "
-             "job%s finish" % (state["pid"], state["running"], plural(state["running"])))
-    return EXIT_OK
+    """Ask every pegasus running on the queue (--pid: one) to stop: after
+    its running jobs, or (--now) at once. A signal cannot reach another
+    machine: a runner on another login node is named, not stopped."""
+    live, _ = runners_of(options)
+    here, code = os.uname().nodename, EXIT_OK
+    for runner in live:
+        if runner.node != here:
+            note("%s: cannot signal it from %s; run pegasus.py stop on %s"
+                 % (runner.who(), here, runner.node))
+            code = EXIT_FAILED
+            continue
+        # SIGUSR1 and SIGUSR2, not SIGINT and SIGTERM: the runner can tell a
+        # request from an interrupt, and exits 0 when asked to stop and all is well.
+        try:
+            os.kill(int(runner.pid), signal.SIGUSR2 if options.now else signal.SIGUSR1)
+        except ProcessLookupError:
+            continue  # it ended just now
+        state = runner.state_file().read() or {"running": 0}
+        running = "%d running job%s" % (state["running"], plural(state["running"]))
+        if options.now:
+            note("asked pegasus (pid %s) to cancel its %s and exit" % (runner.pid, running))
+        else:
+            note("asked pegasus (pid %s) to start no new job and exit when its %s finish"
+                 % (runner.pid, running))
+    return code
 
 
 MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock,
@@ -4326,6 +4776,9 @@ def build_parser():
                         help="also keep each job's output in a file of its own in DIR")
     parser.add_argument("--now", action="store_true",
                         help="(stop) cancel the running jobs instead of waiting for them")
+    parser.add_argument("--pid", type=int, metavar="PID",
+                        help="(s, stop) only the pegasus with this pid, when several run "
+                             "on one queue")
     parser.add_argument("--queue-file", metavar="FILE",
                         help="the job queue (default queue.yaml)")
     parser.add_argument("--hosts-file", metavar="FILE",

@@ -1389,7 +1389,7 @@ def test_a_lost_job_reruns_even_if_lock_mode_held_the_queue(tmp_path, fault_host
     out, err = proc.communicate(timeout=60)
     lock_mode.wait(timeout=10)
     assert proc.returncode == 0, err
-    assert "lost its host" in err and "could not put these back" not in err
+    assert "lost its host" in err and "could not go back" not in err
     done = sorted(int(n) for n in re.findall(r"^\[f\d\] job (\d+) on", out, re.M))
     assert done == [1, 2, 3, 4]
 
@@ -1491,24 +1491,175 @@ def jobs_in(text):
 
 def test_sigkill_at_random_moments_never_loses_a_job(tmp_path):
     write(tmp_path / "hosts.yaml", "- hostname: localhost\n  s: [1, 2, 3, 4]\n")
-    queue = "# a sweep\n" + "".join("- true plain%d\n" % i for i in range(60)) + (
-        "- command: true {{n}} {{m}}\n  n: [%s]\n  m: [a, b]\n" % ", ".join(map(str, range(40))))
+    queue = "# a sweep\n" + "".join(
+        "- sleep 0.1; echo plain%d >> done.txt\n" % i for i in range(60)) + (
+        "- command: sleep 0.1; echo {{n}}{{m}} >> done.txt\n  n: [%s]\n  m: [a, b]\n"
+        % ", ".join(map(str, range(40))))
     (tmp_path / "queue.yaml").write_text(queue)
     everything = set(jobs_in(queue))
     rng = random.Random(1234)
+    recovered = 0
     for _ in range(12):
         proc = start_pegasus(tmp_path, "q")
         time.sleep(rng.uniform(0.2, 1.2))
         proc.kill()
-        proc.wait()
-        left = set(jobs_in(read(tmp_path / "queue.yaml")))  # the file always parses
+        _, err = proc.communicate()
+        recovered += "from a crashed run" in err
+        left = jobs_in(read(tmp_path / "queue.yaml"))  # the file always parses
         consumed = set(jobs_in(read(tmp_path / "consumed.yaml"))) \
             if os.path.exists(tmp_path / "consumed.yaml") else set()
-        assert everything <= left | consumed
+        assert everything <= set(left) | consumed
+        # what a restart put back was not still in the queue as well
+        assert len(left) == len(set(left)), err
     out = run_pegasus(tmp_path, "q", timeout=120)
     assert out.returncode == 0, out.stderr
     assert jobs_in(read(tmp_path / "queue.yaml")) == []
     assert set(jobs_in(read(tmp_path / "consumed.yaml"))) == everything
+    done = read(tmp_path / "done.txt").split()
+    assert set(done) == {"plain%d" % i for i in range(60)} | {
+        "%d%s" % (n, m) for n in range(40) for m in "ab"}  # every job ran to its end
+    assert recovered, "no kill landed while jobs ran"
+
+
+def hold_queue(tmp_path, count):
+    """Jobs that note when they start and when they end, and in between
+    wait while the file `hold` exists: the test decides when they may end."""
+    command = ("echo {{n}} >> %(d)s/started; while [ -e %(d)s/hold ]; do sleep 0.05; done; "
+               "echo {{n}} >> %(d)s/ended" % {"d": tmp_path})
+    return "- command: %s\n  n: [%s]\n" % (command, ", ".join(map(str, range(1, count + 1))))
+
+
+def numbers_in(path):
+    return [int(n) for n in read(path).split()] if os.path.exists(path) else []
+
+
+def test_a_crashed_runs_jobs_go_back_and_each_runs_exactly_once(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- hostname: h1\n  k: [1, 2]\n- hostname: h2\n  k: [1, 2]\n")
+    write(tmp_path / "queue.yaml", hold_queue(tmp_path, 24))
+    hold = tmp_path / "hold"
+    killed = []  # per kill, the jobs that were running
+
+    def running():
+        started = collections.Counter(numbers_in(tmp_path / "started"))
+        started.subtract(numbers_in(tmp_path / "ended"))
+        for jobs in killed:
+            started.subtract(jobs)
+        return sorted(started.elements())
+
+    def kill(proc):
+        proc.kill()
+        _, err = proc.communicate()
+        killed.append(running())
+        assert len(killed[-1]) == 4, err  # killed mid-run, each of them
+        return err
+
+    def recovered(err):
+        return sorted(int(n) for n in re.findall(r"\(n=(\d+)\)", err.split(
+            "from a crashed run (pid ")[1].splitlines()[0]))
+
+    hold.write_text("")
+    # 1: as soon as every slot runs a job, none finished yet
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(running()) == 4, what="4 jobs running")
+    kill(proc)
+    # 2: after some jobs ended, while every slot runs one
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(running()) == 4, what="4 jobs running again")
+    hold.unlink()
+    wait_for(lambda: len(numbers_in(tmp_path / "ended")) >= 6, what="6 jobs ended")
+    hold.write_text("")
+    stable = []  # four running for a while: none of them is just ending
+    wait_for(lambda: stable.append(len(running()) == 4) or stable[-10:] == [True] * 10,
+             what="4 jobs held")
+    err = kill(proc)
+    assert recovered(err) == killed[0]
+    # 3: right after a restart, its jobs running again
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(running()) == 4, what="4 jobs running")
+    err = kill(proc)
+    assert recovered(err) == killed[1]
+    hold.unlink()
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    assert recovered(out.stderr) == killed[2]
+    # Every job ran to its end exactly once, across the four runs: the
+    # killed ones again from the start (their first runs were killed with
+    # pegasus, or they would have ended when `hold` went).
+    assert sorted(numbers_in(tmp_path / "ended")) == list(range(1, 25))
+    assert read(tmp_path / "queue.yaml").strip() == ""
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".running")]
+
+
+def dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_recovery_replays_a_journal_exactly(tmp_path):
+    """A crashed runner's journal, written by hand: each way a queue-file
+    write can have been cut short by the crash."""
+    def temp(name):
+        return str(tmp_path / (".queue.yaml." + name))
+
+    def job(letter):
+        return json.dumps(["echo %s" % letter, [], 1])
+    for name in ("take-not-renamed", "put-back-not-renamed"):
+        write(temp(name), "- left by a crash\n")
+    pid = dead_pid()
+    header = {"queue": "queue.yaml", "node": os.uname().nodename, "pid": pid,
+              "started": 0, "hosts": ["localhost on %s" % os.uname().nodename]}
+    journal = tmp_path / ("queue.yaml.%s.%d.running" % (os.uname().nodename, pid))
+    journal.write_text("\n".join([
+        json.dumps(header),
+        '+ [1, "%s", %s]' % (temp("a"), job("A")),              # taken
+        '+ [2, "%s", %s]' % (temp("take-not-renamed"), job("B")),  # still queued
+        '+ [3, "%s", %s]' % (temp("c"), job("C")), '- [3]',     # ended
+        '+ [4, "%s", %s]' % (temp("d"), job("D")),
+        '- [4, "%s"]' % temp("put-back-not-renamed"),           # not put back
+        '+ [5, "%s", %s]' % (temp("e"), job("E")), '- [5, "%s"]' % temp("e2"),  # put back
+        '+ [6, "%s", %s]' % (temp("f"), job("F")), '- [6, "%s"]' % temp("f2"),
+        '! "%s"' % temp("f2"),                                 # its put-back failed
+        '+ [7, "%s", ["echo G"',                               # cut by the crash
+    ]))
+    write(tmp_path / "queue.yaml", "- echo B\n- echo E\n- echo Z\n")
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 0, out.stderr
+    assert ("put back at the head of queue.yaml, from a crashed run (pid %d on %s): "
+            "'echo A', 'echo D', 'echo F'\n" % (pid, os.uname().nodename)) in out.stderr
+    assert job_lines(out.stdout) == ["[localhost] %s" % x for x in "ADFBEZ"]
+    assert sorted(os.listdir(tmp_path)) == ["consumed.yaml", "queue.yaml", "queue.yaml.lock"]
+
+
+def test_a_long_runs_journal_is_compacted_and_stays_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(pegasus, "COMPACT_AFTER", 20)
+    path = str(tmp_path / "queue.yaml")
+    write(path, "- command: echo {{n}}\n  n: [%s]\n" % ", ".join(map(str, range(100))))
+    queue = pegasus.QueueFile(path, "q")
+    journal = pegasus.Journal(path)
+    journal.create(["localhost"])
+    running = []
+    for number in range(40):
+        queue.lock.try_acquire()
+        try:
+            with journal.writing("+") as before_rename:
+                queue.load()
+                taken, _ = queue.take(first(2), before_rename)
+        finally:
+            queue.lock.release()
+        ending = [job for _, job in taken][number % 10 == 0:]  # now and then one runs on
+        running += [job for _, job in taken if job not in ending]
+        for job in ending:
+            journal.ended(job)
+    lines = read(journal.path).splitlines()
+    assert len(lines) < 30  # 120 records, compacted
+    jobs = [job for _, job in pegasus.replay(journal.path, lines[1:])[0]]
+    assert jobs == running and len(running) == 4
+    # and another runner sees it as a live runner's, locked
+    other = pegasus.other_runners(path)
+    assert [(r.pid, r.alive) for r in other] == [(os.getpid(), True)]
+    other[0].close()
+    journal.close()
 
 
 def test_retries_run_a_failed_job_again_on_another_slot(tmp_path, hosts):
@@ -1777,7 +1928,9 @@ def test_a_job_larger_than_every_host(tmp_path, hosts):
     assert read(tmp_path / "queue.yaml") == queue  # reported, not consumed
     (tmp_path / "queue.yaml").write_text("- sleep 1\n")
     proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
-    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+    # consumed.yaml is written before the queue file is replaced: an append
+    # in between would be lost with the old file.
+    wait_for(lambda: read(tmp_path / "queue.yaml") == "", what="the first job taken")
     with open(str(tmp_path / "queue.yaml"), "a") as f:
         f.write("- command: echo big\n  slots: 8\n- echo after\n")
     out, err = proc.communicate(timeout=30)
@@ -2152,11 +2305,11 @@ def test_status_and_stop_from_another_terminal(tmp_path):
     write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2]\n")
     write(tmp_path / "queue.yaml", "- sleep 1.5; echo one\n- sleep 30; echo never\n- echo z\n")
     proc = start_pegasus(tmp_path, "q", "-d")
-    wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.state")
-             and '"running": 2' in read(tmp_path / "queue.yaml.state"), what="state")
+    state = tmp_path / ("queue.yaml.%s.%d.state" % (os.uname().nodename, proc.pid))
+    wait_for(lambda: os.path.exists(state) and '"running": 2' in read(state), what="state")
     status = run_pegasus(tmp_path, "s")
     assert status.returncode == 0, status.stderr
-    assert "pegasus pid %d, q mode" % proc.pid in status.stdout
+    assert "pegasus pid %d on %s, q mode" % (proc.pid, os.uname().nodename) in status.stdout
     assert re.search(r"\[localhost \(k=1\)\]\s+up\s+\d", status.stdout)
     assert "'sleep 30; echo never'" in status.stdout and "1 queued" in status.stdout
     stop = run_pegasus(tmp_path, "stop")
@@ -2168,7 +2321,8 @@ def test_status_and_stop_from_another_terminal(tmp_path):
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and job_lines(out) == ["[localhost (k=1)] one"]
     assert read(tmp_path / "queue.yaml") == "- sleep 30; echo never\n- echo z\n"
-    assert not os.path.exists(tmp_path / "queue.yaml.state")
+    assert not os.path.exists(state)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".running")]
     status = run_pegasus(tmp_path, "s")
     assert status.returncode == 2 and "no pegasus is running" in status.stderr
 
@@ -2188,7 +2342,8 @@ def test_a_reader_that_goes_away_ends_pegasus_quietly(tmp_path):
     write(tmp_path / "queue.yaml", "")
     proc = start_pegasus(tmp_path, "q", "-d")
     try:
-        wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.state"), what="state")
+        wait_for(lambda: [n for n in os.listdir(tmp_path) if n.endswith(".state")],
+                 what="the state file")
         for args in (["s"], ["q", "--dry-run"]):
             out = run_into_closed_pipe(tmp_path, *args)
             assert out.returncode == 141, out.stderr
@@ -2204,6 +2359,59 @@ def test_dry_run_of_an_empty_queue(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-2:] == ["0 jobs in queue.yaml",
                                             "0 commands would run (queue mode)"]
+
+def test_two_runners_share_a_queue_and_never_double_book_a_host(tmp_path, hosts):
+    # Each job holds its host with mkdir while it runs: a second job there
+    # at the same time would find the directory taken.
+    write(tmp_path / "queue.yaml", """
+        - command: mkdir %(d)s/busy-$PEGASUS_TEST_HOST || echo $PEGASUS_TEST_HOST >> %(d)s/double;
+            sleep 0.3; echo {{n}} >> %(d)s/ended; rmdir %(d)s/busy-$PEGASUS_TEST_HOST
+          n: [%(n)s]
+        """ % {"d": tmp_path, "n": ", ".join(map(str, range(1, 17)))})
+    write(tmp_path / "a.yaml", "- h1\n- h2\n")
+    write(tmp_path / "b.yaml", "- h2\n- h3\n")
+    node = os.uname().nodename
+    first = start_pegasus(tmp_path, "q", "-d", "--hosts-file", "a.yaml", ssh_config=hosts.config)
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first runner's jobs")
+    second = start_pegasus(tmp_path, "q", "-d", "--hosts-file", "b.yaml",
+                           ssh_config=hosts.config)
+    wait_for(lambda: len(numbers_in(tmp_path / "ended")) == 16, timeout=60, what="16 jobs")
+    assert not os.path.exists(tmp_path / "double"), read(tmp_path / "double")
+    third = run_pegasus(tmp_path, "q", "--hosts-file", "a.yaml", ssh_config=hosts.config)
+    assert third.returncode == 2
+    assert ("every host is in use by another pegasus on queue.yaml (pegasus pid %d on %s, "
+            "pegasus pid %d on %s)" % (first.pid, node, second.pid, node)) in third.stderr
+    status = run_pegasus(tmp_path, "s")
+    assert status.returncode == 0, status.stderr
+    for proc in (first, second):
+        assert "pegasus pid %d on %s, q mode" % (proc.pid, node) in status.stdout
+    assert re.search(r"^\[h1\]\s+up", status.stdout, re.M)
+    assert re.search(r"^\[h3\]\s+up", status.stdout, re.M)
+    only = run_pegasus(tmp_path, "s", "--pid", str(second.pid))
+    assert "pid %d" % first.pid not in only.stdout and "pid %d" % second.pid in only.stdout
+    stop = run_pegasus(tmp_path, "stop")
+    assert stop.returncode == 0, stop.stderr
+    outputs = [proc.communicate(timeout=20) for proc in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0]  # asked to stop: no error
+    assert "warning: not using h2: pegasus pid %d on %s runs jobs of queue.yaml there" % (
+        first.pid, node) in outputs[1][1]
+    assert "[h1] === run" in outputs[0][0] and "[h3] === run" in outputs[1][0]  # shared
+    assert "[h2]" not in outputs[1][0]
+    assert sorted(numbers_in(tmp_path / "ended")) == list(range(1, 17))
+
+
+def test_local_slots_are_claimed_too(tmp_path):
+    write(tmp_path / "queue.yaml", "- sleep 30\n- echo never\n")
+    first = start_pegasus(tmp_path, "q")
+    wait_for(lambda: "sleep 30" not in read(tmp_path / "queue.yaml"), what="the first job")
+    second = run_pegasus(tmp_path, "q")
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=20)
+    assert second.returncode == 2
+    assert "every host is in use by another pegasus on queue.yaml (pegasus pid %d" \
+        % first.pid in second.stderr
+    assert read(tmp_path / "queue.yaml") == "- sleep 30\n- echo never\n"
+
 
 def run_in_terminal(cwd, args, env=None, columns=80):
     """Run pegasus with a pseudo-terminal as stdout and stderr; the screen bytes."""
