@@ -1367,7 +1367,7 @@ def read_source(path):
 
 def append_after_newline(path, data):
     """Append, starting a new line if the file does not end with one."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -1875,6 +1875,7 @@ class Records:
     def __init__(self, options, queue_path):
         self.sequence = itertools.count(1)
         self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
+        self.queue_path = queue_path  # failed.yaml gets its permissions
         self.output_dir = options.output_dir
         self.joblog = None
         try:
@@ -1914,7 +1915,8 @@ class Records:
 
     def failed(self, job):
         try:
-            append_durably(self.failed_path, dump_entry(job.canonical()))
+            append_durably(self.failed_path, dump_entry(job.canonical()),
+                           file_mode(queue_target(self.queue_path)))
         except OSError as e:
             note("cannot write %s: %s" % (self.failed_path, e.strerror))
 
@@ -2681,7 +2683,24 @@ def open_queue(options, slots):
     for path in (options.queue_file, queue.consumed_path):
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PegasusError("%s: not writable" % path)
+    check_disk_space(options.queue_file)
     return queue
+
+
+def check_disk_space(queue_path):
+    """Each take rewrites the queue file beside itself: without room for
+    a copy of it, no job could be taken."""
+    target = queue_target(queue_path)
+    try:
+        st = os.statvfs(os.path.dirname(target))
+        size = os.path.getsize(target) if os.path.exists(target) else 0
+    except OSError:
+        return
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free < size + MIN_FREE_BYTES:
+        raise PegasusError("%s: no space left on the device (%d bytes free): pegasus "
+                           "rewrites the queue file beside itself; free some space"
+                           % (os.path.dirname(target), free))
 
 
 def mode_run(options, runner_class):
@@ -2709,11 +2728,13 @@ def mode_run(options, runner_class):
 
 def dry_run(slots, queue, broadcast):
     """Show what would run; connect to nothing and change no file."""
-    jobs = [job for entry in queue.entries for job in expand_jobs(entry.spec)]
+    total = count_jobs(queue.entries)
+    jobs = itertools.islice((job for entry in queue.entries for job in expand_jobs(entry.spec)),
+                            DRY_RUN_SHOWN)
     print("%d slot%s:" % (len(slots), plural(len(slots))))
     for slot in slots:
         print("  " + slot.label)
-    print("%d job%s in %s:" % (len(jobs), plural(len(jobs)), queue.path))
+    print("%d job%s in %s:" % (total, plural(total), queue.path))
     for number, job in enumerate(jobs, 1):
         # Queue mode: shown on the first host it fits, with its first slot
         # numbers; in a run, it goes where it fits when slots are free.
@@ -2726,7 +2747,10 @@ def dry_run(slots, queue, broadcast):
             needs = " (%d slots)" % job.slots if job.slots != 1 and not broadcast else ""
             print("  %d. %s%s %s" % (number, slot.label, needs,
                                      render_job(job, slot, indices)))
-    commands = len(jobs) * (len(slots) if broadcast else 1)
+    if total > DRY_RUN_SHOWN:
+        print("  ... and %d more job%s" % (total - DRY_RUN_SHOWN,
+                                           plural(total - DRY_RUN_SHOWN)))
+    commands = total * (len(slots) if broadcast else 1)
     print("%d command%s would run (%s mode)" % (
         commands, plural(commands), "broadcast" if broadcast else "queue"))
     return EXIT_OK
@@ -2746,22 +2770,26 @@ def mode_broadcast(options):
 
 def mode_lock(options):
     """Hold the queue lock while the user edits the queue file."""
-    editor = options.editor or os.environ.get("EDITOR") or "vim"
-    lock = QueueLock(options.queue_file, "l")
-    told = False
-    while not lock.try_acquire():
-        if not told:
-            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
-            told = True
-        time.sleep(LOCK_RETRY)
+    argv = editor_argv(options.editor or os.environ.get("EDITOR") or "vim")
+    check_disk_space(options.queue_file)
+    lock = wait_for_lock(options.queue_file, "l")
     try:
-        try:
-            status = subprocess.call(shlex.split(editor) + [options.queue_file])
-        except FileNotFoundError:
-            raise PegasusError("editor %r not found (set $EDITOR or use --editor)"
-                               % editor) from None
+        # A small sh inherits the locked descriptor and waits for the editor:
+        # if pegasus dies, the kernel keeps the lock until the editor exits,
+        # so a save from its buffer never races with a runner. The editor
+        # itself runs without it: what it leaves running in the background
+        # (a shell escape, a server) cannot hold the lock after it exits.
+        script = '"$@" %d>&-; exit $?' % lock.fd
+        editor = subprocess.Popen(["sh", "-c", script, "sh"] + argv + [options.queue_file],
+                                  pass_fds=(lock.fd,))
+        lock.describe(" (editor %s, pid %d)" % (os.path.basename(argv[0]), editor.pid))
+        status = wait_editor(editor)
     finally:
         lock.release()
+    if status != 0:
+        note("the editor %r failed (%s); %s is as it saved it, if it did"
+             % (argv[0], "exit status %d" % status if status > 0 else "signal %d" % -status,
+                options.queue_file))
     if os.path.exists(options.queue_file):
         try:
             entries, _ = parse_queue(options.queue_file, read_text(options.queue_file))
@@ -2770,6 +2798,60 @@ def mode_lock(options):
         except PegasusError as e:
             note("warning: %s (a running pegasus waits until it is fixed)" % e)
     return EXIT_OK if status == 0 else EXIT_FAILED
+
+
+def editor_argv(editor):
+    """A path that names an executable (spaces and all) is the editor;
+    else the string is split as a shell would, so "code --wait" works."""
+    if os.path.isfile(editor) and os.access(editor, os.X_OK):
+        return [editor]
+    argv = shlex.split(editor)
+    if not argv or shutil.which(argv[0]) is None:
+        raise PegasusError("cannot find the editor %r (set $EDITOR or use --editor)" % editor)
+    return argv
+
+
+def wait_editor(editor):
+    while True:
+        try:
+            return editor.wait()
+        except KeyboardInterrupt:
+            continue  # Ctrl-C is for the editor (it shares the terminal)
+
+
+def wait_for_lock(queue_path, mode):
+    lock = QueueLock(queue_path, mode)
+    told = False
+    while not lock.try_acquire():
+        if not told:
+            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
+            told = True
+        time.sleep(LOCK_RETRY)
+    return lock
+
+
+def mode_add(options):
+    """Append jobs to the queue file under the lock; a running pegasus takes them."""
+    commands = list(options.jobs)
+    if commands == ["-"]:
+        commands = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not commands:
+        raise PegasusError("add: give the jobs as arguments, or - to read them from "
+                           "stdin, one command per line")
+    for command in commands:
+        if not command.strip():
+            raise PegasusError("add: refusing an empty command")
+    text = "".join(dump_entry(command) for command in commands)
+    if not os.path.exists(options.queue_file):
+        append_after_newline(options.queue_file, b"")
+    queue = QueueFile(options.queue_file, "add")
+    lock = wait_for_lock(options.queue_file, "add")
+    try:
+        queue.append(text)
+    finally:
+        lock.release()
+    note("added %d job%s to %s" % (len(commands), plural(len(commands)), options.queue_file))
+    return EXIT_OK
 
 
 def mode_status(options):
@@ -2810,7 +2892,7 @@ def mode_stop(options):
     return EXIT_OK
 
 
-MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock,
+MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock, "add": mode_add,
          "s": mode_status, "stop": mode_stop}
 
 # ----------------------------------------------------------------------------
@@ -2822,6 +2904,8 @@ modes, with an example each:
   q     pegasus.py q           run every job in queue.yaml once, on the next free host
   b     pegasus.py b -i        run every job on every host, step by step, despite failures
   l     pegasus.py l           lock queue.yaml and edit it while a run goes on
+  add   pegasus.py add 'echo a' 'echo b'
+                               append jobs to queue.yaml (- reads them from stdin)
   s     pegasus.py s           show what a running pegasus is doing, slot by slot
   stop  pegasus.py stop --now  make a running pegasus cancel its jobs and exit
 
@@ -2858,7 +2942,11 @@ def build_parser():
         description="Run a queue of shell jobs on many hosts over ssh.")
     parser.add_argument("mode", choices=list(MODES), metavar="MODE",
                         help="q (queue), b (broadcast), l (lock and edit the queue), "
-                             "s (status of a running pegasus), stop (stop it)")
+                             "add (append jobs), s (status of a running pegasus), "
+                             "stop (stop it)")
+    parser.add_argument("jobs", nargs="*", metavar="JOB",
+                        help="(add) commands to append to the queue, or - to read them "
+                             "from stdin, one per line")
     parser.add_argument("-d", "--daemon", action="store_true",
                         help="when the queue is empty, wait for more jobs instead of exiting")
     parser.add_argument("-i", "--ignore-errors", action="store_true",
@@ -2906,7 +2994,11 @@ def non_negative(text):
 
 
 def main(argv=None):
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.jobs and options.mode != "add":
+        parser.error("unexpected arguments for mode %s: %s" % (options.mode,
+                                                                " ".join(options.jobs)))
     try:
         return MODES[options.mode](options)
     except PegasusError as e:

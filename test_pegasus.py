@@ -789,9 +789,9 @@ def test_runner_waits_for_lock_and_says_who_holds_it(tmp_path):
     write(tmp_path / "queue.yaml", "- echo queued\n")
     editor = editor_script(tmp_path, "sleep 2\n")
     lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
-    wait_for(lambda: "pegasus l" in lock_holder(tmp_path), what="lock")
+    wait_for(lambda: "(editor" in lock_holder(tmp_path), what="lock")
     out = run_pegasus(tmp_path, "q")
-    assert "waiting for %s, held by pid %d, pegasus l, since" % (
+    assert "waiting for %s, held by pid %d, pegasus l (editor editor.sh, pid " % (
         "queue.yaml.lock", lock_mode.pid) in out.stderr
     assert job_lines(out.stdout) == ["[localhost] queued"]
     assert lock_mode.wait(timeout=10) == 0
