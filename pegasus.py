@@ -898,6 +898,16 @@ def fd_signature(fd):
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def same_file(fd, signature, st):
+    """True if stat result `st` is the file open as fd (kept open, so its
+    inode number is not reused), as it was when `signature` was taken."""
+    if fd is None:
+        return False
+    ours = os.fstat(fd)
+    return ((ours.st_dev, ours.st_ino) == (st.st_dev, st.st_ino)
+            and (st.st_ino, st.st_size, st.st_mtime_ns) == signature)
+
+
 class Entry:
     """A queue.yaml entry: its spec and where its text lies in the file."""
 
@@ -985,7 +995,9 @@ class QueueFile:
     """queue.yaml, its lock, and consumed.yaml beside it.
 
     The text and parsed entries are cached and re-read only when the file's
-    signature (inode, size, mtime) shows that someone else changed it.
+    signature (inode, size, mtime) shows that someone else changed it. The
+    file whose signature is kept stays open, so that its inode number cannot
+    be reused by a new file of the same size in the same clock tick.
 
     Others may edit the file while a run goes on, and no edit is lost:
     - An append (`>>`) goes to whatever file is queue.yaml when the writer
@@ -1011,7 +1023,8 @@ class QueueFile:
         self.path = path
         self.consumed_path = os.path.join(os.path.dirname(path), "consumed.yaml")
         self.lock = QueueLock(path, mode)
-        self.signature = None  # of the file as last read or written by us
+        self.stale = True      # parse the file at the next load() even if unchanged
+        self.looked_at = None  # (fd, signature) of a broken file load() read last
         self.text = ""
         self.entries = []
         self.editable = True
@@ -1031,25 +1044,48 @@ class QueueFile:
         """Parse the file if it changed; raises PegasusError if it is broken.
         Hold the lock: a stale save is rebased (see the class docstring)."""
         self.carry_over()
-        signature = file_signature(self.path)
-        if signature is None:
-            raise PegasusError("%s: no such file" % self.path)
-        if signature == self.signature:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise PegasusError("%s: no such file" % self.path) from None
+        if not self.stale and same_file(self.source, self.source_signature, st):
             return
         fd, raw = read_source(self.path)
         try:
             foreign = not self.continues(fd, raw)
             text = decode_text(self.path, raw)
-            rebased = self.rebase(text) if foreign else text
+            rebased = self.rebase(text, self.committed) if foreign else text
             entries, editable = parse_queue(self.path, rebased)
         except BaseException:
-            os.close(fd)
+            self.forget_broken()  # keep this one open instead: see changed_on_disk()
+            st = os.fstat(fd)
+            self.looked_at = (fd, (st.st_ino, len(raw), st.st_mtime_ns))
             raise
+        self.forget_broken()
         self.adopt(fd, raw)
-        self.signature = self.source_signature
+        self.stale = False
         self.text, self.entries, self.editable, self.shift = rebased, entries, editable, 0
         self.count = count_jobs(entries)
         self.committed, self.dirty = rebased, rebased != text
+
+    def changed_on_disk(self):
+        """True if the file is not what load() last looked at (parsed or
+        not), or a late append to a replaced one waits to be carried over:
+        someone wrote it since. Cheap: a few stats."""
+        if any(os.fstat(fd).st_size > size for fd, size, _ in self.retired):
+            return True
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # nothing to read until it is back
+        if not self.stale and same_file(self.source, self.source_signature, st):
+            return False
+        return not (self.looked_at and same_file(*self.looked_at, st))
+
+    def forget_broken(self):
+        if self.looked_at is not None:
+            os.close(self.looked_at[0])
+            self.looked_at = None
 
     def take(self, choose):
         """Walk the queue from the head and take the jobs `choose` accepts.
@@ -1165,7 +1201,7 @@ class QueueFile:
             self.write_text(jobs)
         except BaseException as e:
             self.history.pop()
-            if self.signature is None and self.source is not None:
+            if self.stale and self.source is not None:
                 os.close(self.source)  # merge() read a save: rebase it again at load()
                 self.source = None
             self.text = self.committed
@@ -1209,7 +1245,6 @@ class QueueFile:
             raise
         self.retire()
         self.source, self.source_signature, self.raw = fd, signature, data
-        self.signature = signature
         self.committed, self.dirty = self.text, False
         self.carry_over()
 
@@ -1234,14 +1269,14 @@ class QueueFile:
                 if self.continues(new_fd, raw):
                     text = self.text + decode_text(self.path, raw[len(self.raw):])
                 else:
-                    text = self.rebase(decode_text(self.path, raw))
+                    text = self.rebase(decode_text(self.path, raw), self.text)
                     parse_queue(self.path, text)  # never write a broken file
             except BaseException:
                 os.close(new_fd)
                 raise
             self.adopt(new_fd, raw)
             self.text = text
-            self.signature = None  # parse the merged text at the next load
+            self.stale = True  # parse the merged text at the next load
             data = text.encode("utf-8")
             write_fd(fd, data)
         raise PegasusError("%s keeps changing; no job taken" % self.path)
@@ -1303,22 +1338,23 @@ class QueueFile:
             os.close(fd)
         self.retired = keep[-RETIRED_MAX:]
 
-    def rebase(self, text):
-        """`text` was saved over the queue file by someone else. Apply to it
-        the takes made since the version it most likely started from, so a
-        save that raced with a take does not bring taken jobs back."""
-        for edits in self.history[self.likely_base(text):]:
+    def rebase(self, text, current):
+        """`text` was saved over the queue file by someone else, where we
+        had `current`. Apply to it the takes made since the version it most
+        likely started from, so a save that raced with a take does not bring
+        taken jobs back."""
+        for edits in self.history[self.likely_base(text, current):]:
             for old, new in edits:
                 text = apply_edit(text, old, new)
         return text
 
-    def likely_base(self, text):
+    def likely_base(self, text, current):
         """The index in self.history of the first take made after the
         version `text` was edited from (len(history): the current one):
         the version with the fewest lines apart from it, the newest if tied.
         Versions are rebuilt backwards from the current text, take by take."""
         delta = collections.Counter(text.splitlines(True))
-        delta.subtract(collections.Counter(self.committed.splitlines(True)))
+        delta.subtract(collections.Counter(current.splitlines(True)))
         score = sum(abs(count) for count in delta.values())
         best, best_score = len(self.history), score
         for index in range(len(self.history) - 1, -1, -1):
@@ -2244,11 +2280,10 @@ class Runner:
         """Call schedule() again after `delay`, or once the queue file changes."""
         if self.wait_timer is not None:
             self.loop.cancel(self.wait_timer)
-        start = file_signature(self.queue.path)
 
         def retry():
             self.wait_timer = None
-            if until_changed and file_signature(self.queue.path) == start:
+            if until_changed and not self.queue.changed_on_disk():
                 self.retry_later(delay, True)
                 return
             self.blocked = False
@@ -2995,7 +3030,7 @@ def non_negative(text):
 
 def main(argv=None):
     parser = build_parser()
-    options = parser.parse_args(argv)
+    options = parser.parse_intermixed_args(argv)  # add: jobs after options too
     if options.jobs and options.mode != "add":
         parser.error("unexpected arguments for mode %s: %s" % (options.mode,
                                                                 " ".join(options.jobs)))
