@@ -158,11 +158,12 @@ class QueueWriteError(PegasusError):
 
 YAML_LOADER = None   # set by need_yaml()
 ENTRY_DUMPER = None
+LIST_DUMPER = None
 
 
 def need_yaml():
     """Import PyYAML on first use; it costs 15 ms that `--help` need not pay."""
-    global yaml, YAML_LOADER, ENTRY_DUMPER
+    global yaml, YAML_LOADER, ENTRY_DUMPER, LIST_DUMPER
     if yaml is not None:
         return
     try:
@@ -179,6 +180,17 @@ def need_yaml():
 
     EntryDumper.add_representer(str, _represent_str)
     ENTRY_DUMPER = EntryDumper
+
+    class ListDumper(EntryDumper):
+        """For the rest of a big sweep: `[8, 16, 32]` on one line, numbers
+        unquoted (pegasus reads every value as text anyway), so that it
+        costs about what the user wrote."""
+
+    ListDumper.yaml_implicit_resolvers = dict(
+        (first, [(tag, regexp) for tag, regexp in resolvers
+                 if not tag.endswith((":int", ":float"))])
+        for first, resolvers in EntryDumper.yaml_implicit_resolvers.items())
+    LIST_DUMPER = ListDumper
 
 
 class Job:
@@ -541,7 +553,10 @@ def read_hosts(path):
 def dump_entry(value, indent=0):
     """One YAML list item (`- ...` lines) for a canonical entry."""
     need_yaml()
-    text = yaml.dump([value], Dumper=ENTRY_DUMPER, default_flow_style=False,
+    dumper, flow = ENTRY_DUMPER, False
+    if isinstance(value, dict) and any(len(values) > 1 for values in value.values()):
+        dumper, flow = LIST_DUMPER, None  # None: lists of scalars in flow style
+    text = yaml.dump([value], Dumper=dumper, default_flow_style=flow,
                      allow_unicode=True, sort_keys=False, width=1 << 30)
     if indent:
         pad = " " * indent

@@ -19,6 +19,7 @@ import textwrap
 import time
 import random
 import collections
+import itertools
 
 import pytest
 import yaml
@@ -840,6 +841,156 @@ def test_a_broken_entry_added_while_running_is_skipped_and_told_once(tmp_path):
     assert err.count("{{nope}} is not defined") == 1, err
     assert "queue.yaml:2:" in err and "the other jobs go on" in err
     assert proc.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB tmpfs, to fill up (needs root to mount; else skip)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(directory):
+    fd = os.open(str(directory / "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"x" * 1024)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mode", [["q"], ["l", "--editor", "true"]])
+def test_a_full_disk_at_start_is_one_line(small_disk, mode):
+    """Issue 13.6: an OSError traceback, in q and l."""
+    write(small_disk / "queue.yaml", "- echo a\n")
+    fill(small_disk)
+    out = run_pegasus(small_disk, *mode)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no space left on the device" in out.stderr.splitlines()[-1]
+    assert read(small_disk / "queue.yaml") == "- echo a\n"
+
+
+def test_a_full_disk_mid_run_never_lists_a_job_twice(small_disk):
+    """Issue 13.6: each 5 s retry appended the same jobs to consumed.yaml."""
+    write(small_disk / "queue.yaml", "- sleep 1; echo first\n- echo second\n- echo third\n")
+    proc = start_pegasus(small_disk, "q")
+    wait_for(lambda: os.path.exists(small_disk / "consumed.yaml"), what="the first job")
+    fill(small_disk)
+    wait_for(lambda: "no job taken, trying again" in read_stderr_so_far(proc),
+             timeout=20, what="the write to fail")
+    time.sleep(6)  # past one retry (WRITE_RETRY is 5 s): it fails again
+    os.unlink(str(small_disk / "filler"))
+    out, err = proc.communicate(timeout=30)
+    assert job_lines(out) == ["[localhost] first", "[localhost] second", "[localhost] third"]
+    assert queued_commands(small_disk / "consumed.yaml") == [
+        "sleep 1; echo first", "echo second", "echo third"]
+    assert [f for f in os.listdir(str(small_disk)) if f.startswith(".queue.yaml")] == []
+
+
+def read_stderr_so_far(proc, seen=[]):
+    """stderr of a running process, without blocking (for wait_for)."""
+    import fcntl as f
+    flags = f.fcntl(proc.stderr.fileno(), f.F_GETFL)
+    f.fcntl(proc.stderr.fileno(), f.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        chunk = proc.stderr.read()
+    except (BlockingIOError, TypeError):
+        chunk = None
+    f.fcntl(proc.stderr.fileno(), f.F_SETFL, flags)
+    if chunk:
+        seen.append(chunk)
+    return "".join(seen)
+
+
+def expand_all(specs):
+    return [job for spec in specs for job in pegasus.expand_jobs(spec)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compact_remainder_is_exactly_the_jobs_left_in_order(seed):
+    rng = random.Random(seed)
+    spec = {"command": ["c%d" % i for i in range(rng.randint(1, 3))]}
+    for k in range(rng.randint(0, 3)):
+        spec["p%d" % k] = ["v%d" % i for i in range(rng.randint(1, 5))]
+    if rng.random() < 0.3:
+        spec["slots"] = ["2"]
+    jobs = list(pegasus.expand_jobs(spec))
+    taken = sorted(rng.sample(range(len(jobs)), rng.randint(0, min(len(jobs), 6))))
+    left = pegasus.remainder(spec, taken)
+    assert expand_all(left) == [job for i, job in enumerate(jobs) if i not in taken]
+    assert len(left) <= (len(taken) + 1) * 2 * len(spec)  # O(parameters), not O(jobs)
+
+
+def test_taking_from_a_huge_entry_writes_back_a_few_lines(tmp_path):
+    """Issue 13.7: one job of a 200 x 1000 entry took 12-20 s and wrote 12 MB."""
+    write(tmp_path / "queue.yaml", "- command: run {{a}} {{b}}\n  a: [%s]\n  b: [%s]\n" % (
+        ", ".join(map(str, range(200))), ", ".join(map(str, range(1000)))))
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    size = os.path.getsize(tmp_path / "queue.yaml")
+    assert [j.params for j in take(queue, 2)] == [{"a": "0", "b": "0"}, {"a": "0", "b": "1"}]
+    # {0} x b[2:] and a[1:] x b: the list of b twice is the least that keeps the order
+    assert os.path.getsize(tmp_path / "queue.yaml") < 2 * size
+    entries, _ = pegasus.parse_queue("q", read(tmp_path / "queue.yaml"))
+    assert pegasus.count_jobs(entries) == 200 * 1000 - 2
+    left = (job for entry in entries for job in pegasus.expand_jobs(entry.spec))
+    assert [j.params for j in itertools.islice(left, 2)] == [{"a": "0", "b": "2"},
+                                                            {"a": "0", "b": "3"}]
+
+
+def test_backfill_that_skips_jobs_writes_the_exact_rest_in_order(tmp_path):
+    write(tmp_path / "queue.yaml", "- command: j {{n}}\n  n: [%s]\n- after\n"
+          % ", ".join(map(str, range(50))))
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    queue.load()
+    wanted = {"3", "17", "18", "40"}
+    taken, _ = queue.take(lambda job: "go" if job.params.get("n") in wanted else None)
+    assert sorted(j.params["n"] for _, j in taken) == sorted(wanted)
+    assert jobs_in(read(tmp_path / "queue.yaml")) == [
+        ("j {{n}}", (("n", str(n)),)) for n in range(50) if str(n) not in wanted] + [
+        ("after", ())]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- &a x\n- *a\n", "entry 2 repeats a value through a YAML alias"),
+    ("- command: &c [a, b]\n  x: *c\n", "repeats a value through a YAML alias"),
+    ("[" * 50000, "nested too deeply"),
+    ("- " * 50000 + "x\n", "nested too deeply"),
+    ("- command: x\n" + "".join("  k%d: [%s]\n" % (k, ", ".join("v%d" % i for i in range(10)))
+                                for k in range(12)), "expands to 1000000000000 combinations"),
+])
+def test_bombs_are_named_errors_not_crashes(tmp_path, text, message):
+    """Issue 13.7: aliases grew a 165-byte file to 24 GB; 50,000 '[' killed
+    libyaml with SIGSEGV."""
+    (tmp_path / "queue.yaml").write_text(text)
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-500:]
+    assert "Traceback" not in out.stderr
+
+
+def test_a_billion_laughs_hosts_file_is_refused(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: &h [a, b]\n  x: *h\n")
+    write(tmp_path / "queue.yaml", "- echo\n")
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2 and "hosts.yaml:1: entry 1 repeats a value" in out.stderr
+
+
+def test_a_million_job_sweep_runs_and_dry_runs_without_expanding(tmp_path):
+    (tmp_path / "queue.yaml").write_text(
+        "- command: true {{a}}{{b}}\n" + "".join("  %s: [0,1,2,3,4,5,6,7,8,9]\n" % k
+                                                 for k in "ab")
+        + "".join("  %s: [0,1,2,3,4,5,6,7,8,9]\n" % k for k in "cdef"))
+    out = run_pegasus(tmp_path, "q", "-n")
+    assert out.returncode == 0
+    assert "1000000 jobs in queue.yaml" in out.stdout and "... and 999000 more jobs" in out.stdout
+    assert len(out.stdout.splitlines()) < 1010
 
 
 # ----------------------------------------------------------------------------
@@ -2188,3 +2339,28 @@ def test_bench_scale_500_hosts(tmp_path, bench_only):
         hosts.close()
 
 
+@pytest.mark.bench
+def test_bench_take_from_a_huge_sweep(tmp_path, bench_only):
+    """Issue 13.7: take the first job of a 200 x 1000 entry (12-20 s and a
+    12 MB queue.yaml before); target < 1 s."""
+    text = "- command: run {{a}} {{b}}\n  a: [%s]\n  b: [%s]\n" % (
+        ", ".join(map(str, range(200))), ", ".join(map(str, range(1000))))
+    times, sizes = [], []
+    for _ in range(ROUNDS):
+        (tmp_path / "queue.yaml").write_text(text)
+        start = time.perf_counter()
+        queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+        take(queue, 1)
+        times.append(time.perf_counter() - start)
+        sizes.append(os.path.getsize(tmp_path / "queue.yaml"))
+    report("take 1 job of a 200 x 1000 entry (load+take+write)", times)
+    print("BENCH queue.yaml %d bytes before, %d bytes after" % (len(text), median(sizes)))
+    (tmp_path / "queue.yaml").write_text(text)
+    os.unlink(str(tmp_path / "consumed.yaml"))
+    start = time.perf_counter()
+    proc = start_pegasus(tmp_path, "q", "-p", "0")
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), timeout=60)
+    first = time.perf_counter() - start
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    print("BENCH CLI: first job of the 200 x 1000 entry started after %.3f s" % first)
