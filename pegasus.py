@@ -855,20 +855,6 @@ def write_fd(fd, data):
     os.fsync(fd)
 
 
-def atomic_write(path, text):
-    """Replace `path` with `text` so that a crash leaves the old or the new file."""
-    target = queue_target(path)
-    fd, temp = new_file(os.path.dirname(target), os.path.basename(target), file_mode(target))
-    try:
-        write_fd(fd, text.encode("utf-8"))
-        os.replace(temp, target)
-    except BaseException:
-        os.unlink(temp)
-        raise
-    finally:
-        os.close(fd)
-
-
 def append_durably(path, text, mode=0o644):
     """Append and fsync; returns the size before, to truncate back to. A new
     file gets `mode`: that of the queue file, whose commands it copies."""
@@ -897,15 +883,6 @@ def truncate_back(path, size):
         os.truncate(path, size)
     except OSError:
         pass
-
-
-def file_signature(path):
-    """What changes when someone else writes the file: cheap to compare."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def fd_signature(fd):
