@@ -39,6 +39,7 @@ reads the same files.
 
 import argparse
 import contextlib
+import collections
 import datetime
 import errno
 import fcntl
@@ -107,6 +108,14 @@ ARGV_MAX = 16 * 1024   # a longer command travels on the session's stdin, not in
 OUTPUT_HIGH = 16 << 20  # unwritten output at which pegasus stops reading jobs' pipes ...
 OUTPUT_LOW = 1 << 20   # ... until it is down to this
 MASTER_UP = "pegasus-master-up"  # what a master prints once it has logged in
+MAX_ENTRY_JOBS = 10 ** 9  # combinations in one queue entry; more is surely a mistake
+MAX_SLOTS = 100000     # slots in a hosts file, all expanded in memory
+MAX_NESTING_HINT = 1000  # above this rough depth, parse with the Python parser (see compose_list)
+DRY_RUN_SHOWN = 1000   # jobs a dry run prints; it counts the rest
+HISTORY_TAKES = 64     # recent takes kept to undo a stale save of the queue file (rebase)
+RETIRED_WATCH = 10.0   # seconds to watch a replaced queue file for late `>>` appends
+RETIRED_MAX = 32       # ... and at most this many of them
+MIN_FREE_BYTES = 1 << 16  # free disk, beyond the queue file's size, needed to start
 
 # Options for every ssh we start. They come after the user's own -o options
 # because ssh keeps the first value it sees for each option.
@@ -189,11 +198,12 @@ class QueueWriteError(PegasusError):
 
 YAML_LOADER = None   # set by need_yaml()
 ENTRY_DUMPER = None
+LIST_DUMPER = None
 
 
 def need_yaml():
     """Import PyYAML on first use; it costs 15 ms that `--help` need not pay."""
-    global yaml, YAML_LOADER, ENTRY_DUMPER
+    global yaml, YAML_LOADER, ENTRY_DUMPER, LIST_DUMPER
     if yaml is not None:
         return
     try:
@@ -210,6 +220,17 @@ def need_yaml():
 
     EntryDumper.add_representer(str, _represent_str)
     ENTRY_DUMPER = EntryDumper
+
+    class ListDumper(EntryDumper):
+        """For the rest of a big sweep: `[8, 16, 32]` on one line, numbers
+        unquoted (pegasus reads every value as text anyway), so that it
+        costs about what the user wrote."""
+
+    ListDumper.yaml_implicit_resolvers = dict(
+        (first, [(tag, regexp) for tag, regexp in resolvers
+                 if not tag.endswith((":int", ":float"))])
+        for first, resolvers in EntryDumper.yaml_implicit_resolvers.items())
+    LIST_DUMPER = ListDumper
 
 
 def install_hint(missing, in_venv=None, managed=None):
@@ -309,6 +330,10 @@ def read_text(path):
         raise PegasusError("%s: is a directory, not a YAML file" % path) from None
     except PermissionError:
         raise PegasusError("%s: cannot read: permission denied" % path) from None
+    return decode_text(path, data)
+
+
+def decode_text(path, data):
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -319,15 +344,23 @@ def read_text(path):
 def compose_list(path, text):
     """The top-level YAML sequence node of `text`, or None for an empty file."""
     need_yaml()
+    loader = YAML_LOADER
+    if nesting_hint(text) > MAX_NESTING_HINT:
+        # libyaml's composer recurses in C and crashes the process (SIGSEGV)
+        # on deep nesting, such as 50,000 '['; Python's raises RecursionError.
+        loader = yaml.BaseLoader
     try:
-        root = yaml.compose(text, Loader=YAML_LOADER)
+        root = yaml.compose(text, Loader=loader)
     except yaml.YAMLError as e:
         raise PegasusError(yaml_error(path, text, e)) from None
+    except RecursionError:
+        raise PegasusError("%s: nested too deeply to be a list of entries" % path) from None
     if root is None:
         return None
     if not isinstance(root, yaml.SequenceNode):
         raise PegasusError("%s:%d: the file must be a YAML list (lines starting with '- '), "
                            "not a %s" % (path, root.start_mark.line + 1, node_kind(root)))
+    refuse_aliases(path, root)
     return root
 
 
@@ -347,6 +380,36 @@ def yaml_error(path, text, error):
     if "\\t" in message:
         message += "; indent with spaces, not tabs"
     return "%s:%d:%d: invalid YAML: %s" % (path, mark.line + 1, mark.column + 1, message)
+
+
+def nesting_hint(text):
+    """A cheap upper bound of how deep `text` nests: open flow brackets,
+    plus the most block indicators and indentation on one line."""
+    depth = deepest = 0
+    for char in re.findall(r"[\[\]{}]", text):
+        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    lines = text.splitlines() or [""]
+    block = max(len(line) - len(line.lstrip()) + line.count("- ") + line.count(": ")
+                for line in lines)
+    return deepest + block
+
+
+def refuse_aliases(path, root):
+    """An alias (*name) repeats a node: a few bytes can stand for 10^13 jobs.
+    The composer shares the node, so a repeat is a node seen twice."""
+    seen = set()
+    for number, entry in enumerate(root.value, 1):
+        nodes = [entry]
+        if isinstance(entry, yaml.MappingNode):
+            nodes += [node for pair in entry.value for node in pair]
+        nodes += [item for node in nodes if isinstance(node, yaml.SequenceNode)
+                  for item in node.value]
+        for node in nodes:
+            if id(node) in seen:
+                raise PegasusError("%s repeats a value through a YAML alias (*name); "
+                                   "write the values out" % where(path, entry, number))
+            seen.add(id(node))
 
 
 def node_kind(node):
@@ -395,7 +458,20 @@ def parse_entry(path, node, number, key):
         raise PegasusError("%s has no '%s' key (keys: %s)" % (here, key, ", ".join(spec)))
     check_slots(here, spec)
     spec = dict([(key, spec.pop(key))] + list(spec.items()))
+    if combinations(spec) > MAX_ENTRY_JOBS:
+        raise PegasusError("%s expands to %d combinations, more than the %d pegasus "
+                           "accepts in one entry; split it" % (here, combinations(spec),
+                                                               MAX_ENTRY_JOBS))
     return spec
+
+
+def combinations(spec):
+    """How many jobs (or slots) an entry expands to, without expanding it."""
+    size = 1
+    for key, values in spec.items():
+        if key != "slots":
+            size *= len(values)
+    return size
 
 
 def parse_values(here, name, node):
@@ -423,11 +499,64 @@ def expand(spec):
 
 
 def expand_jobs(spec):
+    """An entry's jobs, lazily, in order."""
     spec = dict(spec)
     slots = int(spec.pop("slots", ["1"])[0])  # checked by parse_entry
     for combo in expand(spec):
         command = combo.pop("command")
         yield Job(command, combo, slots)
+
+
+def remainder(spec, taken):
+    """The entries (specs) that hold exactly the jobs of `spec` but those at
+    the positions `taken` (sorted), in the same order. Each run of jobs
+    between two taken ones is a range of the cartesian order, which fits in
+    at most two entries per dimension: O(parameters), not O(combinations)."""
+    keys = [key for key in spec if key != "slots"]
+    sizes = [len(spec[key]) for key in keys]
+    specs, start = [], 0
+    for stop in list(taken) + [combinations(spec)]:
+        for digits, low, high in index_ranges(sizes, start, stop):
+            box = {}
+            for depth, key in enumerate(keys):
+                values = spec[key]
+                if depth < len(digits):
+                    values = [values[digits[depth]]]
+                elif depth == len(digits):
+                    values = values[low:high]
+                box[key] = values
+            if "slots" in spec:
+                box["slots"] = spec["slots"]
+            specs.append(dict((key, box[key]) for key in spec))
+        start = stop + 1
+    return specs
+
+
+def index_ranges(sizes, start, stop):
+    """Cover positions [start, stop) of the cartesian order of `sizes` (first
+    outermost) with boxes (digits, low, high): the combinations whose first
+    len(digits) indices are `digits`, the next in [low, high), the rest any."""
+    if start >= stop:
+        return []
+    inner = 1
+    for size in sizes[1:]:
+        inner *= size
+    head, head_rest = divmod(start, inner)
+    tail, tail_rest = divmod(stop, inner)
+    if head_rest and head == tail:
+        return [((head,) + d, low, high)
+                for d, low, high in index_ranges(sizes[1:], head_rest, tail_rest)]
+    boxes = []
+    if head_rest:
+        boxes += [((head,) + d, low, high)
+                  for d, low, high in index_ranges(sizes[1:], head_rest, inner)]
+        head += 1
+    if head < tail:
+        boxes.append(((), head, tail))
+    if tail_rest:
+        boxes += [((tail,) + d, low, high)
+                  for d, low, high in index_ranges(sizes[1:], 0, tail_rest)]
+    return boxes
 
 
 def check_slots(here, spec):
@@ -467,6 +596,9 @@ def expand_ranges(name):
         last = last or first
         if int(last) < int(first):
             raise PegasusError("host range [%s] in %r goes backwards" % (part, name))
+        if int(last) - int(first) >= MAX_SLOTS:
+            raise PegasusError("host range [%s] in %r has more than %d hosts"
+                               % (part, name, MAX_SLOTS))
         width = len(first) if first.startswith("0") else 0
         numbers += [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
     head, tail = name[:match.start()], name[match.end():]
@@ -553,6 +685,8 @@ def read_hosts(path):
         except PegasusError as e:
             raise PegasusError("%s: %s" % (here, e)) from None
         capacity = int(spec.pop("slots", ["1"])[0])
+        if len(slots) + combinations(spec) > MAX_SLOTS:
+            raise PegasusError("%s: the file expands to more than %d slots" % (here, MAX_SLOTS))
         for combo in expand(spec):
             template = combo.pop("hostname")
             hostname = render(template, dict(combo, hostname=template),
@@ -578,7 +712,10 @@ def check_host_slots(here, node):
 def dump_entry(value, indent=0):
     """One YAML list item (`- ...` lines) for a canonical entry."""
     need_yaml()
-    text = yaml.dump([value], Dumper=ENTRY_DUMPER, default_flow_style=False,
+    dumper, flow = ENTRY_DUMPER, False
+    if isinstance(value, dict) and any(len(values) > 1 for values in value.values()):
+        dumper, flow = LIST_DUMPER, None  # None: lists of scalars in flow style
+    text = yaml.dump([value], Dumper=dumper, default_flow_style=flow,
                      allow_unicode=True, sort_keys=False, width=1 << 30)
     if indent:
         pad = " " * indent
@@ -1807,45 +1944,78 @@ def render_job(job, slot, indices=None):
 
 
 class QueueLock:
-    """An flock on queue.yaml.lock, shared by the runner and lock mode.
+    """An flock on queue.yaml.lock, shared by the runner, lock mode and add.
 
     A sidecar, not the queue file: editors and pegasus save by renaming a new
     file over the old one, and a lock on a replaced inode guards nothing.
     flock, not lockf: a lockf lock vanishes when *any* descriptor of the file
     in this process closes. The kernel drops it when its holder dies, so a
-    crashed lock mode never blocks the runner. The holder writes who it is
-    into the file so that whoever waits can say.
+    crashed runner never blocks anyone. The holder writes who it is into the
+    file so that whoever waits can say, and removes the file on release (the
+    Rust pegasus takes a lock file that exists as held). So a waiter may lock
+    a file that was just unlinked: after flock it checks that the path still
+    names the file it locked, and else starts again on the new one.
     """
 
     def __init__(self, queue_path, mode):
         self.path = queue_path + ".lock"
         self.mode = mode
-        self.file = None
+        self.fd = None
         self.held = False
 
     def try_acquire(self):
-        if self.file is None:
+        while True:
+            if self.fd is None:
+                try:
+                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                except OSError as e:
+                    raise PegasusError("%s: cannot open the lock file: %s"
+                                       % (self.path, e.strerror)) from None
             try:
-                self.file = open(self.path, "a+")
-            except OSError as e:
-                raise PegasusError("%s: cannot open the lock file: %s"
-                                   % (self.path, e.strerror)) from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write("pid %d, pegasus %s, since %s\n" % (
-            os.getpid(), self.mode, datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")))
-        self.file.flush()
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if self.names_ours():
+                break
+            self.close()  # unlinked or replaced by its last holder: lock the new one
         self.held = True
+        self.describe("")
         return True
+
+    def names_ours(self):
+        try:
+            path, ours = os.stat(self.path), os.fstat(self.fd)
+        except FileNotFoundError:
+            return False
+        return (path.st_dev, path.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def describe(self, extra):
+        """Say who holds the lock; best effort: a full disk must not stop us."""
+        text = "pid %d, pegasus %s%s, since %s\n" % (
+            os.getpid(), self.mode, extra, datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, text.encode(), 0)
+        except OSError:
+            pass
 
     def release(self):
         if self.held:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
+            # Unlink while still holding it, and only our own file: whoever
+            # waits on this inode then sees it is gone and opens a new one.
+            if self.names_ours():
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
             self.held = False
+        self.close()
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def holder(self):
         try:
@@ -1855,51 +2025,77 @@ class QueueLock:
             return "another process"
 
 
-def atomic_write(path, text, before_rename=None):
-    """Replace `path` with `text` so that a crash leaves the old or the new file.
-
-    before_rename(temp), if given, runs once the new text is safe in the
-    temporary file and before it replaces `path`: the journal records there
-    what this write does, naming the file (see Journal)."""
-    directory = os.path.dirname(os.path.abspath(path))
+def file_mode(path, default=0o644):
     try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(path))
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return default
+
+
+def queue_target(path):
+    """The file to rewrite: a symlinked queue file is followed, the link stays."""
+    return os.path.realpath(path)
+
+
+def new_file(directory, name, mode):
+    """An open temporary file in `directory` with `mode` (not the umask's)."""
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".%s." % name)
+    os.fchmod(fd, mode)
+    return fd, temp
+
+
+def write_fd(fd, data):
+    os.ftruncate(fd, 0)
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        offset += os.pwrite(fd, view[offset:], offset)
+    os.fsync(fd)
+
+
+def append_durably(path, text, mode=0o644):
+    """Append and fsync; returns the size before, to truncate back to. A new
+    file gets `mode`: that of the queue file, whose commands it copies."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename(temp)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-    # The directory is not fsynced: if a power cut loses the rename, the old
-    # queue file comes back, whose jobs are a superset of the new one's (and
-    # consumed.yaml, synced first, records them): jobs may run twice, never
-    # vanish. The temporary file's data is synced, so the rename can never
-    # leave an empty queue behind.
+        before = os.fstat(fd).st_size
+        if before == 0:
+            os.fchmod(fd, mode)
+        data = text.encode("utf-8")
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            truncate_back(path, before)
+            raise
+        return before
+    finally:
+        os.close(fd)
 
 
-def append_durably(path, text):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def file_signature(path):
-    """What changes when someone else writes the file: cheap to compare."""
+def truncate_back(path, size):
+    """Undo an append that must not count (the queue write it belongs to
+    failed), so a retry never lists the same jobs twice."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
+        os.truncate(path, size)
+    except OSError:
+        pass
+
+
+def fd_signature(fd):
+    st = os.fstat(fd)
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def same_file(fd, signature, st):
+    """True if stat result `st` is the file open as fd (kept open, so its
+    inode number is not reused), as it was when `signature` was taken."""
+    if fd is None:
+        return False
+    ours = os.fstat(fd)
+    return ((ours.st_dev, ours.st_ino) == (st.st_dev, st.st_ino)
+            and (st.st_ino, st.st_size, st.st_mtime_ns) == signature)
 
 
 class Entry:
@@ -1975,87 +2171,171 @@ def line_end(text, offset):
     return len(text) if newline < 0 else newline + 1
 
 
+class QueueProblem(PegasusError):
+    """A job that cannot be taken (it cannot be rendered): it stays in the
+    file and the walk goes on. `job` and `line` say which it was."""
+
+    def __init__(self, path, line, job, error):
+        super().__init__("%s:%d: %s (it stays in the queue; the other jobs go on)"
+                         % (path, line, error))
+        self.line, self.job, self.error = line, job, error
+
+
 class QueueFile:
     """queue.yaml, its lock, and consumed.yaml beside it.
 
     The text and parsed entries are cached and re-read only when the file's
-    signature (inode, size, mtime) shows that someone else changed it.
+    signature (inode, size, mtime) shows that someone else changed it. The
+    file whose signature is kept stays open, so that its inode number cannot
+    be reused by a new file of the same size in the same clock tick.
+
+    Others may edit the file while a run goes on, and no edit is lost:
+    - An append (`>>`) goes to whatever file is queue.yaml when the writer
+      opens it. The file pegasus read stays open (self.source): just before
+      renaming its new version over it, pegasus reads what was appended since
+      and keeps it; for RETIRED_WATCH seconds after, it watches the replaced
+      file and carries bytes appended to it late over to the new one.
+    - A save that replaces the file (sed -i, editors) or rewrites it in place
+      may start from a version read before pegasus took some jobs. Each take
+      is kept as text edits (self.history); such a save is rebased: the
+      version it most likely started from is found (the fewest lines apart),
+      and the takes made since are applied to it again.
+
+    on_commit(jobs, temp_path), when set, is called by commit() once the jobs
+    are appended to consumed.yaml (fsynced) and temp_path holds the new queue
+    text (fsynced), just before temp_path is renamed over the queue file: the
+    take is complete when temp_path no longer exists. If it raises, nothing
+    is renamed and the jobs are cut from consumed.yaml again. (temp_path may
+    be rewritten before the rename, to keep edits made meanwhile.)
     """
 
     def __init__(self, path, mode):
         self.path = path
         self.consumed_path = os.path.join(os.path.dirname(path), "consumed.yaml")
         self.lock = QueueLock(path, mode)
-        self.signature = None  # of the file as last read or written by us
+        self.stale = True      # parse the file at the next load() even if unchanged
+        self.looked_at = None  # (fd, signature) of a broken file load() read last
         self.text = ""
         self.entries = []
         self.editable = True
         self.shift = 0         # added to every Entry offset; see insert()
         self.count = 0         # jobs in the queue, once expanded
+        self.on_commit = None
+        self.committed = ""    # the text the file holds (or must hold: self.dirty)
+        self.dirty = False     # a rebased save waits to be written
+        self.source = None     # fd of the file self.raw came from (read or written)
+        self.source_signature = None
+        self.raw = b""
+        self.retired = []      # [fd, bytes accounted for, since]: files we renamed over
+        self.history = []      # per recent take, its edits [(old text, new text)]
+        self.edits = []        # the edits of the take in progress
 
     def load(self):
-        """Parse the file if it changed; raises PegasusError if it is broken."""
-        signature = file_signature(self.path)
-        if signature is None:
-            raise PegasusError("%s: no such file" % self.path)
-        if signature == self.signature:
+        """Parse the file if it changed; raises PegasusError if it is broken.
+        Hold the lock: a stale save is rebased (see the class docstring)."""
+        self.carry_over()
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise PegasusError("%s: no such file" % self.path) from None
+        if not self.stale and same_file(self.source, self.source_signature, st):
             return
-        text = read_text(self.path)
-        entries, editable = parse_queue(self.path, text)
-        self.text, self.entries, self.editable, self.shift = text, entries, editable, 0
+        fd, raw = read_source(self.path)
+        try:
+            foreign = not self.continues(fd, raw)
+            text = decode_text(self.path, raw)
+            rebased = self.rebase(text, self.committed) if foreign else text
+            entries, editable = parse_queue(self.path, rebased)
+        except BaseException:
+            self.forget_broken()  # keep this one open instead: see changed_on_disk()
+            st = os.fstat(fd)
+            self.looked_at = (fd, (st.st_ino, len(raw), st.st_mtime_ns))
+            raise
+        self.forget_broken()
+        self.adopt(fd, raw)
+        self.stale = False
+        self.text, self.entries, self.editable, self.shift = rebased, entries, editable, 0
         self.count = count_jobs(entries)
-        self.signature = signature
+        self.committed, self.dirty = rebased, rebased != text
+
+    def changed_on_disk(self):
+        """True if the file is not what load() last looked at (parsed or
+        not), or a late append to a replaced one waits to be carried over:
+        someone wrote it since. Cheap: a few stats."""
+        if any(os.fstat(fd).st_size > size for fd, size, _ in self.retired):
+            return True
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # nothing to read until it is back
+        if not self.stale and same_file(self.source, self.source_signature, st):
+            return False
+        return not (self.looked_at and same_file(*self.looked_at, st))
+
+    def forget_broken(self):
+        if self.looked_at is not None:
+            os.close(self.looked_at[0])
+            self.looked_at = None
 
     def take(self, choose, before_rename=None):
         """Walk the queue from the head and take the jobs `choose` accepts.
 
         choose(job) returns what to start the job with (having rendered it
-        for its slot, so a job that cannot be rendered stays in the file), or
-        None to leave the job and look at the next (backfill), or raises
-        StopScan to look no further. Must hold the lock. Returns
-        [(choice, job)] and the PegasusError that stopped the walk, if any.
-        before_rename(temp, jobs): see atomic_write.
+        for its slot), or None to leave the job and look at the next
+        (backfill), or raises StopScan to look no further; a PegasusError
+        leaves that job and the rest of its entry in the file, and the walk
+        goes on. Looks at LOOKAHEAD jobs at most, expanding entries lazily.
+        Must hold the lock. Returns [(choice, job)] and a list of
+        QueueProblem, one per entry that could not be taken from.
+        before_rename(temp, jobs), if given, is called as on_commit is (see the
+        class docstring): the journal records the take there.
         """
-        taken, error, index, seen, stop = [], None, 0, 0, False
+        taken, problems, seen, index, stop = [], [], 0, 0, False
+        self.edits = []
         while index < len(self.entries) and seen < LOOKAHEAD and not stop:
-            jobs = list(expand_jobs(self.entries[index].spec))
-            left = []
-            for job in jobs:
-                choice = None
-                if not stop:
-                    try:
-                        choice = choose(job)
-                    except StopScan:
-                        stop = True
-                    except PegasusError as e:
-                        error, stop = e, True
-                if choice is None:
-                    left.append(job)
-                else:
-                    taken.append((choice, job))
-            seen += len(jobs)
-            if len(left) < len(jobs):
-                self.replace_entry(index, left)  # each job left becomes an entry
+            entry = self.entries[index]
+            picked, looked, stop = self.walk(entry, choose, LOOKAHEAD - seen, taken, problems)
+            seen += looked
+            if picked:
+                left = remainder(entry.spec, picked)
+                self.replace_entry(index, left)
                 index += len(left)
             else:
                 index += 1
-        if taken:
+        if taken or self.dirty:
             self.commit([job for _, job in taken], before_rename)
             self.count -= len(taken)
-        return taken, error
+        return taken, problems
 
-    def replace_entry(self, index, jobs):
-        """Cut an entry's text out; put `jobs` (its leftovers) in its place."""
+    def walk(self, entry, choose, budget, taken, problems):
+        """Offer an entry's jobs to choose(); (positions taken, jobs seen, stop)."""
+        picked, looked = [], 0
+        for position, job in enumerate(itertools.islice(expand_jobs(entry.spec), budget)):
+            looked += 1
+            try:
+                choice = choose(job)
+            except StopScan:
+                return picked, looked, True
+            except PegasusError as e:
+                problems.append(QueueProblem(self.path, entry.line, job, e))
+                break
+            if choice is not None:
+                picked.append(position)
+                taken.append((choice, job))
+        return picked, looked, False
+
+    def replace_entry(self, index, specs):
+        """Cut an entry's text out; put `specs` (its leftovers) in its place."""
         entry = self.entries.pop(index)
         if not self.editable:
-            self.entries[index:index] = [Entry(0, 0, job_spec(job), entry.line) for job in jobs]
+            self.entries[index:index] = [Entry(0, 0, spec, entry.line) for spec in specs]
             return
         start, end = entry.start + self.shift, entry.end + self.shift
         indent = len(self.text[start:end]) - len(self.text[start:end].lstrip(" "))
-        self.insert(start, end, jobs, indent, entry.line, index)
+        self.insert(start, end, specs, indent, entry.line, index)
 
-    def insert(self, start, end, jobs, indent, line, index=0):
-        """Replace text[start:end] with entries for `jobs`, which become
+    def insert(self, start, end, specs, indent, line, index=0):
+        """Replace text[start:end] with entries for `specs`, which become
         entries[index:index]; fix up the offsets of the entries after them.
 
         Mostly the head changes (index 0), and then every later entry moves
@@ -2063,15 +2343,16 @@ class QueueFile:
         of O(queue length). An edit further down (backfill) moves the later
         entries one by one."""
         pieces, new_entries, position = [], [], start
-        for job in jobs:
-            piece = dump_entry(job.canonical(), indent)
+        for spec in specs:
+            piece = dump_entry(spec_canonical(spec), indent)
             pieces.append(piece)
-            new_entries.append((position, position + len(piece), job_spec(job)))
+            new_entries.append((position, position + len(piece), spec))
             position += len(piece)
         replacement = "".join(pieces)
         if replacement and start > 0 and self.text[start - 1] != "\n":
             replacement = "\n" + replacement
             new_entries = [(s + 1, e + 1, spec) for s, e, spec in new_entries]
+        self.edits.append((self.text[start:end], replacement))
         self.text = self.text[:start] + replacement + self.text[end:]
         delta = len(replacement) - (end - start)
         if index == 0:
@@ -2085,44 +2366,266 @@ class QueueFile:
 
     def put_back(self, jobs, before_rename=None):
         """Return jobs to the head of the queue (must hold the lock).
-        before_rename(temp, jobs): see atomic_write."""
+        before_rename(temp, jobs): as for take()."""
         self.load()
+        self.edits = []
+        specs = [job_spec(job) for job in jobs]
         if self.editable:
             if self.entries:
                 start = self.entries[0].start + self.shift
             else:
                 start = len(self.text)
-            self.insert(start, start, jobs, 0, 1)
+            self.insert(start, start, specs, 0, 1)
         else:
-            self.entries[:0] = [Entry(0, 0, job_spec(job), 1) for job in jobs]
+            self.entries[:0] = [Entry(0, 0, spec, 1) for spec in specs]
         self.count += len(jobs)
-        self.write(before_rename and (lambda temp: before_rename(temp, jobs)))
+        self.write(returned=jobs, before_rename=before_rename)
 
     def commit(self, jobs, before_rename=None):
-        # consumed.yaml first: a crash between the two writes leaves a job in
-        # both files (run again by mistake, at worst), never in neither.
-        try:
-            append_durably(self.consumed_path,
-                           "".join(dump_entry(j.canonical()) for j in jobs))
-        except OSError as e:
-            self.signature = None  # the cached text no longer matches the file
-            raise QueueWriteError("cannot write %s: %s" % (self.consumed_path, e.strerror))
-        self.write(before_rename and (lambda temp: before_rename(temp, jobs)))
+        """Record `jobs` as taken in consumed.yaml and write the queue file."""
+        self.write(jobs, before_rename=before_rename)
 
-    def write(self, before_rename=None):
+    def write(self, jobs=(), returned=(), before_rename=None):
+        """Write self.text over the queue file, and append `jobs` (taken) to
+        consumed.yaml first; `returned` are jobs put back, for the hook. On
+        failure nothing has changed, on disk or here."""
+        self.history.append(self.edits)
+        self.edits = []
         try:
-            self.write_text(before_rename)
-        except OSError as e:
-            self.signature = None
-            raise QueueWriteError("cannot write %s: %s" % (self.path, e.strerror))
+            self.write_text(jobs, returned, before_rename)
+        except BaseException as e:
+            self.history.pop()
+            if self.stale and self.source is not None:
+                os.close(self.source)  # merge() read a save: rebase it again at load()
+                self.source = None
+            self.text = self.committed
+            self.entries, self.editable = parse_queue(self.path, self.text)
+            self.shift, self.count = 0, count_jobs(self.entries)
+            if isinstance(e, OSError):
+                raise QueueWriteError("cannot write %s: %s" % (
+                    getattr(e, "pegasus_path", self.path), e.strerror)) from None
+            raise
+        del self.history[:-HISTORY_TAKES]
 
-    def write_text(self, before_rename=None):
+    def write_text(self, jobs, returned=(), before_rename=None):
         if not self.editable:
             self.text = "".join(dump_entry(spec_canonical(e.spec)) for e in self.entries)
             self.entries, self.editable = parse_queue(self.path, self.text)
-            self.shift = 0
-        atomic_write(self.path, self.text, before_rename)
-        self.signature = file_signature(self.path)
+            self.shift, self.history[:] = 0, [[]]  # a whole rewrite: no edits to rebase
+        target = queue_target(self.path)
+        mode = file_mode(target)
+        data = self.text.encode("utf-8")
+        fd, temp = new_file(os.path.dirname(target), os.path.basename(target), mode)
+        try:
+            # The new queue text first: a full disk fails here, before
+            # consumed.yaml is touched. consumed.yaml is synced before the
+            # rename, so a crash leaves a job in one file or both, never neither.
+            write_fd(fd, data)
+            mark = self.append_consumed(jobs, mode)
+            try:
+                if before_rename is not None and (jobs or returned):
+                    before_rename(temp, list(jobs) or list(returned))
+                if self.on_commit is not None and jobs:
+                    self.on_commit(jobs, temp)
+                data = self.merge(fd, data, target)
+                signature = fd_signature(fd)
+                os.replace(temp, target)
+            except BaseException:
+                if mark is not None:
+                    truncate_back(self.consumed_path, mark)
+                raise
+        except BaseException:
+            os.close(fd)
+            if os.path.exists(temp):
+                os.unlink(temp)
+            raise
+        self.retire()
+        self.source, self.source_signature, self.raw = fd, signature, data
+        self.committed, self.dirty = self.text, False
+        self.carry_over()
+
+    def append_consumed(self, jobs, mode):
+        if not jobs:
+            return None
+        try:
+            return append_durably(self.consumed_path,
+                                  "".join(dump_entry(j.canonical()) for j in jobs), mode)
+        except OSError as e:
+            e.pegasus_path = self.consumed_path
+            raise
+
+    def merge(self, fd, data, target):
+        """Just before the rename: keep what others wrote to the queue file
+        since we read it (appended bytes as they are; a save, rebased)."""
+        for _ in range(10):
+            if not self.changed(target):
+                return data
+            new_fd, raw = read_source(self.path)
+            try:
+                if self.continues(new_fd, raw):
+                    text = self.text + decode_text(self.path, raw[len(self.raw):])
+                else:
+                    text = self.rebase(decode_text(self.path, raw), self.text)
+                    parse_queue(self.path, text)  # never write a broken file
+            except BaseException:
+                os.close(new_fd)
+                raise
+            self.adopt(new_fd, raw)
+            self.text = text
+            self.stale = True  # parse the merged text at the next load
+            data = text.encode("utf-8")
+            write_fd(fd, data)
+        raise PegasusError("%s keeps changing; no job taken" % self.path)
+
+    def changed(self, target):
+        try:
+            path = os.stat(target)
+        except FileNotFoundError:
+            raise PegasusError("%s: no such file (removed while running)" % self.path) from None
+        ours = os.fstat(self.source)
+        return ((path.st_dev, path.st_ino) != (ours.st_dev, ours.st_ino)
+                or fd_signature(self.source) != self.source_signature)
+
+    def continues(self, fd, raw):
+        """True if `raw`, read from fd, is our last version plus appends."""
+        if self.source is None or not raw.startswith(self.raw):
+            return False
+        old, new = os.fstat(self.source), os.fstat(fd)
+        return (old.st_dev, old.st_ino) == (new.st_dev, new.st_ino)
+
+    def adopt(self, fd, raw):
+        """fd, whose content is raw, is now the file we know."""
+        if self.source is not None:
+            old, new = os.fstat(self.source), os.fstat(fd)
+            if (old.st_dev, old.st_ino) == (new.st_dev, new.st_ino):
+                os.close(self.source)
+            else:
+                self.retire()
+        st = os.fstat(fd)
+        self.source, self.raw = fd, raw
+        self.source_signature = (st.st_ino, len(raw), st.st_mtime_ns)
+
+    def retire(self):
+        """Our source file is replaced: watch it for appends that land late."""
+        if self.source is not None:
+            self.retired.append([self.source, len(self.raw), time.monotonic()])
+            self.source = None
+
+    def carry_over(self):
+        """Bytes appended to a queue file after it was replaced (`>>` opened
+        it before, wrote after): append them to the current queue file."""
+        now, keep = time.monotonic(), []
+        for item in self.retired:
+            fd, accounted, since = item
+            size = os.fstat(fd).st_size
+            if size > accounted:
+                late = os.pread(fd, size - accounted, accounted)
+                item[1] = size
+                try:
+                    append_after_newline(queue_target(self.path), late)
+                except OSError as e:
+                    note("%s: cannot carry over %d bytes appended to it: %s\n%s"
+                         % (self.path, len(late), e.strerror, late.decode("utf-8", "replace")))
+            if now - since < RETIRED_WATCH:
+                keep.append(item)
+            else:
+                os.close(fd)
+        for fd, _, _ in keep[:-RETIRED_MAX]:
+            os.close(fd)
+        self.retired = keep[-RETIRED_MAX:]
+
+    def rebase(self, text, current):
+        """`text` was saved over the queue file by someone else, where we
+        had `current`. Apply to it the takes made since the version it most
+        likely started from, so a save that raced with a take does not bring
+        taken jobs back."""
+        for edits in self.history[self.likely_base(text, current):]:
+            for old, new in edits:
+                text = apply_edit(text, old, new)
+        return text
+
+    def likely_base(self, text, current):
+        """The index in self.history of the first take made after the
+        version `text` was edited from (len(history): the current one):
+        the version with the fewest lines apart from it, the newest if tied.
+        Versions are rebuilt backwards from the current text, take by take."""
+        delta = collections.Counter(text.splitlines(True))
+        delta.subtract(collections.Counter(current.splitlines(True)))
+        score = sum(abs(count) for count in delta.values())
+        best, best_score = len(self.history), score
+        for index in range(len(self.history) - 1, -1, -1):
+            for old, new in self.history[index]:
+                for line in new.splitlines(True):
+                    score += abs(delta[line] + 1) - abs(delta[line])
+                    delta[line] += 1
+                for line in old.splitlines(True):
+                    score += abs(delta[line] - 1) - abs(delta[line])
+                    delta[line] -= 1
+            if score < best_score:
+                best, best_score = index, score
+        return best
+
+    def append(self, text):
+        """Append entries (add mode; must hold the lock): as `>>` does, so
+        a running pegasus keeps them whenever it reads."""
+        self.load()
+        if not self.editable:  # a flow-style list, which '- ' lines would break:
+            entries, _ = parse_queue(self.path, text)  # rewrite it whole
+            self.entries += entries
+            self.write()
+            return
+        append_after_newline(queue_target(self.path), text.encode("utf-8"))
+
+
+def read_source(path):
+    """(an open fd, its bytes) of the queue file; errors name it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise PegasusError("%s: no such file" % path) from None
+    except PermissionError:
+        raise PegasusError("%s: cannot read: permission denied" % path) from None
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return fd, b"".join(chunks)
+            chunks.append(chunk)
+    except IsADirectoryError:
+        os.close(fd)
+        raise PegasusError("%s: is a directory, not a YAML file" % path) from None
+
+
+def append_after_newline(path, data):
+    """Append, starting a new line if the file does not end with one."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def apply_edit(text, old, new):
+    """One edit of a take, on a text that may have moved things around:
+    `old` as a whole entry anywhere ("" is the head); gone, the save wins."""
+    if not old:
+        head = re.search(r"^[ \t]*-(?:[ \t]|$)", text, re.M)
+        position = head.start() if head else len(text)
+        if position == len(text) and text and not text.endswith("\n"):
+            new = "\n" + new
+        return text[:position] + new + text[position:]
+    position = text.find(old)
+    while position > 0 and text[position - 1] != "\n":
+        position = text.find(old, position + 1)
+    if position < 0:
+        return text
+    return text[:position] + new + text[position + len(old):]
 
 
 class MemoryQueue:
@@ -2146,9 +2649,10 @@ class MemoryQueue:
         pass  # nobody else can change it
 
     def take(self, choose, before_rename=None):
-        """As QueueFile.take: walk from the head, take what `choose` accepts."""
-        taken, kept, error, looked = [], [], None, 0
-        for job in self.jobs[:LOOKAHEAD]:
+        """As QueueFile.take: walk from the head, take what `choose` accepts;
+        a job that cannot be rendered stays, and the walk goes on."""
+        taken, kept, problems, looked = [], [], [], 0
+        for number, job in enumerate(self.jobs[:LOOKAHEAD], 1):
             looked += 1
             try:
                 choice = choose(job)
@@ -2157,15 +2661,15 @@ class MemoryQueue:
                 break
             except PegasusError as e:
                 kept.append(job)
-                error = e
-                break
+                problems.append(QueueProblem(self.path, number, job, e))
+                continue
             if choice is None:
                 kept.append(job)
             else:
                 taken.append((choice, job))
         self.jobs[:looked] = kept
         self.count = len(self.jobs)
-        return taken, error
+        return taken, problems
 
     def put_back(self, jobs, before_rename=None):
         self.jobs[:0] = jobs
@@ -2297,7 +2801,7 @@ class Journal:
 
     A write's records go in after the new queue text is fsynced to its
     temporary file and before that file is renamed over the queue file (see
-    atomic_write). After a crash, then, `temp` still there means the write
+    QueueFile.write_text). After a crash, then, `temp` still there means the write
     never happened (its jobs are still in the queue file, or still taken),
     and `temp` gone means it did: recovery puts back exactly the jobs taken
     and not ended or put back, none twice. "+" records are fsynced: losing
@@ -2577,7 +3081,7 @@ def start_journal(queue, slots):
     while not lock.try_acquire():
         # Another runner holds it for a moment at each take: not worth a word.
         holder = lock.holder()
-        if not told and (", pegasus l," in holder or time.monotonic() - since > 1):
+        if not told and (re.search(r", pegasus l\b", holder) or time.monotonic() - since > 1):
             note("waiting for %s, held by %s" % (lock.path, holder))
             told = True
         time.sleep(LOCK_RETRY)
@@ -3488,6 +3992,7 @@ class Records:
         self.failed_path = None  # no queue file (commands as arguments): no failed.yaml
         if queue_path is not None:
             self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
+        self.queue_path = queue_path  # failed.yaml gets its permissions
         self.output_dir = options.output_dir
         self.joblog = None
         try:
@@ -3553,7 +4058,8 @@ class Records:
         if self.failed_path is None:
             return
         try:
-            append_durably(self.failed_path, dump_entry(job.canonical()))
+            append_durably(self.failed_path, dump_entry(job.canonical()),
+                           file_mode(queue_target(self.queue_path)))
         except OSError as e:
             note("cannot write %s: %s; the job was %s" % (
                 self.failed_path, e.strerror, shown(job.command)))
@@ -3630,8 +4136,9 @@ class QueueGate:
     jobs back, and waits (with timers, never blocking the loop) while the
     file is locked by lock mode, broken mid-edit, or cannot be written."""
 
-    def __init__(self, queue, loop, schedule, journal):
+    def __init__(self, queue, loop, schedule, journal, busy):
         self.journal = journal    # what to put back should this runner crash
+        self.busy = busy          # busy(): some job runs, and so may end and free a slot
         self.queue = queue
         self.loop = loop
         self.schedule = schedule  # asks the policy to fill slots again
@@ -3641,6 +4148,7 @@ class QueueGate:
         self.pending = []         # jobs to put back once the lock is free
         self.exit_deadline = None  # at exit: how long to wait for the lock
         self.gave_up = False      # the pending jobs were printed for the user
+        self.problems_told = set()  # keys of jobs that could not be rendered, told once
 
     def take(self, choose):
         """Take the jobs `choose` accepts (see QueueFile.take). While the file
@@ -3650,20 +4158,26 @@ class QueueGate:
             self.block("waiting for %s, held by %s" % (lock.path, lock.holder()),
                        LOCK_RETRY, until_changed=False)
             return []
+        taken, error, problems = [], None, []
         try:
             with self.journal.writing("+") as before_rename:
                 self.queue.load()
-                taken, error = self.queue.take(choose, before_rename)
+                taken, problems = self.queue.take(choose, before_rename)
         except QueueWriteError as e:
-            taken, error = [], None
             self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
         except PegasusError as e:
-            taken, error = [], e
+            error = e
         except BaseException:
-            self.queue.signature = None  # its cached text may be half-edited: read again
+            self.queue.stale = True  # its text may be half-edited: read it again
             raise
         finally:
             lock.release()
+        for problem in problems:  # told once each; the walk went on past them
+            if problem.job.key() not in self.problems_told:
+                self.problems_told.add(problem.job.key())
+                note(str(problem))
+        if problems and not taken and not self.busy():
+            error = "nothing else can start"
         if error is not None:
             self.block("%s; waiting for %s to change" % (error, self.queue.path),
                        QUEUE_POLL, until_changed=True)
@@ -3681,11 +4195,10 @@ class QueueGate:
     def retry_later(self, delay, until_changed):
         """Fill again after `delay`, or once the queue file changes."""
         self.loop.cancel(self.wait_timer)
-        start = file_signature(self.queue.path)
 
         def retry():
             self.wait_timer = None
-            if until_changed and file_signature(self.queue.path) == start:
+            if until_changed and not self.queue.changed_on_disk():
                 self.retry_later(delay, True)
                 return
             self.blocked = False
@@ -3843,7 +4356,7 @@ class Dispatcher:
         on_disk = getattr(queue, "on_disk", True)  # a MemoryQueue writes no file
         self.records = Records(options, queue.path if on_disk else None)
         self.pool = ConnectionPool(options, slots, self.loop, self.on_master)
-        self.gate = QueueGate(queue, self.loop, self.schedule, journal)
+        self.gate = QueueGate(queue, self.loop, self.schedule, journal, lambda: bool(self.runs))
         self.monitor = Monitor(self)
         self.policy = policy_class(self)
         self.pool.reconnect = self.policy.reconnect
@@ -4496,7 +5009,24 @@ def open_queue_file(options):
     for name in (path, queue.consumed_path):
         if os.path.exists(name) and not os.access(name, os.W_OK):
             raise PegasusError("%s: not writable" % name)
+    check_disk_space(path)
     return queue
+
+
+def check_disk_space(queue_path):
+    """Each take rewrites the queue file beside itself: without room for
+    a copy of it, no job could be taken."""
+    target = queue_target(queue_path)
+    try:
+        st = os.statvfs(os.path.dirname(target))
+        size = os.path.getsize(target) if os.path.exists(target) else 0
+    except OSError:
+        return
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free < size + MIN_FREE_BYTES:
+        raise PegasusError("%s: no space left on the device (%d bytes free): pegasus "
+                           "rewrites the queue file beside itself; free some space"
+                           % (os.path.dirname(target), free))
 
 
 def mode_run(options, policy):
@@ -4531,11 +5061,13 @@ def run_queue(options, policy, slots, queue, journal):
 
 def dry_run(slots, queue, broadcast):
     """Show what would run; connect to nothing and change no file."""
-    jobs = [job for entry in queue.entries for job in expand_jobs(entry.spec)]
+    total = count_jobs(queue.entries)
+    jobs = itertools.islice((job for entry in queue.entries for job in expand_jobs(entry.spec)),
+                            DRY_RUN_SHOWN)
     print("%d slot%s:" % (len(slots), plural(len(slots))))
     for slot in slots:
         print("  " + slot.label)
-    print("%d job%s in %s%s" % (len(jobs), plural(len(jobs)), queue.path, ":" if jobs else ""))
+    print("%d job%s in %s%s" % (total, plural(total), queue.path, ":" if total else ""))
     for number, job in enumerate(jobs, 1):
         # Queue mode: shown on the first host it fits, with its first slot
         # numbers; in a run, it goes where it fits when slots are free.
@@ -4548,7 +5080,10 @@ def dry_run(slots, queue, broadcast):
             needs = " (%d slots)" % job.slots if job.slots != 1 and not broadcast else ""
             print("  %d. %s%s %s" % (number, slot.label, needs,
                                      render_job(job, slot, indices)))
-    commands = len(jobs) * (len(slots) if broadcast else 1)
+    if total > DRY_RUN_SHOWN:
+        print("  ... and %d more job%s" % (total - DRY_RUN_SHOWN,
+                                           plural(total - DRY_RUN_SHOWN)))
+    commands = total * (len(slots) if broadcast else 1)
     print("%d command%s would run (%s mode)" % (
         commands, plural(commands), "broadcast" if broadcast else "queue"))
     return EXIT_OK
@@ -4568,22 +5103,26 @@ def mode_broadcast(options):
 
 def mode_lock(options):
     """Hold the queue lock while the user edits the queue file."""
-    editor = options.editor or os.environ.get("EDITOR") or "vim"
-    lock = QueueLock(options.queue_file, "l")
-    told = False
-    while not lock.try_acquire():
-        if not told:
-            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
-            told = True
-        time.sleep(LOCK_RETRY)
+    argv = editor_argv(options.editor or os.environ.get("EDITOR") or "vim")
+    check_disk_space(options.queue_file)
+    lock = wait_for_lock(options.queue_file, "l")
     try:
-        try:
-            status = subprocess.call(shlex.split(editor) + [options.queue_file])
-        except FileNotFoundError:
-            raise PegasusError("editor %r not found (set $EDITOR or use --editor)"
-                               % editor) from None
+        # A small sh inherits the locked descriptor and waits for the editor:
+        # if pegasus dies, the kernel keeps the lock until the editor exits,
+        # so a save from its buffer never races with a runner. The editor
+        # itself runs without it: what it leaves running in the background
+        # (a shell escape, a server) cannot hold the lock after it exits.
+        script = '"$@" %d>&-; exit $?' % lock.fd
+        editor = subprocess.Popen(["sh", "-c", script, "sh"] + argv + [options.queue_file],
+                                  pass_fds=(lock.fd,))
+        lock.describe(" (editor %s, pid %d)" % (os.path.basename(argv[0]), editor.pid))
+        status = wait_editor(editor)
     finally:
         lock.release()
+    if status != 0:
+        note("the editor %r failed (%s); %s is as it saved it, if it did"
+             % (argv[0], "exit status %d" % status if status > 0 else "signal %d" % -status,
+                options.queue_file))
     if os.path.exists(options.queue_file):
         try:
             entries, _ = parse_queue(options.queue_file, read_text(options.queue_file))
@@ -4611,6 +5150,60 @@ def runners_of(options):
                                        "it" if len(dead) == 1 else "they")
         raise PegasusError(message)
     return live, dead
+
+
+def editor_argv(editor):
+    """A path that names an executable (spaces and all) is the editor;
+    else the string is split as a shell would, so "code --wait" works."""
+    if os.path.isfile(editor) and os.access(editor, os.X_OK):
+        return [editor]
+    argv = shlex.split(editor)
+    if not argv or shutil.which(argv[0]) is None:
+        raise PegasusError("cannot find the editor %r (set $EDITOR or use --editor)" % editor)
+    return argv
+
+
+def wait_editor(editor):
+    while True:
+        try:
+            return editor.wait()
+        except KeyboardInterrupt:
+            continue  # Ctrl-C is for the editor (it shares the terminal)
+
+
+def wait_for_lock(queue_path, mode):
+    lock = QueueLock(queue_path, mode)
+    told = False
+    while not lock.try_acquire():
+        if not told:
+            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
+            told = True
+        time.sleep(LOCK_RETRY)
+    return lock
+
+
+def mode_add(options):
+    """Append jobs to the queue file under the lock; a running pegasus takes them."""
+    commands = list(options.commands)
+    if commands == ["-"]:
+        commands = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not commands:
+        raise PegasusError("add: give the jobs as arguments, or - to read them from "
+                           "stdin, one command per line")
+    for command in commands:
+        if not command.strip():
+            raise PegasusError("add: refusing an empty command")
+    text = "".join(dump_entry(command) for command in commands)
+    if not os.path.exists(options.queue_file):
+        append_after_newline(options.queue_file, b"")
+    queue = QueueFile(options.queue_file, "add")
+    lock = wait_for_lock(options.queue_file, "add")
+    try:
+        queue.append(text)
+    finally:
+        lock.release()
+    note("added %d job%s to %s" % (len(commands), plural(len(commands)), options.queue_file))
+    return EXIT_OK
 
 
 def mode_status(options):
@@ -4685,7 +5278,7 @@ def mode_stop(options):
     return code
 
 
-MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock,
+MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock, "add": mode_add,
          "s": mode_status, "stop": mode_stop}
 
 # ----------------------------------------------------------------------------
@@ -4697,6 +5290,8 @@ modes, with an example each:
   q     pegasus.py q           run every job in queue.yaml once, on the next free host
   b     pegasus.py b -i        run every job on every host, step by step, despite failures
   l     pegasus.py l           lock queue.yaml and edit it while a run goes on
+  add   pegasus.py add 'echo a' 'echo b'
+                               append jobs to queue.yaml (- reads them from stdin)
   s     pegasus.py s           show what a running pegasus is doing, slot by slot
   stop  pegasus.py stop --now  make a running pegasus cancel its jobs and exit
 
@@ -4743,10 +5338,12 @@ def build_parser():
         description="Run a queue of shell jobs on many hosts over ssh.")
     parser.add_argument("mode", choices=list(MODES), metavar="MODE",
                         help="q (queue), b (broadcast), l (lock and edit the queue), "
-                             "s (status of a running pegasus), stop (stop it)")
+                             "add (append jobs to the queue file), s (status of a running pegasus), "
+                             "stop (stop it)")
     parser.add_argument("commands", nargs="*", metavar="COMMAND",
-                        help="(q, b) commands to run instead of the queue file's; "
-                             "\"-\" reads them from stdin, one a line. No file is written")
+                        help="(q, b) commands to run instead of the queue file's, writing "
+                             "no file; (add) commands to append to the queue file. \"-\" "
+                             "reads them from stdin, one a line")
     parser.add_argument("-H", "--host", action="append", metavar="HOSTS",
                         help="hosts to run on instead of hosts.yaml: commas and ranges, "
                              "e.g. -H node-[1-8] or -H gpu1,gpu[3-4,7] (repeatable)")
@@ -4808,7 +5405,7 @@ def check_options(parser, options):
                                         ("--hosts-file", options.hosts_file)) if given]
     if len(sources) > 1:
         parser.error("%s: give the hosts one way" % " and ".join(sources))
-    if options.commands:
+    if options.commands and options.mode != "add":
         if options.mode not in ("q", "b"):
             parser.error("mode %s takes no commands (got %r)" % (options.mode,
                                                                  options.commands[0]))

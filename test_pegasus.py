@@ -21,6 +21,7 @@ import textwrap
 import time
 import random
 import collections
+import itertools
 
 import pytest
 import yaml
@@ -71,6 +72,14 @@ def job_lines(stdout, label=None):
         if label is None or line.startswith(label):
             lines.append(line)
     return lines
+
+
+def lock_holder(directory):
+    """What queue.yaml.lock says (pegasus removes it on release), or ""."""
+    try:
+        return read(directory / "queue.yaml.lock")
+    except FileNotFoundError:
+        return ""
 
 
 def done_count(stdout):
@@ -793,10 +802,10 @@ def take(queue, count):
     queue.lock.try_acquire()
     try:
         queue.load()
-        taken, error = queue.take(first(count))
+        taken, problems = queue.take(first(count))
     finally:
         queue.lock.release()
-    assert error is None
+    assert problems == []
     return [job for _, job in taken]
 
 
@@ -854,10 +863,11 @@ def test_a_job_that_cannot_be_rendered_stays_in_the_queue(tmp_path):
     write(tmp_path / "queue.yaml", "- echo ok\n- echo {{missing}}\n- echo later\n")
     queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
     queue.load()
-    taken, error = queue.take(first(3))
-    assert [job.command for _, job in taken] == ["echo ok"]
-    assert "{{missing}} is not defined" in str(error)
-    assert read(tmp_path / "queue.yaml") == "- echo {{missing}}\n- echo later\n"
+    taken, problems = queue.take(first(3))
+    assert [job.command for _, job in taken] == ["echo ok", "echo later"]
+    assert len(problems) == 1 and "{{missing}} is not defined" in str(problems[0])
+    assert problems[0].line == 2 and problems[0].job.command == "echo {{missing}}"
+    assert read(tmp_path / "queue.yaml") == "- echo {{missing}}\n"
 
 
 def test_memory_queue_takes_like_the_queue_file():
@@ -871,16 +881,17 @@ def test_memory_queue_takes_like_the_queue_file():
         if job.command == "echo d":
             raise pegasus.StopScan
         return None if job.command == "echo b" else job.command.upper()
-    taken, error = queue.take(choose)
+    taken, problems = queue.take(choose)
     assert taken == [("ECHO A", pegasus.Job("echo a")), ("ECHO C", pegasus.Job("echo c"))]
-    assert error is None and [j.command for j in queue.jobs] == ["echo b", "echo d"]
+    assert problems == [] and [j.command for j in queue.jobs] == ["echo b", "echo d"]
     queue.put_back([pegasus.Job("echo a")])
     assert [j.command for j in queue.jobs] == ["echo a", "echo b", "echo d"]
 
     def broken(job):
         raise pegasus.PegasusError("cannot render")
-    taken, error = queue.take(broken)
-    assert taken == [] and str(error) == "cannot render" and queue.count == 3
+    taken, problems = queue.take(broken)  # each job stays, and the walk goes on
+    assert taken == [] and len(problems) == 3 and queue.count == 3
+    assert "<command line>:1: cannot render (it stays in the queue" in str(problems[0])
     with pytest.raises(pegasus.PegasusError):
         pegasus.command_queue([" "], io.StringIO(""))
 
@@ -889,6 +900,476 @@ def test_put_back_goes_to_the_head(tmp_path):
     queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
     queue.put_back([pegasus.Job("a", {"x": "1"})])
     assert read(tmp_path / "queue.yaml") == "# notes\n- command:\n  - a\n  x:\n  - '1'\n- b\n"
+
+
+# ----------------------------------------------------------------------------
+# Queue file under concurrent edits, crashes and huge sweeps (issue 13)
+# ----------------------------------------------------------------------------
+
+EIGHT_LOCAL_SLOTS = "- hostname: localhost\n  k: [1, 2, 3, 4, 5, 6, 7, 8]\n"
+
+
+def ran_jobs(stdout):
+    """Every 'job-N' line the jobs printed, counted."""
+    return collections.Counter(line.split("] ", 1)[1] for line in job_lines(stdout))
+
+
+def queued_commands(path):
+    return [command for command, _ in jobs_in(read(path))]
+
+
+def append_race_round(tmp_path, appends, edit, added):
+    """Run 400 short jobs while `edit(i)` changes queue.yaml `appends` times,
+    5-10 ms apart, adding `added` jobs; return (ran Counter, what is left in
+    queue.yaml, stderr)."""
+    write(tmp_path / "hosts.yaml", EIGHT_LOCAL_SLOTS)
+    (tmp_path / "queue.yaml").write_text("".join("- sleep 0.02; echo job-%d\n" % i
+                                                 for i in range(400)))
+    out_file = open(str(tmp_path / "out.txt"), "w+")  # a pipe nobody reads would fill
+    proc = subprocess.Popen([sys.executable, PEGASUS, "q", "-d"], cwd=str(tmp_path),
+                            stdout=out_file, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+    rng = random.Random(len(appends))
+    for i in appends:
+        edit(i)
+        time.sleep(rng.uniform(0.005, 0.01))
+    try:
+        wait_for(lambda: not jobs_in(read(tmp_path / "queue.yaml")), timeout=60,
+                 what="the queue to empty")
+    except AssertionError:
+        proc.kill()
+        raise AssertionError("queue.yaml: %r\nstderr: %s" % (
+            read(tmp_path / "queue.yaml")[:2000], proc.communicate()[1][-3000:]))
+    wait_for(lambda: read(tmp_path / "consumed.yaml").count("\n") >= 400 + added,
+             timeout=30, what="every job taken")
+    time.sleep(0.5)  # let the last jobs finish before asking it to stop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    out_file.close()
+    return ran_jobs(read(tmp_path / "out.txt")), queued_commands(tmp_path / "queue.yaml"), err
+
+
+def test_appends_while_running_are_never_lost_nor_run_twice(tmp_path):
+    """Issue 13.1: 52 of 100 `>>` appends used to end up in no file."""
+    def append(i):
+        with open(str(tmp_path / "queue.yaml"), "a") as f:  # as echo ... >> does
+            f.write("- echo app-%d\n" % i)
+    for round_ in range(5):
+        for name in ("consumed.yaml", "queue.yaml.lock"):
+            if os.path.exists(tmp_path / name):
+                os.unlink(str(tmp_path / name))
+        appended = ["app-%d" % i for i in range(round_ * 100, round_ * 100 + 100)]
+        ran, left, err = append_race_round(
+            tmp_path, range(round_ * 100, round_ * 100 + 100), append, 100)
+        expected = ["job-%d" % i for i in range(400)] + appended
+        assert left == []
+        assert [job for job in expected if ran[job] == 0] == [], err  # lost
+        assert [job for job, count in ran.items() if count > 1] == []  # ran twice
+        assert sorted(ran) == sorted(expected)
+
+
+def test_rename_saves_while_running_bring_no_taken_job_back(tmp_path):
+    """Issue 13.1: a no-op `sed -i` used to bring back 10 jobs just taken.
+    Saves that change nothing, and saves that add a job, both race with takes."""
+    def save(i):
+        if i % 2:
+            subprocess.run(["sed", "-i", "s/x/x/", "queue.yaml"], cwd=str(tmp_path), check=True)
+        else:
+            subprocess.run(["sed", "-i", "$a - echo sed-%d" % i, "queue.yaml"],
+                           cwd=str(tmp_path), check=True)
+    ran, left, err = append_race_round(tmp_path, range(40), save, 20)
+    expected = ["job-%d" % i for i in range(400)] + ["sed-%d" % i for i in range(0, 40, 2)]
+    assert [job for job, count in ran.items() if count > 1] == []  # ran twice
+    assert [job for job in expected if ran[job] == 0] == [], err  # lost
+    assert left == []
+
+
+def test_a_stale_save_is_rebased_onto_the_takes_since(tmp_path):
+    """A save from a buffer read before some takes: those takes are applied
+    to it again; what the save changed or added is kept."""
+    path = tmp_path / "queue.yaml"
+    write(path, "# notes\n- a\n- command: b {{x}}\n  x: [1, 2, 3]\n- c\n- d\n")
+    before = read(path)
+    queue = pegasus.QueueFile(str(path), "q")
+    assert [j.command for j in take(queue, 1)] == ["a"]
+    assert [j.params for j in take(queue, 2)] == [{"x": "1"}, {"x": "2"}]
+    stale = before.replace("- d\n", "- d2\n") + "- e\n"   # edited before the takes
+    (tmp_path / "stale").write_text(stale)
+    os.rename(str(tmp_path / "stale"), str(path))         # as an editor saves
+    assert [j.command for j in take(queue, 1)] == ["b {{x}}"]  # x=3, not a again
+    assert [(c, p) for c, p in jobs_in(read(path))] == [("c", ()), ("d2", ()), ("e", ())]
+    assert read(path).startswith("# notes\n")
+
+
+def test_put_back_survives_a_stale_save(tmp_path):
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    taken = take(queue, 1)
+    queue.put_back(taken)                                  # cut short: back at the head
+    write(tmp_path / "stale", "- a\n- b\n- c\n")           # saved from before both
+    os.rename(str(tmp_path / "stale"), str(path))
+    queue.load()
+    assert [j.command for j in take(queue, 3)] == ["a", "b", "c"]
+
+
+def test_appends_to_a_replaced_queue_file_are_carried_over(tmp_path):
+    """`>>` opens queue.yaml, then writes: if pegasus renames its new file
+    in between, the bytes land in the old file. They are carried over."""
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+    late = open(str(path), "a")                            # opened before the take
+    take(queue, 1)
+    late.write("- late\n")
+    late.close()
+    assert [j.command for j in take(queue, 5)] == ["b", "late"]
+
+
+def test_appends_between_read_and_rename_are_kept(tmp_path):
+    """The merge just before the rename: an append after the queue was read."""
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+
+    def choose(job):
+        if not choose.done:
+            with open(str(path), "a") as f:
+                f.write("- during\n")
+            choose.done = True
+            return "go"
+        raise pegasus.StopScan
+    choose.done = False
+    taken, _ = queue.take(choose)
+    assert [j.command for _, j in taken] == ["a"]
+    assert read(path) == "- b\n- during\n"
+
+
+def test_the_journal_hook_runs_between_consumed_and_the_rename(tmp_path):
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    seen = []
+
+    def on_commit(jobs, temp_path):
+        seen.append(([j.command for j in jobs], read(temp_path), read(path),
+                     read(tmp_path / "consumed.yaml")))
+    queue.on_commit = on_commit
+    take(queue, 1)
+    assert seen == [(["a"], "- b\n", "- a\n- b\n", "- a\n")]
+
+    def failing(jobs, temp_path):
+        raise pegasus.PegasusError("journal full")
+    queue.on_commit = failing
+    with pytest.raises(pegasus.PegasusError):
+        take(queue, 1)
+    assert read(path) == "- b\n" and read(tmp_path / "consumed.yaml") == "- a\n"
+    assert [f for f in os.listdir(str(tmp_path)) if f.startswith(".")] == []
+
+
+def test_lock_mode_killed_keeps_the_lock_while_its_editor_lives(tmp_path):
+    """Issue 13.3: kill -9 of `pegasus l` released the lock under the open
+    editor, whose later save of its stale buffer brought 123 jobs back."""
+    write(tmp_path / "hosts.yaml", EIGHT_LOCAL_SLOTS)
+    (tmp_path / "queue.yaml").write_text("".join("- echo job-%d\n" % i for i in range(100)))
+    editor = editor_script(tmp_path, textwrap.dedent("""\
+        cp "$1" buffer
+        while [ ! -e go ]; do sleep 0.05; done
+        [ -e consumed.yaml ] && echo "taken under the editor" > leak
+        echo "- echo added" >> buffer
+        mv buffer "$1"
+        """))
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
+    wait_for(lambda: "(editor" in lock_holder(tmp_path), what="the editor")
+    lock_mode.kill()
+    lock_mode.wait()
+    runner = start_pegasus(tmp_path, "q")
+    wait_for(lambda: "pegasus l (editor" in lock_holder(tmp_path), what="the runner's try")
+    time.sleep(1.0)  # the runner retries the lock meanwhile; it must not get it
+    (tmp_path / "go").write_text("")
+    out, err = runner.communicate(timeout=60)
+    assert not os.path.exists(tmp_path / "leak")
+    ran = ran_jobs(out)
+    assert sorted(ran) == sorted(["job-%d" % i for i in range(100)] + ["added"])
+    assert set(ran.values()) == {1}
+    assert "waiting for queue.yaml.lock" in err
+
+
+def test_no_lock_file_is_left_after_a_run_or_an_edit(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    assert run_pegasus(tmp_path, "q").returncode == 0
+    assert run_pegasus(tmp_path, "l", "--editor", "true").returncode == 0
+    assert run_pegasus(tmp_path, "add", "echo b").returncode == 0
+    assert not os.path.exists(tmp_path / "queue.yaml.lock")
+
+
+def test_a_waiter_never_holds_a_lock_on_an_unlinked_file(tmp_path):
+    first = pegasus.QueueLock(str(tmp_path / "queue.yaml"), "q")
+    second = pegasus.QueueLock(str(tmp_path / "queue.yaml"), "q")
+    assert first.try_acquire()
+    assert not second.try_acquire()   # second now has the old file open
+    first.release()                   # ... which is unlinked here
+    assert second.try_acquire()
+    assert os.stat(second.path).st_ino == os.fstat(second.fd).st_ino
+    assert not first.try_acquire()    # both lock the same, new file
+    second.release()
+    assert not os.path.exists(second.path)
+
+
+def test_lock_mode_editor_with_spaces_and_a_failing_editor(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    folder = tmp_path / "my editors"
+    folder.mkdir()
+    editor = folder / "ed it.sh"
+    editor.write_text('#!/bin/sh\necho "- echo edited" >> "$1"\n')
+    editor.chmod(0o755)
+    out = run_pegasus(tmp_path, "l", "--editor", str(editor))
+    assert out.returncode == 0 and "2 jobs queued" in out.stderr
+    out = run_pegasus(tmp_path, "l", "--editor", "sh -c 'exit 3' sh")
+    assert out.returncode == 1 and "the editor 'sh' failed (exit status 3)" in out.stderr
+    out = run_pegasus(tmp_path, "l", "--editor", "no-such-editor --wait")
+    assert out.returncode == 2
+    assert "cannot find the editor 'no-such-editor --wait'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", [
+    'echo "a: b" # not a comment', "- starts with a dash", "{{ braces }} stay",
+    "it's 'quoted'", "tab\there", "ünï ☃", "5", "yes", "* glob", "&anchor", "a: b",
+])
+def test_add_appends_commands_exactly_as_written(tmp_path, command):
+    write(tmp_path / "queue.yaml", "# my notes\n- echo first")  # no final newline
+    out = run_pegasus(tmp_path, "add", "--", command)
+    assert out.returncode == 0, out.stderr
+    assert queued_commands(tmp_path / "queue.yaml") == ["echo first", command]
+    assert read(tmp_path / "queue.yaml").startswith("# my notes\n- echo first\n")
+
+
+def test_add_from_stdin_and_other_queue_files(tmp_path):
+    proc = subprocess.run([sys.executable, PEGASUS, "add", "--queue-file", "jobs.yaml", "-"],
+                          cwd=str(tmp_path), input="echo one\n\necho 'two: 2'\n",
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "added 2 jobs to jobs.yaml" in proc.stderr
+    assert queued_commands(tmp_path / "jobs.yaml") == ["echo one", "echo 'two: 2'"]
+    write(tmp_path / "flow.yaml", "[a, b]\n")
+    assert run_pegasus(tmp_path, "add", "--queue-file", "flow.yaml", "c").returncode == 0
+    assert queued_commands(tmp_path / "flow.yaml") == ["a", "b", "c"]
+    write(tmp_path / "broken.yaml", "- {oops\n")
+    out = run_pegasus(tmp_path, "add", "--queue-file", "broken.yaml", "c")
+    assert out.returncode == 2 and re.search(r"broken.yaml:\d+:\d+: invalid YAML", out.stderr)
+    assert read(tmp_path / "broken.yaml") == "- {oops\n"
+    out = run_pegasus(tmp_path, "add")
+    assert out.returncode == 2 and "give the jobs as arguments" in out.stderr
+    out = run_pegasus(tmp_path, "s", "stray")
+    assert out.returncode == 2 and "mode s takes no commands" in out.stderr
+
+
+def test_add_while_running_is_taken(tmp_path):
+    write(tmp_path / "queue.yaml", "- sleep 0.5; echo first\n")
+    proc = start_pegasus(tmp_path, "q")
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+    assert run_pegasus(tmp_path, "add", "echo second", "echo 'third: {{ hostname }}'"
+                       ).returncode == 0
+    out, _ = proc.communicate(timeout=30)
+    assert job_lines(out) == ["[localhost] first", "[localhost] second",
+                              "[localhost] third: localhost"]
+
+
+def test_a_symlinked_queue_file_stays_a_link(tmp_path):
+    """Issue 13.5: the link was replaced by a regular file, and the target
+    still listed every job."""
+    (tmp_path / "real").mkdir()
+    write(tmp_path / "real" / "jobs.yaml", "- echo a\n- echo b\n")
+    os.symlink("real/jobs.yaml", str(tmp_path / "queue.yaml"))
+    out = run_pegasus(tmp_path, "q")
+    assert job_lines(out.stdout) == ["[localhost] a", "[localhost] b"]
+    assert os.path.islink(tmp_path / "queue.yaml")
+    assert queued_commands(tmp_path / "real" / "jobs.yaml") == []
+    assert [f for f in os.listdir(str(tmp_path / "real")) if f != "jobs.yaml"] == []
+
+
+def test_new_files_take_the_queue_files_permissions(tmp_path):
+    """Issue 13.9: consumed.yaml was 0644 beside a 0600 queue.yaml."""
+    write(tmp_path / "queue.yaml", "- echo secret-token\n- exit 3\n")
+    os.chmod(str(tmp_path / "queue.yaml"), 0o600)
+    run_pegasus(tmp_path, "q")
+    for name in ("queue.yaml", "consumed.yaml", "failed.yaml"):
+        assert oct(os.stat(str(tmp_path / name)).st_mode & 0o777) == "0o600", name
+
+
+def test_a_broken_entry_added_while_running_is_skipped_and_told_once(tmp_path):
+    """Issue 13.8: one entry that cannot be rendered idled every slot."""
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2]\n")
+    write(tmp_path / "queue.yaml", "- sleep 0.5; echo first\n")
+    proc = start_pegasus(tmp_path, "q")
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+    with open(str(tmp_path / "queue.yaml"), "a") as f:
+        f.write("- echo {{ nope }}\n" + "".join("- sleep 0.1; echo after-%d\n" % i
+                                                 for i in range(6)))
+    wait_for(lambda: queued_commands(tmp_path / "queue.yaml") == ["echo {{ nope }}"],
+             what="the others to be taken")
+    wait_for(lambda: read(tmp_path / "consumed.yaml").count("\n") == 7, what="all taken")
+    time.sleep(1.0)  # the broken entry stays while the runner waits on it
+    assert read(tmp_path / "queue.yaml") == "- echo {{ nope }}\n"
+    (tmp_path / "queue.yaml").write_text("- echo fixed\n")
+    out, err = proc.communicate(timeout=30)
+    assert sorted(ran_jobs(out)) == sorted(["first", "fixed"] + ["after-%d" % i
+                                                                for i in range(6)])
+    assert err.count("{{nope}} is not defined") == 1, err
+    assert re.search(r"queue.yaml:[12]: job .echo {{ nope }}. on", err) and "the other jobs go on" in err
+    assert proc.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB tmpfs, to fill up (needs root to mount; else skip)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(directory):
+    fd = os.open(str(directory / "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"x" * 1024)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mode", [["q"], ["l", "--editor", "true"]])
+def test_a_full_disk_at_start_is_one_line(small_disk, mode):
+    """Issue 13.6: an OSError traceback, in q and l."""
+    write(small_disk / "queue.yaml", "- echo a\n")
+    fill(small_disk)
+    out = run_pegasus(small_disk, *mode)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no space left on the device" in out.stderr.splitlines()[-1]
+    assert read(small_disk / "queue.yaml") == "- echo a\n"
+
+
+def test_a_full_disk_mid_run_never_lists_a_job_twice(small_disk):
+    """Issue 13.6: each 5 s retry appended the same jobs to consumed.yaml."""
+    write(small_disk / "queue.yaml", "- sleep 1; echo first\n- echo second\n- echo third\n")
+    proc = start_pegasus(small_disk, "q")
+    wait_for(lambda: os.path.exists(small_disk / "consumed.yaml"), what="the first job")
+    fill(small_disk)
+    wait_for(lambda: "no job taken, trying again" in read_stderr_so_far(proc),
+             timeout=20, what="the write to fail")
+    time.sleep(6)  # past one retry (WRITE_RETRY is 5 s): it fails again
+    os.unlink(str(small_disk / "filler"))
+    out, err = proc.communicate(timeout=30)
+    assert job_lines(out) == ["[localhost] first", "[localhost] second", "[localhost] third"]
+    assert queued_commands(small_disk / "consumed.yaml") == [
+        "sleep 1; echo first", "echo second", "echo third"]
+    assert [f for f in os.listdir(str(small_disk)) if f.startswith(".queue.yaml")] == []
+
+
+def read_stderr_so_far(proc, seen=[]):
+    """stderr of a running process, without blocking (for wait_for)."""
+    import fcntl as f
+    flags = f.fcntl(proc.stderr.fileno(), f.F_GETFL)
+    f.fcntl(proc.stderr.fileno(), f.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        chunk = proc.stderr.read()
+    except (BlockingIOError, TypeError):
+        chunk = None
+    f.fcntl(proc.stderr.fileno(), f.F_SETFL, flags)
+    if chunk:
+        seen.append(chunk)
+    return "".join(seen)
+
+
+def expand_all(specs):
+    return [job for spec in specs for job in pegasus.expand_jobs(spec)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compact_remainder_is_exactly_the_jobs_left_in_order(seed):
+    rng = random.Random(seed)
+    spec = {"command": ["c%d" % i for i in range(rng.randint(1, 3))]}
+    for k in range(rng.randint(0, 3)):
+        spec["p%d" % k] = ["v%d" % i for i in range(rng.randint(1, 5))]
+    if rng.random() < 0.3:
+        spec["slots"] = ["2"]
+    jobs = list(pegasus.expand_jobs(spec))
+    taken = sorted(rng.sample(range(len(jobs)), rng.randint(0, min(len(jobs), 6))))
+    left = pegasus.remainder(spec, taken)
+    assert expand_all(left) == [job for i, job in enumerate(jobs) if i not in taken]
+    assert len(left) <= (len(taken) + 1) * 2 * len(spec)  # O(parameters), not O(jobs)
+
+
+def test_taking_from_a_huge_entry_writes_back_a_few_lines(tmp_path):
+    """Issue 13.7: one job of a 200 x 1000 entry took 12-20 s and wrote 12 MB."""
+    write(tmp_path / "queue.yaml", "- command: run {{a}} {{b}}\n  a: [%s]\n  b: [%s]\n" % (
+        ", ".join(map(str, range(200))), ", ".join(map(str, range(1000)))))
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    size = os.path.getsize(tmp_path / "queue.yaml")
+    assert [j.params for j in take(queue, 2)] == [{"a": "0", "b": "0"}, {"a": "0", "b": "1"}]
+    # {0} x b[2:] and a[1:] x b: the list of b twice is the least that keeps the order
+    assert os.path.getsize(tmp_path / "queue.yaml") < 2 * size
+    entries, _ = pegasus.parse_queue("q", read(tmp_path / "queue.yaml"))
+    assert pegasus.count_jobs(entries) == 200 * 1000 - 2
+    left = (job for entry in entries for job in pegasus.expand_jobs(entry.spec))
+    assert [j.params for j in itertools.islice(left, 2)] == [{"a": "0", "b": "2"},
+                                                            {"a": "0", "b": "3"}]
+
+
+def test_backfill_that_skips_jobs_writes_the_exact_rest_in_order(tmp_path):
+    write(tmp_path / "queue.yaml", "- command: j {{n}}\n  n: [%s]\n- after\n"
+          % ", ".join(map(str, range(50))))
+    queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+    queue.load()
+    wanted = {"3", "17", "18", "40"}
+    taken, _ = queue.take(lambda job: "go" if job.params.get("n") in wanted else None)
+    assert sorted(j.params["n"] for _, j in taken) == sorted(wanted)
+    assert jobs_in(read(tmp_path / "queue.yaml")) == [
+        ("j {{n}}", (("n", str(n)),)) for n in range(50) if str(n) not in wanted] + [
+        ("after", ())]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- &a x\n- *a\n", "entry 2 repeats a value through a YAML alias"),
+    ("- command: &c [a, b]\n  x: *c\n", "repeats a value through a YAML alias"),
+    ("[" * 50000, "nested too deeply"),
+    ("- " * 50000 + "x\n", "nested too deeply"),
+    ("- command: x\n" + "".join("  k%d: [%s]\n" % (k, ", ".join("v%d" % i for i in range(10)))
+                                for k in range(12)), "expands to 1000000000000 combinations"),
+])
+def test_bombs_are_named_errors_not_crashes(tmp_path, text, message):
+    """Issue 13.7: aliases grew a 165-byte file to 24 GB; 50,000 '[' killed
+    libyaml with SIGSEGV."""
+    (tmp_path / "queue.yaml").write_text(text)
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-500:]
+    assert "Traceback" not in out.stderr
+
+
+def test_a_billion_laughs_hosts_file_is_refused(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: &h [a, b]\n  x: *h\n")
+    write(tmp_path / "queue.yaml", "- echo\n")
+    out = run_pegasus(tmp_path, "q")
+    assert out.returncode == 2 and "hosts.yaml:1: entry 1 repeats a value" in out.stderr
+
+
+def test_a_million_job_sweep_runs_and_dry_runs_without_expanding(tmp_path):
+    (tmp_path / "queue.yaml").write_text(
+        "- command: true {{a}}{{b}}\n" + "".join("  %s: [0,1,2,3,4,5,6,7,8,9]\n" % k
+                                                 for k in "ab")
+        + "".join("  %s: [0,1,2,3,4,5,6,7,8,9]\n" % k for k in "cdef"))
+    out = run_pegasus(tmp_path, "q", "-n")
+    assert out.returncode == 0
+    assert "1000000 jobs in queue.yaml" in out.stdout and "... and 999000 more jobs" in out.stdout
+    assert len(out.stdout.splitlines()) < 1010
 
 
 # ----------------------------------------------------------------------------
@@ -1165,10 +1646,9 @@ def test_runner_waits_for_lock_and_says_who_holds_it(tmp_path):
     write(tmp_path / "queue.yaml", "- echo queued\n")
     editor = editor_script(tmp_path, "sleep 2\n")
     lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
-    wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.lock")
-             and "pegasus l" in read(tmp_path / "queue.yaml.lock"), what="lock")
+    wait_for(lambda: "(editor" in lock_holder(tmp_path), what="lock")
     out = run_pegasus(tmp_path, "q")
-    assert "waiting for %s, held by pid %d, pegasus l, since" % (
+    assert "waiting for %s, held by pid %d, pegasus l (editor editor.sh, pid " % (
         "queue.yaml.lock", lock_mode.pid) in out.stderr
     assert job_lines(out.stdout) == ["[localhost] queued"]
     assert lock_mode.wait(timeout=10) == 0
@@ -1179,8 +1659,7 @@ def test_lock_of_a_killed_lock_mode_is_released(tmp_path):
     sleep = "sleep 6%d" % (os.getpid() % 100000)
     editor = editor_script(tmp_path, "exec %s\n" % sleep)
     lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
-    wait_for(lambda: os.path.exists(tmp_path / "queue.yaml.lock")
-             and "pegasus l" in read(tmp_path / "queue.yaml.lock"), what="lock")
+    wait_for(lambda: "pegasus l" in lock_holder(tmp_path), what="lock")
     lock_mode.kill()
     lock_mode.wait()
     subprocess.run(["pkill", "-f", "^%s$" % sleep])
@@ -1384,7 +1863,7 @@ def test_a_lost_job_reruns_even_if_lock_mode_held_the_queue(tmp_path, fault_host
     editor.write_text("#!/bin/sh\nsleep 3\n")
     editor.chmod(0o755)
     lock_mode = start_pegasus(tmp_path, "l", "--editor", str(editor))
-    wait_for(lambda: "pegasus l" in read(tmp_path / "queue.yaml.lock"), what="the lock")
+    wait_for(lambda: "pegasus l" in lock_holder(tmp_path), what="the lock")
     fault_hosts.stop("f2")  # its job goes back while the queue is locked
     out, err = proc.communicate(timeout=60)
     lock_mode.wait(timeout=10)
@@ -1628,7 +2107,7 @@ def test_recovery_replays_a_journal_exactly(tmp_path):
     assert ("put back at the head of queue.yaml, from a crashed run (pid %d on %s): "
             "'echo A', 'echo D', 'echo F'\n" % (pid, os.uname().nodename)) in out.stderr
     assert job_lines(out.stdout) == ["[localhost] %s" % x for x in "ADFBEZ"]
-    assert sorted(os.listdir(tmp_path)) == ["consumed.yaml", "queue.yaml", "queue.yaml.lock"]
+    assert sorted(os.listdir(tmp_path)) == ["consumed.yaml", "queue.yaml"]  # no lock file left
 
 
 def test_a_long_runs_journal_is_compacted_and_stays_exact(tmp_path, monkeypatch):
@@ -2724,3 +3203,28 @@ def test_bench_scale_500_hosts(tmp_path, bench_only):
         hosts.close()
 
 
+@pytest.mark.bench
+def test_bench_take_from_a_huge_sweep(tmp_path, bench_only):
+    """Issue 13.7: take the first job of a 200 x 1000 entry (12-20 s and a
+    12 MB queue.yaml before); target < 1 s."""
+    text = "- command: run {{a}} {{b}}\n  a: [%s]\n  b: [%s]\n" % (
+        ", ".join(map(str, range(200))), ", ".join(map(str, range(1000))))
+    times, sizes = [], []
+    for _ in range(ROUNDS):
+        (tmp_path / "queue.yaml").write_text(text)
+        start = time.perf_counter()
+        queue = pegasus.QueueFile(str(tmp_path / "queue.yaml"), "q")
+        take(queue, 1)
+        times.append(time.perf_counter() - start)
+        sizes.append(os.path.getsize(tmp_path / "queue.yaml"))
+    report("take 1 job of a 200 x 1000 entry (load+take+write)", times)
+    print("BENCH queue.yaml %d bytes before, %d bytes after" % (len(text), median(sizes)))
+    (tmp_path / "queue.yaml").write_text(text)
+    os.unlink(str(tmp_path / "consumed.yaml"))
+    start = time.perf_counter()
+    proc = start_pegasus(tmp_path, "q", "-p", "0")
+    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), timeout=60)
+    first = time.perf_counter() - start
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    print("BENCH CLI: first job of the 200 x 1000 entry started after %.3f s" % first)
