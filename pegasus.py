@@ -107,6 +107,7 @@ START_TRIES = 3        # a job that cannot be started goes back this many times,
 ARGV_MAX = 16 * 1024   # a longer command travels on the session's stdin, not in argv
 OUTPUT_HIGH = 16 << 20  # unwritten output at which pegasus stops reading jobs' pipes ...
 OUTPUT_LOW = 1 << 20   # ... until it is down to this
+OUTPUT_EXIT_WAIT = 2.0  # stopped by a signal, how long pegasus waits for stdout's reader
 MASTER_UP = "pegasus-master-up"  # what a master prints once it has logged in
 MAX_ENTRY_JOBS = 10 ** 9  # combinations in one queue entry; more is surely a mistake
 MAX_SLOTS = 100000     # slots in a hosts file, all expanded in memory
@@ -4367,6 +4368,7 @@ class Dispatcher:
         self.stop_level = 0       # 0, DRAIN, CANCEL or HURRY
         self.exit_code = None     # set when the run must end with this code
         self.exiting_phase = False  # the work is over: putting back, closing masters
+        self.exit_started = None
         self.done = False
         self.fill_wanted = False
         self.paused = False       # job pipes unregistered: stdout is not being read
@@ -4593,7 +4595,7 @@ class Dispatcher:
                 self.loop.call(self.fill, "fill")
             self.throttle()
         if self.exiting_phase and self.gate.settled() and self.pool.closed() and (
-                not self.printer.backlog() or self.stop_level >= HURRY):
+                not self.printer.backlog() or self.output_given_up()):
             self.done = True
         self.printer.flush()
 
@@ -4601,8 +4603,16 @@ class Dispatcher:
         if self.policy.fill() and not self.runs:
             self.begin_exit()
 
+    def output_given_up(self):
+        """Stopped by a signal, pegasus waits OUTPUT_EXIT_WAIT at most for a
+        reader that does not read (a finished run waits as long as it takes)."""
+        return self.stop_level >= HURRY or (
+            self.stop_level >= CANCEL and time.monotonic() >= self.exit_started + OUTPUT_EXIT_WAIT)
+
     def begin_exit(self):
         self.exiting_phase = True
+        self.exit_started = time.monotonic()
+        self.loop.call_later(OUTPUT_EXIT_WAIT, lambda: None, owner="exit")  # look again then
         self.policy.wind_up()
         self.gate.finish()
         self.pool.close()
@@ -4641,8 +4651,8 @@ class Dispatcher:
         if sys.stderr.isatty():
             _status = StatusLine(self.errors, sys.stderr)
         try:
-            self.monitor.tick()
             self.pool.start()
+            self.monitor.tick()  # after start(): `s` shows the hosts connecting
             self.schedule()
             self.loop.run(lambda: self.done)
         finally:

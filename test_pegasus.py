@@ -2141,6 +2141,193 @@ def test_a_long_runs_journal_is_compacted_and_stays_exact(tmp_path, monkeypatch)
     journal.close()
 
 
+# -- Issue 9: a runner that obeys every stop and survives any error --------
+
+
+def stderr_so_far(proc):
+    """What a start_pegasus() process has written to stderr until now,
+    read without blocking; proc.err_text keeps it for the end."""
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    os.set_blocking(fd, True)
+    proc.err_text = getattr(proc, "err_text", "") + data.decode("utf-8", "replace")
+    return proc.err_text
+
+
+def state_file_of(cwd):
+    """The state file of the one pegasus running in cwd, once it is there."""
+    found = [name for name in os.listdir(str(cwd)) if name.endswith(".state")]
+    return os.path.join(str(cwd), found[0]) if found else None
+
+
+def stubborn(tag):
+    """A job that ignores SIGTERM, with a child that does too, and the pgrep
+    pattern of both."""
+    base = "%d%d" % (tag, os.getpid() % 100000)
+    return ('trap "" TERM; sleep 3%s & sleep 4%s; echo never' % (base, base),
+            "^sleep [34]%s$" % base)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGINT", "stop", "stop --now"])
+def test_an_idle_daemon_obeys_every_stop(tmp_path, how):
+    write(tmp_path / "queue.yaml", "")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    wait_for(lambda: state_file_of(tmp_path), what="the state file")
+    if how.startswith("stop"):
+        assert run_pegasus(tmp_path, *how.split()).returncode == 0
+    else:
+        proc.send_signal(getattr(signal, how))
+    out, err = proc.communicate(timeout=5)  # the issue asks for 1 s; 5 s leaves room
+    assert proc.returncode == (0 if how == "stop" else 130), err
+    assert "stopping" in err and "Traceback" not in err
+    assert ("Ctrl-C" in err) == (how == "SIGINT")
+    assert state_file_of(tmp_path) is None  # removed, last
+
+
+def test_sigterm_while_connecting_starts_nothing(tmp_path):
+    # A host that accepts TCP and never answers: the master hangs in its login.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(100)
+        config = tmp_path / "ssh_config"
+        config.write_text("Host hang\n  HostName 127.0.0.1\n  Port %d\n"
+                          % listener.getsockname()[1])
+        write(tmp_path / "hosts.yaml", "- hang\n")
+        write(tmp_path / "queue.yaml", "- touch %s\n" % (tmp_path / "ran"))
+        proc = start_pegasus(tmp_path, "q", ssh_config=config)
+        wait_for(lambda: state_file_of(tmp_path)
+                 and '"connecting"' in read(state_file_of(tmp_path)), what="connecting")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert not os.path.exists(tmp_path / "ran")
+    assert read(tmp_path / "queue.yaml") == "- touch %s\n" % (tmp_path / "ran")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "two Ctrl-C", "stop --now"])
+def test_stops_are_obeyed_while_nobody_reads_stdout(tmp_path, how):
+    # The job writes far more than a pipe holds, and nobody reads pegasus's
+    # stdout: its writes must never block the loop that hears the stop.
+    marker = tmp_path / "writing"
+    write(tmp_path / "queue.yaml", "- touch %s; yes pegasus-output-line | head -c 100000000\n"
+          % marker)
+    proc = start_pegasus(tmp_path, "q")
+    try:
+        wait_for(lambda: marker.exists() and state_file_of(tmp_path), what="the job")
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        elif how == "two Ctrl-C":
+            proc.send_signal(signal.SIGINT)
+            wait_for(lambda: "Ctrl-C: no new jobs" in stderr_so_far(proc), what="Ctrl-C")
+            proc.send_signal(signal.SIGINT)
+        else:
+            assert run_pegasus(tmp_path, "stop", "--now").returncode == 0
+        proc.wait(timeout=15)  # without reading its stdout
+    finally:
+        proc.kill()
+        proc.stdout.close()
+        err = stderr_so_far(proc)
+        proc.stderr.close()
+    assert proc.returncode == 130, err
+    assert "cut short and put back" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["localhost", "h1"])
+def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, hosts, where):
+    command, pattern = stubborn(5 if where == "h1" else 6)
+    write(tmp_path / "hosts.yaml", "- %s\n" % where)
+    (tmp_path / "queue.yaml").write_text("- %s\n" % command)
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(pids_of(pattern)) == 2, what="the job and its child")
+    proc.send_signal(signal.SIGTERM)
+    cancelled = time.monotonic()
+    out, err = proc.communicate(timeout=pegasus.CANCEL_GRACE + 10)
+    wait_for(lambda: not pids_of(pattern), timeout=pegasus.CANCEL_GRACE + 2,
+             what="SIGKILL after the grace period")
+    print("gone %.1f s after the cancel" % (time.monotonic() - cancelled))
+    assert proc.returncode == 130
+    assert "(cancelled" in out and "exit status 255" not in out
+    assert read(tmp_path / "queue.yaml") == "- %s\n" % command
+
+
+def test_killing_pegasus_kills_jobs_that_ignore_sigterm_and_its_ssh(tmp_path, hosts):
+    command, pattern = stubborn(7)
+    write(tmp_path / "hosts.yaml", "- hostname: h1\n  k: [1, 2, 3, 4]\n")
+    (tmp_path / "queue.yaml").write_text("- command: %s\n  n: [1, 2, 3, 4]\n" % command)
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(pids_of(pattern)) == 8, what="four jobs and their children")
+    ours = descendants(proc.pid)
+    assert any("ControlMaster=yes" in read("/proc/%d/cmdline" % pid) for pid in ours)
+    proc.kill()
+    proc.wait()
+    # No job, no master, no mux client of this pegasus is left 10 s later.
+    wait_for(lambda: not pids_of(pattern) and not [p for p in ours if process_state(p)],
+             timeout=10, what="the jobs and the ssh processes to end")
+
+
+def test_a_host_whose_login_shell_hangs_is_cancelled_from_this_side(tmp_path, hosts):
+    # The master is up; then every new session hangs in the login shell's rc
+    # file (an NFS home gone away, say). A cancel cannot reach the wrapper, so
+    # pegasus ends the session itself.
+    gate = tmp_path / "hang"
+    bashrc = os.path.join(hosts.dir, "home", ".bashrc")
+    write(bashrc, "[ -e %s ] && sleep 600%d\n" % (gate, os.getpid() % 1000))
+    try:
+        write(tmp_path / "hosts.yaml", "- h1\n")
+        write(tmp_path / "queue.yaml", "- touch %s; sleep 1\n- echo second\n" % gate)
+        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        wait_for(lambda: "- echo second" not in read(tmp_path / "queue.yaml"),
+                 timeout=30, what="the second job to hang in the login shell")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=pegasus.CANCEL_GRACE + pegasus.CANCEL_FORCE + 10)
+    finally:
+        write(bashrc, "")
+        subprocess.run(["pkill", "-f", "^sleep 600%d$" % (os.getpid() % 1000)])
+    assert proc.returncode == 130, err
+    assert "its session ended by pegasus" in out
+    assert read(tmp_path / "queue.yaml") == "- echo second\n"
+
+
+def test_long_commands_have_no_argv_limit(tmp_path, hosts):
+    # Every byte below is escaped on the way to a host: 5 bytes each in argv.
+    payload = "a'\"$`\\é\n" * 15000
+    write(tmp_path / "hosts.yaml", "- localhost\n- h1\n")
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump(["cat <<'EOF' | wc -c\n%sEOF" % payload]))
+    out = run_pegasus(tmp_path, "b", ssh_config=hosts.config, timeout=60)
+    assert out.returncode == 0, out.stderr
+    size = len(payload.encode())
+    assert sorted(job_lines(out.stdout)) == ["[h1] %d" % size, "[localhost] %d" % size]
+
+
+def test_a_job_that_cannot_start_goes_back_and_runs_later(tmp_path, hosts):
+    # The ssh program goes away mid-run: spawning a job fails; the job goes
+    # back to the queue and runs once ssh is there again.
+    wrapper = tmp_path / "myssh"
+    wrapper.write_text("#!/bin/sh\nexec ssh \"$@\"\n")
+    wrapper.chmod(0o755)
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- rm %s; sleep 0.5; echo one\n- echo two\n" % wrapper)
+    proc = start_pegasus(tmp_path, "q", "--ssh", str(wrapper), ssh_config=hosts.config)
+    wait_for(lambda: "could not start" in stderr_so_far(proc), timeout=30,
+             what="the failed start")
+    wrapper.write_text("#!/bin/sh\nexec ssh \"$@\"\n")
+    wrapper.chmod(0o755)
+    out, err = proc.communicate(timeout=60)
+    err = proc.err_text + err
+    assert proc.returncode == 0, err
+    assert "could not start: No such file or directory; it goes back" in err
+    assert job_lines(out) == ["[h1] one", "[h1] two"]
+
+
 def test_retries_run_a_failed_job_again_on_another_slot(tmp_path, hosts):
     marker = tmp_path / "failed-once"
     write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
