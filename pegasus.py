@@ -3626,6 +3626,7 @@ class Run:
         self.on_lines = None      # on_lines(run, fd, lines) for each read's lines
         self.unsent = b""         # a long command, still to be written to stdin
         self.cancelled = False    # pegasus ended it (Ctrl-C, stop --now)
+        self.timed_out = False    # pegasus ended it: it ran past --timeout
         self.forced = False       # ... and had to end its session from this side
         self.host_lost = False    # it ended because its host went away
         self.error = None         # why it could not start or broke, if it did
@@ -3712,8 +3713,11 @@ class Run:
         code = self.exit_code()
         if self.error:
             return self.error
-        if self.cancelled and code != 0:
-            return "cancelled" + (", its session ended by pegasus" if self.forced else "")
+        if (self.cancelled or self.timed_out) and code != 0:
+            ended = ", its session ended by pegasus" if self.forced else ""
+            if self.timed_out:
+                return "timed out" + ended
+            return "cancelled" + ended
         if self.host_lost:
             return "host lost"
         if code is not None and code < 0:
@@ -3826,8 +3830,10 @@ class Printer:
     and long lines are wrapped to the window's width with the prefix repeated.
     """
 
-    def __init__(self, print_period, stream=None):
+    def __init__(self, print_period, stream=None, plain=False, group=False):
         self.print_period = print_period
+        self.plain = plain   # --plain: the jobs' lines as they are, and nothing else
+        self.groups = {} if group else None  # --group: run -> its lines, until it ends
         self.buffer = []
         self.stream = stream or sys.stdout
         self.output = Output(self.stream)
@@ -3842,6 +3848,8 @@ class Printer:
         self.width = terminal_width(self.stream) if self.tty else None
 
     def prefix(self, run):
+        if self.plain:
+            return b""
         cached = self.prefixes.get(run.label)
         if cached is None:
             label = run.label
@@ -3867,32 +3875,42 @@ class Printer:
             b"\n".join(lines).decode("utf-8")
         except UnicodeDecodeError:
             lines = [line.decode("utf-8", "replace").encode("utf-8") for line in lines]
-        if self.width is None:
+        if self.width is None or self.plain:
             prefix = self.prefix(run)
-            self.buffer.append(prefix + (b"\n" + prefix).join(lines) + b"\n")
+            self.target(run).append(prefix + (b"\n" + prefix).join(lines) + b"\n")
         else:
             for line in lines:
                 self.add(run, line)
 
+    def target(self, run):
+        """Where a run's lines wait: its group (--group), or this round's buffer."""
+        return self.buffer if self.groups is None else self.groups[run]
+
     def add(self, run, data):
         prefix = self.prefix(run)
         room = (self.width or 0) - len(run.label) - 1
-        if room < 20 or len(data) <= room:
-            self.buffer.append(prefix + data + b"\n")
+        if room < 20 or len(data) <= room or self.plain:
+            self.target(run).append(prefix + data + b"\n")
             return
         text = data.decode("utf-8", "replace")
         for start in range(0, len(text), room):
-            self.buffer.append(prefix + text[start:start + room].encode("utf-8") + b"\n")
+            self.target(run).append(prefix + text[start:start + room].encode("utf-8") + b"\n")
 
     def started(self, run):
-        self.add(run, ("=== run %s ===" % shown(run.command)).encode("utf-8", "replace"))
+        if self.groups is not None:
+            self.groups[run] = []
+        if not self.plain:
+            self.add(run, ("=== run %s ===" % shown(run.command)).encode("utf-8", "replace"))
 
     def ended(self, run):
         if self.counts:
             self.counts = {key: n for key, n in self.counts.items() if key[0] is not run}
         elapsed = time.monotonic() - run.started
-        self.add(run, ("=== done (%s, %s) ===" % (run.status(), duration(elapsed))
-                       ).encode("utf-8", "replace"))
+        if not self.plain:
+            self.add(run, ("=== done (%s, %s) ===" % (run.status(), duration(elapsed))
+                           ).encode("utf-8", "replace"))
+        if self.groups is not None:
+            self.buffer.append(b"".join(self.groups.pop(run)))
 
     def flush(self):
         if not self.buffer:
@@ -4043,7 +4061,7 @@ class Records:
         if self.joblog is None:
             return
         code = run.exit_code()
-        if run.cancelled and code != 0:
+        if (run.cancelled or run.timed_out) and code != 0:
             code = -(signal.SIGKILL if run.forced else signal.SIGTERM)
         elif code is None:
             code = -1
@@ -4354,7 +4372,7 @@ class Dispatcher:
         self.slots = slots
         self.queue = queue
         self.loop = Loop(self.on_error)
-        self.printer = Printer(options.print_period)
+        self.printer = Printer(options.print_period, plain=options.plain, group=options.group)
         self.errors = Output(sys.stderr)
         on_disk = getattr(queue, "on_disk", True)  # a MemoryQueue writes no file
         self.records = Records(options, queue.path if on_disk else None)
@@ -4435,6 +4453,9 @@ class Dispatcher:
             return run
         if not self.paused:
             self.listen(run)
+        if self.options.timeout:
+            run.timers.append(self.loop.call_later(self.options.timeout,
+                                                   lambda: self.time_out(run), owner=run))
         if run.unsent and not run.send():
             self.loop.add_writer(run.proc.stdin.fileno(), lambda fd: self.send(run, fd), owner=run)
         return run
@@ -4492,13 +4513,22 @@ class Dispatcher:
         self.schedule()
 
     def cancel(self, run):
+        """Cancel a run (a stop): its job goes back to the queue."""
+        if not (run.cancelled or run.ended or run.timed_out):
+            run.cancelled = True
+            self.terminate(run)
+
+    def time_out(self, run):
+        """--timeout: the job is ended as a cancel would end it, and fails."""
+        if not (run.cancelled or run.ended):
+            run.timed_out = True
+            self.terminate(run)
+
+    def terminate(self, run):
         """TERM to the job's process group now (locally; on a host, its
         wrapper's watcher does it when its stdin closes), KILL after
         CANCEL_GRACE, and CANCEL_FORCE later end the session from this side,
         for a host that does not answer (a hung login shell, say)."""
-        if run.cancelled or run.ended:
-            return
-        run.cancelled = True
         run.close_stdin()
         if run.proc is not None and run.master.socket is None:
             signal_group(run.proc, signal.SIGTERM)
@@ -4602,6 +4632,7 @@ class Dispatcher:
         self.printer.flush()
 
     def fill(self):
+        self.monitor.dirty = True  # the queued count may have changed
         if self.policy.fill() and not self.runs:
             self.begin_exit()
 
@@ -4839,6 +4870,8 @@ class QueueMode:
         else:
             if not d.record(run):
                 d.records.failed(run.job)
+                if d.options.error_aborts:
+                    d.stop(DRAIN, "%s failed on %s (-e)" % (shown(run.command), run.label))
             d.journal.ended(run.job)
 
     def start_failed(self, run):
@@ -5366,7 +5399,18 @@ def build_parser():
                         help="when the queue is empty, wait for more jobs instead of exiting")
     parser.add_argument("-i", "--ignore-errors", action="store_true",
                         help="(broadcast) go on to the next job even if one failed")
-    parser.add_argument("-e", "--error-aborts", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-e", "--error-aborts", action="store_true",
+                        help="(queue) stop at the first job that fails: start no new job "
+                             "and let the running ones finish (broadcast mode always stops, "
+                             "unless -i)")
+    parser.add_argument("--timeout", type=duration_arg, metavar="DURATION",
+                        help="end a job that runs longer (as a cancel would), and count it "
+                             "failed: 90, 90s, 15m, 2h, 1h30m")
+    parser.add_argument("--plain", action="store_true",
+                        help="print only what the jobs print: no prefixes, no run and done lines")
+    parser.add_argument("--group", action="store_true",
+                        help="print each job's output together, when it ends, not line by "
+                             "line as it comes")
     parser.add_argument("--editor", help="(lock) the editor to open (default: $EDITOR, vim)")
     parser.add_argument("--retries", type=non_negative, default=0, metavar="N",
                         help="run a job that failed again, up to N more times "
@@ -5399,6 +5443,18 @@ def build_parser():
     parser.add_argument("--ssh", default="ssh", help=argparse.SUPPRESS)
     parser.add_argument("-V", "--version", action=VersionAction)
     return parser
+
+
+def duration_arg(text):
+    """Seconds from "90", "90s", "15m", "2h" or "1h30m"."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError("%r is not a duration (90, 90s, 15m, 2h, 1h30m)" % text)
+    hours, minutes, seconds = match.groups()
+    value = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("%r: a timeout must be more than 0" % text)
+    return value
 
 
 def non_negative(text):

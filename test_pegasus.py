@@ -2403,6 +2403,116 @@ def test_a_second_signal_at_exit_stops_waiting_for_the_lock(tmp_path):
     assert [n for n in os.listdir(tmp_path) if n.endswith(".running")]
 
 
+# -- Issue 11: what users of pdsh, GNU parallel and Slurm reach for ---------
+
+
+def test_plain_prints_only_what_the_jobs_print(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2]\n")
+    write(tmp_path / "queue.yaml", "- echo one\n- echo two; echo err >&2\n- echo three\n")
+    out = run_pegasus(tmp_path, "q", "--plain")
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()) == ["err", "one", "three", "two"]
+
+
+def test_group_prints_each_jobs_output_together(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2]\n")
+    write(tmp_path / "queue.yaml", "- echo a1; sleep 0.4; echo a2\n- echo b1; sleep 0.2; echo b2\n")
+    out = run_pegasus(tmp_path, "q", "--group")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    b, a = lines[:4], lines[4:]  # b ends first, so it is printed first
+    assert [line.split("] ", 1)[1] for line in b] == [
+        "=== run 'echo b1; sleep 0.2; echo b2' ===", "b1", "b2", b[3].split("] ", 1)[1]]
+    assert [line.split("] ", 1)[1] for line in a][1:3] == ["a1", "a2"]
+    assert len({line.split("]")[0] for line in b}) == 1
+
+
+@pytest.mark.parametrize("where", ["localhost", "h1"])
+def test_timeout_ends_a_job_and_counts_it_failed(tmp_path, hosts, where):
+    command, pattern = stubborn(8 if where == "h1" else 9)
+    write(tmp_path / "hosts.yaml", "- %s\n" % where)
+    write(tmp_path / "queue.yaml", "- %s\n- echo next\n" % command)
+    out = run_pegasus(tmp_path, "q", "--timeout", "1s", "--joblog", "jobs.tsv",
+                      ssh_config=hosts.config, timeout=60)
+    assert out.returncode == 1
+    assert re.search(r"failed: \[%s\] '.*': timed out after" % where, out.stderr)
+    assert job_lines(out.stdout) == ["[%s] next" % where]
+    wait_for(lambda: not pids_of(pattern), timeout=pegasus.CANCEL_GRACE + 2, what="the kill")
+    log = read(tmp_path / "jobs.tsv").splitlines()[1].split("\t")
+    assert log[5:7] == ["-1", "15"]  # Exitval, Signal: ended by SIGTERM
+    assert read(tmp_path / "failed.yaml") == "- %s\n" % command
+    assert read(tmp_path / "queue.yaml") == ""
+
+
+def test_error_aborts_stops_queue_mode_at_the_first_failure(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo ok\n- exit 3\n- echo never\n")
+    out = run_pegasus(tmp_path, "q", "-e")
+    assert out.returncode == 1
+    assert job_lines(out.stdout) == ["[localhost] ok"]
+    assert "'exit 3' failed on [localhost] (-e): stopping" in out.stderr
+    assert "1 job left in queue.yaml" in out.stderr
+    assert read(tmp_path / "queue.yaml") == "- echo never\n"
+    assert duration_or_error("1h30m") == 5400 and duration_or_error("90") == 90
+    assert duration_or_error("0") is None and duration_or_error("soon") is None
+
+
+def duration_or_error(text):
+    try:
+        return pegasus.duration_arg(text)
+    except Exception:  # argparse.ArgumentTypeError
+        return None
+
+
+def test_cancelled_jobs_are_named_rendered_and_go_back_in_order(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  k: [1, 2, 3, 4, 5]\n")
+    write(tmp_path / "queue.yaml", '- command: echo "long {{ n }}"; sleep 30\n  n: [1, 2, 3, 4, 5]\n')
+    proc = start_pegasus(tmp_path, "q", "--joblog", "jobs.tsv")
+    wait_for(lambda: '"running": 5' in (read(state_file_of(tmp_path))
+                                        if state_file_of(tmp_path) else ""), what="5 jobs")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert "cut short and put back at the head of queue.yaml: %s" % ", ".join(
+        "'echo \"long %d\"; sleep 30'" % n for n in range(1, 6)) in err
+    back = [job.params["n"] for entry in pegasus.parse_queue(
+        "q", read(tmp_path / "queue.yaml"))[0] for job in pegasus.expand_jobs(entry.spec)]
+    assert back == ["1", "2", "3", "4", "5"]
+    assert out.count("=== done (cancelled, ") == 5 and "exit status 255" not in out
+    rows = [line.split("\t") for line in read(tmp_path / "jobs.tsv").splitlines()[1:]]
+    assert [row[5:7] for row in rows] == [["-1", "15"]] * 5
+
+
+def test_notes_come_after_the_job_lines_that_caused_them(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
+    write(tmp_path / "queue.yaml", "- echo out; exit 3\n- echo never\n")
+    for _ in range(5):
+        (tmp_path / "queue.yaml").write_text("- echo out; exit 3\n- echo next\n")
+        proc = subprocess.run([sys.executable, PEGASUS, "b", "-F", hosts.config],
+                              cwd=str(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=60)
+        both = proc.stdout
+        assert both.index("=== done (exit status 3") < both.index("stopping: the last job")
+
+
+def test_summary_names_hosts_never_reached_and_status_shows_idle_hosts_up(tmp_path, hosts):
+    dead = tmp_path / "ssh_config"
+    dead.write_text("Host dead\n  HostName 127.0.0.99\n" + read(hosts.config))
+    write(tmp_path / "hosts.yaml", "- dead\n- h1\n")
+    write(tmp_path / "queue.yaml", "")
+    proc = start_pegasus(tmp_path, "q", "-d", ssh_config=dead)
+    wait_for(lambda: '"connection": "up"' in (read(state_file_of(tmp_path))
+                                              if state_file_of(tmp_path) else ""),
+             what="h1 up in the state file")
+    with open(str(tmp_path / "queue.yaml"), "a") as f:
+        f.write("- sleep 60\n- sleep 61\n")
+    wait_for(lambda: "1 queued" in run_pegasus(tmp_path, "s").stdout, what="s to see the append")
+    status = run_pegasus(tmp_path, "s").stdout
+    assert re.search(r"^\[h1\]\s+up\s", status, re.M) and re.search(r"^\[dead\]\s+down", status, re.M)
+    assert run_pegasus(tmp_path, "stop", "--now").returncode == 0
+    out, err = proc.communicate(timeout=20)
+    assert "never reached: dead" in err and "2 jobs left in queue.yaml" in err
+
+
 def test_retries_run_a_failed_job_again_on_another_slot(tmp_path, hosts):
     marker = tmp_path / "failed-once"
     write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
