@@ -5355,8 +5355,9 @@ more examples:
   pegasus.py q -d --joblog jobs.tsv
                                keep waiting for jobs; log each finished one
 
-exit status: 0 every job succeeded, 1 some job failed, 2 bad usage or files or
-no host reachable, 130 interrupted (Ctrl-C, SIGTERM)."""
+exit status: 0 every job succeeded (also after `pegasus.py stop`), 1 some job
+failed, 2 bad usage or files or no host reachable, 130 interrupted (Ctrl-C,
+SIGTERM, SIGHUP, stop --now), 141 the reader of the output went away."""
 
 
 class VersionAction(argparse.Action):
