@@ -3623,7 +3623,7 @@ class Run:
         self.open_fds = {}        # fd -> stdout or stderr pipe, until EOF
         self.partial = {}         # fd -> bytes of an unfinished line
         self.skip_newline = {}    # fd -> the last chunk ended in "\r"
-        self.on_lines = None      # on_lines(run, fd, lines) for each read's lines
+        self.on_lines = None      # on_lines(run, fd, block): each read's complete lines
         self.unsent = b""         # a long command, still to be written to stdin
         self.cancelled = False    # pegasus ended it (Ctrl-C, stop --now)
         self.timed_out = False    # pegasus ended it: it ran past --timeout
@@ -3660,29 +3660,34 @@ class Run:
             return True
         rest = self.partial.pop(fd, b"")
         if rest:
-            self.on_lines(self, fd, [rest])
+            self.on_lines(self, fd, rest + b"\n")
         return False
 
     def take_lines(self, fd, chunk):
-        # "\r" ends a line too (progress bars), and "\r\n" is one line end,
-        # even when a read splits it.
+        """Hand on a read's complete lines as one block, each ending in "\n".
+        Whole-read bytes operations in C, never a Python step per line: the
+        output volume a runner can carry is bound by this (W3). "\r" ends a
+        line too (progress bars), and "\r\n" is one line end, even when a
+        read splits it."""
         if self.skip_newline.pop(fd, False) and chunk.startswith(b"\n"):
             chunk = chunk[1:]
-        data = self.partial.pop(fd, b"") + chunk
+        partial = self.partial.pop(fd, None)
+        data = partial + chunk if partial else chunk
         if b"\r" in data:
             if data.endswith(b"\r"):
                 self.skip_newline[fd] = True
-            lines = re.split(b"\r\n|\r|\n", data)
-        else:
-            lines = data.split(b"\n")
-        rest = lines.pop()
-        while len(rest) > MAX_LINE:
-            lines.append(rest[:MAX_LINE])
-            rest = rest[MAX_LINE:]
-        if rest:
-            self.partial[fd] = rest
-        if lines:
-            self.on_lines(self, fd, lines)
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = data.rfind(b"\n") + 1
+        block = data[:end] if end < len(data) else data
+        if len(data) - end > MAX_LINE:
+            rest = data[end:]
+            cut = len(rest) - (len(rest) % MAX_LINE or MAX_LINE)
+            block += b"".join(rest[i:i + MAX_LINE] + b"\n" for i in range(0, cut, MAX_LINE))
+            end += cut
+        if end < len(data):
+            self.partial[fd] = data[end:]
+        if block:
+            self.on_lines(self, fd, block)
 
     def send(self):
         """Write more of a long command; True when all of it is written."""
@@ -3753,7 +3758,8 @@ class Output:
     def __init__(self, stream):
         self.stream = stream
         self.fd = stream.fileno()
-        self.buffer = bytearray()
+        self.chunks = collections.deque()  # bytes (or a view of the first's rest)
+        self.size = 0            # bytes in them
         self.broken = False      # EPIPE or EIO: the reader is gone for good
         self.loop = None
         self.own_fd = False      # fd is the terminal opened again
@@ -3789,15 +3795,23 @@ class Output:
         self.loop = None
 
     def write(self, data):
+        self.write_all((data,))
+
+    def write_all(self, chunks):
+        """Queue the chunks and write what the fd takes now. They are kept as
+        they are and written with writev: never copied into one buffer, nor
+        moved when part of them is written (W3's volume goes through here)."""
         if not self.broken:
-            self.buffer += data
+            for chunk in chunks:
+                if chunk:
+                    self.chunks.append(chunk)
+                    self.size += len(chunk)
         self.flush()
 
     def flush(self):
-        while self.buffer and not self.broken and not self.waiting:
+        while self.chunks and not self.broken and not self.waiting:
             try:
-                with memoryview(self.buffer) as view:
-                    written = os.write(self.fd, view[:1 << 20])
+                written = os.writev(self.fd, list(itertools.islice(self.chunks, 64)))
             except BlockingIOError:
                 if self.loop is not None:
                     self.waiting = True
@@ -3807,9 +3821,16 @@ class Output:
                 continue
             except OSError:  # EPIPE (pegasus | head), EIO (the terminal closed)
                 self.broken = True
-                self.buffer.clear()
+                self.drop()
                 return
-            del self.buffer[:written]
+            self.size -= written
+            while written:
+                first = self.chunks[0]
+                if len(first) > written:
+                    self.chunks[0] = memoryview(first)[written:]
+                    break
+                written -= len(first)
+                self.chunks.popleft()
 
     def writable(self, fd):
         self.loop.remove(fd)
@@ -3817,10 +3838,11 @@ class Output:
         self.flush()
 
     def pending(self):
-        return len(self.buffer)
+        return self.size
 
     def drop(self):
-        self.buffer.clear()
+        self.chunks.clear()
+        self.size = 0
 
 
 class Printer:
@@ -3858,28 +3880,33 @@ class Printer:
             cached = self.prefixes[run.label] = label.encode("utf-8", "replace") + b" "
         return cached
 
-    def lines(self, run, fd, lines):
-        """Print a read's complete lines. The common case (every line, not a
-        terminal, valid UTF-8) is one join in C for the whole read: W3's
-        output volume is bound by this. -p N counts each stream apart."""
+    def lines(self, run, fd, block):
+        """Print a read's complete lines (a block of them, each ending in
+        "\n"). The common case (every line, not a terminal, ASCII or valid
+        UTF-8) is one replace in C for the whole read: W3's output volume is
+        bound by this. -p N counts each stream apart."""
         if self.print_period == 0:
             return
         if self.print_period > 1:
             seen = self.counts.get((run, fd), 0)
+            lines = block.split(b"\n")[:-1]
             self.counts[run, fd] = seen + len(lines)
             lines = [line for number, line in enumerate(lines, seen + 1)
                      if number % self.print_period == 0]
             if not lines:
                 return
-        try:
-            b"\n".join(lines).decode("utf-8")
-        except UnicodeDecodeError:
-            lines = [line.decode("utf-8", "replace").encode("utf-8") for line in lines]
+            block = b"\n".join(lines) + b"\n"
+        if not block.isascii():
+            # Per block, not per line: "\n" is never part of a UTF-8
+            # sequence, so the replacements fall where they would per line.
+            block = block.decode("utf-8", "replace").encode("utf-8")
         if self.width is None or self.plain:
             prefix = self.prefix(run)
-            self.target(run).append(prefix + (b"\n" + prefix).join(lines) + b"\n")
+            if prefix:
+                block = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
+            self.target(run).append(block)
         else:
-            for line in lines:
+            for line in block[:-1].split(b"\n"):
                 self.add(run, line)
 
     def target(self, run):
@@ -3915,12 +3942,14 @@ class Printer:
     def flush(self):
         if not self.buffer:
             return
-        data, self.buffer = b"".join(self.buffer), []
+        chunks, self.buffer = self.buffer, []
+        if len(chunks) > 64:  # lines one by one (a terminal, --group): one write
+            chunks = [b"".join(chunks)]
         if self.output.broken:
             return
         if _status is not None:
             _status.clear()
-        self.output.write(data)
+        self.output.write_all(chunks)
 
     def backlog(self):
         return self.output.pending() + sum(map(len, self.buffer))
@@ -4037,10 +4066,10 @@ class Records:
             note_once(("output", e.errno), "cannot keep job output in %s: %s (the jobs go on)"
                       % (self.output_dir, e.strerror))
 
-    def lines(self, run, lines):
+    def lines(self, run, block):
         if run.output is not None:
             try:
-                view = memoryview(b"\n".join(lines) + b"\n")
+                view = memoryview(block)
                 while view:  # unbuffered: a full disk is told now, not lost at close
                     view = view[run.output.write(view):]
             except OSError as e:
@@ -4468,9 +4497,9 @@ class Dispatcher:
         if run.cancelled or run.send():
             self.loop.remove(fd)
 
-    def on_lines(self, run, fd, lines):
-        self.printer.lines(run, fd, lines)
-        self.records.lines(run, lines)
+    def on_lines(self, run, fd, block):
+        self.printer.lines(run, fd, block)
+        self.records.lines(run, block)
 
     def read(self, run, fd):
         if run.read(fd):
