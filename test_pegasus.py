@@ -3654,6 +3654,55 @@ def test_bench_scale_500_hosts(tmp_path, bench_only):
         hosts.close()
 
 
+def memory_of(pids):
+    """(processes, their proportional set size in MB): shared pages counted once."""
+    total, count = 0, 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/smaps_rollup" % pid) as f:
+                total += int(re.search(r"^Pss:\s+(\d+) kB", f.read(), re.M).group(1))
+            count += 1
+        except (OSError, AttributeError):
+            continue
+    return count, total / 1024
+
+
+@pytest.mark.bench
+def test_bench_concurrent_jobs_on_many_hosts(tmp_path, bench_only):
+    """Issue 12: hosts x 8 slots, a long sleep per job, all at once: the
+    controller's processes (pegasus and its ssh), their memory and its CPU, and
+    every job accounted for. PEGASUS_BENCH_HOSTS sets the hosts (500 by the
+    issue: its sshd side alone is ~20,000 processes on this one machine)."""
+    count = int(os.environ.get("PEGASUS_BENCH_HOSTS", "500"))
+    jobs = count * 8
+    hosts = alias_hosts(count)
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: b[1-%d]\n  k: [1, 2, 3, 4, 5, 6, 7, 8]\n"
+              % count)
+        # Long enough that the first jobs still run when the last start.
+        (tmp_path / "queue.yaml").write_text("- echo up; sleep %d\n" % (60 + count // 2) * jobs)
+        out = tmp_path / "out.txt"
+        with open(str(out), "w") as f:
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", PROBE, "q", "-F", hosts.config],
+                                    cwd=str(tmp_path), stdout=f, stderr=subprocess.PIPE,
+                                    text=True)
+            wait_for(lambda: read(out).count("] up\n") == jobs, timeout=600)
+            started = time.perf_counter() - start
+            processes, pss = memory_of(descendants(proc.pid) | {proc.pid})
+            _, own = memory_of({proc.pid})
+            _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-2000:]
+        assert "%d jobs run" % jobs in stderr and "%d succeeded, 0 failed" % jobs in stderr
+        assert done_count(read(out)) == jobs
+        cpu = float(re.search(r"probe cpu=([\d.]+)", stderr).group(1))
+        print("\nBENCH %d concurrent jobs on %d hosts: all running after %.1f s; controller "
+              "%d processes, %.0f MB (pegasus itself %.0f MB, PSS); runner CPU %.1f s in all"
+              % (jobs, count, started, processes, pss, own, cpu))
+    finally:
+        hosts.close()
+
+
 @pytest.mark.bench
 def test_bench_take_from_a_huge_sweep(tmp_path, bench_only):
     """Issue 13.7: take the first job of a 200 x 1000 entry (12-20 s and a
