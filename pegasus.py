@@ -2501,15 +2501,24 @@ class QueueFile:
             if (old.st_dev, old.st_ino) == (new.st_dev, new.st_ino):
                 os.close(self.source)
             else:
-                self.retire()
+                self.retire(replaced_by=raw)
         st = os.fstat(fd)
         self.source, self.raw = fd, raw
         self.source_signature = (st.st_ino, len(raw), st.st_mtime_ns)
 
-    def retire(self):
-        """Our source file is replaced: watch it for appends that land late."""
+    def retire(self, replaced_by=None):
+        """Our source file is replaced: watch it for appends that land late.
+        `replaced_by`: the text of someone else's save that replaced it. A
+        save reads the file first, so what was appended before it read is in
+        it already: carrying it over too would queue those jobs twice."""
         if self.source is not None:
-            self.retired.append([self.source, len(self.raw), time.monotonic()])
+            accounted = len(self.raw)
+            size = os.fstat(self.source).st_size
+            if replaced_by is not None and size > accounted:
+                late = os.pread(self.source, size - accounted, accounted).strip()
+                if late and late in replaced_by:
+                    accounted = size
+            self.retired.append([self.source, accounted, time.monotonic()])
             self.source = None
 
     def carry_over(self):
@@ -2605,9 +2614,13 @@ def append_after_newline(path, data):
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # never half an entry: it would run cut short
+            raise
     finally:
         os.close(fd)
 
@@ -4042,17 +4055,22 @@ class Records:
             self.failed_path = os.path.join(os.path.dirname(queue_path), "failed.yaml")
         self.queue_path = queue_path  # failed.yaml gets its permissions
         self.output_dir = options.output_dir
-        self.joblog = None
+        self.joblog_path = options.joblog
+        self.joblog = None        # its fd, O_APPEND: one write() a line
+        self.joblog_lost = 0      # lines that could not be written (a full disk)
         try:
             if self.output_dir:
                 os.makedirs(self.output_dir, exist_ok=True)
-            if options.joblog:
-                self.joblog = open(options.joblog, "a", encoding="utf-8")
-                if self.joblog.tell() == 0:
-                    self.joblog.write(JOBLOG_HEADER)
-                    self.joblog.flush()
         except OSError as e:
-            raise PegasusError("%s: %s" % (e.filename, e.strerror)) from None
+            raise PegasusError("%s: %s" % (self.output_dir, e.strerror)) from None
+        if options.joblog:
+            try:
+                self.joblog = os.open(options.joblog, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                      | os.O_CLOEXEC, 0o666)
+                if os.fstat(self.joblog).st_size == 0:
+                    os.write(self.joblog, JOBLOG_HEADER.encode())
+            except OSError as e:
+                raise PegasusError("%s: %s" % (options.joblog, e.strerror)) from None
 
     def started(self, run):
         run.sequence = next(self.sequence)
@@ -4098,11 +4116,14 @@ class Records:
                   "%.3f" % (time.monotonic() - run.started),
                   code if code >= 0 else -1, -code if code < -1 else 0,
                   run.command.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t"))
+        line = ("\t".join(map(str, fields)) + "\n").encode("utf-8", "surrogateescape")
         try:
-            self.joblog.write("\t".join(map(str, fields)) + "\n")
-            self.joblog.flush()
+            if os.write(self.joblog, line) == len(line):
+                return
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as e:
-            note_once(("joblog", e.errno), "cannot write %s: %s" % (self.joblog.name, e.strerror))
+            self.joblog_lost += 1
+            note_once(("joblog", e.errno), "cannot write %s: %s" % (self.joblog_path, e.strerror))
 
     def failed(self, job):
         if self.failed_path is None:
@@ -4116,10 +4137,11 @@ class Records:
 
     def close(self):
         if self.joblog is not None:
-            try:
-                self.joblog.close()
-            except OSError:
-                pass
+            os.close(self.joblog)
+            self.joblog = None
+        if self.joblog_lost:
+            note("%s: %d line%s could not be written" % (
+                self.joblog_path, self.joblog_lost, plural(self.joblog_lost)))
 
 
 class StateFile:
@@ -4935,7 +4957,7 @@ class QueueMode:
             note("cut short and %s %s: %s" % (
                 "not yet put back in" if d.gate.gave_up else "put back at the head of",
                 d.queue.path, ", ".join(shown(run.command) for run in self.cut_short)))
-        never = sorted({m.hostname for m in d.pool.masters if not m.ever_up})
+        never = sorted({m.hostname for m in d.pool.masters if not m.ever_up and m.failures})
         if never:
             note("never reached: %s" % ", ".join(never))
         if d.stop_level and d.queue.count:
@@ -4951,6 +4973,7 @@ class BroadcastMode:
         self.d = dispatcher
         self.step_failed = []  # labels of the slots that failed this step
         self.step_job = None   # the job of this step
+        self.cut_short = []    # this step's cancelled runs: the step goes back whole
 
     def fill(self):
         d = self.d
@@ -4994,6 +5017,9 @@ class BroadcastMode:
 
     def run_ended(self, run):
         d = self.d
+        if run.cancelled and not run.succeeded():
+            self.cut_short.append(run)  # not a failure: the step was not let finish
+            return
         if run.host_lost:
             note("%s lost its host during %s" % (run.label, shown(run.command)))
         elif (not run.succeeded() and not run.cancelled and run.error is None
@@ -5005,15 +5031,24 @@ class BroadcastMode:
             return
         if not d.record(run):
             self.step_failed.append(run.label)
-        if not d.runs:
+        if not d.runs and not self.cut_short:
             d.journal.ended(run.job)  # the step is over, on every host
 
     def wind_up(self):
-        if self.step_failed and self.step_job is not None:
+        """At exit: a step cut short goes back to the head of the queue, to
+        run again on every host (lock-step: the next must not run first)."""
+        if self.cut_short and self.step_job is not None:
+            self.d.gate.put_back([self.step_job])
+        elif self.step_failed and self.step_job is not None:
             self.d.records.failed(self.step_job)
-            self.step_job = None
+        self.step_job = None
 
     def report(self):
+        if self.cut_short:
+            note("cut short on %d host%s and %s %s: %s" % (
+                len(self.cut_short), plural(len(self.cut_short)),
+                "not yet put back in" if self.d.gate.gave_up else "put back at the head of",
+                self.d.queue.path, shown(self.cut_short[0].job.command)))
         # Broadcast is for every host: one that never connected missed every job.
         for slot in self.d.slots:
             if not slot.ever_up:
@@ -5186,9 +5221,11 @@ def mode_lock(options):
         # so a save from its buffer never races with a runner. The editor
         # itself runs without it: what it leaves running in the background
         # (a shell escape, a server) cannot hold the lock after it exits.
-        script = '"$@" %d>&-; exit $?' % lock.fd
-        editor = subprocess.Popen(["sh", "-c", script, "sh"] + argv + [options.queue_file],
-                                  pass_fds=(lock.fd,))
+        # It also removes the lock file, still holding the lock, so that none
+        # is left behind when pegasus l was killed (see QueueLock on removal).
+        script = 'l=$1; shift; "$@" %d>&-; s=$?; rm -f "$l"; exit $s' % lock.fd
+        editor = subprocess.Popen(["sh", "-c", script, "sh", lock.path] + argv
+                                  + [options.queue_file], pass_fds=(lock.fd,))
         lock.describe(" (editor %s, pid %d)" % (os.path.basename(argv[0]), editor.pid))
         status = wait_editor(editor)
     finally:
@@ -5274,6 +5311,9 @@ def mode_add(options):
     lock = wait_for_lock(options.queue_file, "add")
     try:
         queue.append(text)
+    except OSError as e:
+        raise PegasusError("%s: cannot add the job%s: %s" % (
+            options.queue_file, plural(len(commands)), e.strerror)) from None
     finally:
         lock.release()
     note("added %d job%s to %s" % (len(commands), plural(len(commands)), options.queue_file))

@@ -2540,6 +2540,85 @@ def test_summary_names_hosts_never_reached_and_status_shows_idle_hosts_up(tmp_pa
     assert "never reached: dead" in err and "2 jobs left in queue.yaml" in err
 
 
+# -- Found by a hostile user's session, each reproduced before its fix -------
+
+
+@pytest.mark.parametrize("how", ["add", ">>"])
+@pytest.mark.parametrize("save", ["sed -i", "lock mode, renaming"])
+def test_an_appended_job_runs_once_after_a_renaming_save(tmp_path, how, save):
+    # The save read the file with the appended job in it; the runner, which
+    # had read it before the append, must not carry that append over again.
+    log = tmp_path / "log"
+    write(tmp_path / "queue.yaml", "# comment A\n" + "".join(
+        "- echo I%d >> %s; sleep 0.6\n" % (i, log) for i in range(3)))
+    proc = start_pegasus(tmp_path, "q", "-d")
+    wait_for(lambda: log.exists(), what="the first job")
+    if how == "add":
+        assert run_pegasus(tmp_path, "add", "echo D0 >> %s" % log).returncode == 0
+    else:
+        with open(str(tmp_path / "queue.yaml"), "a") as f:
+            f.write("- echo D0 >> %s\n" % log)
+    if save == "sed -i":
+        subprocess.run(["sed", "-i", "s/comment A/comment B/", "queue.yaml"], cwd=str(tmp_path),
+                       check=True)
+    else:
+        editor = editor_script(tmp_path, 'sed "s/comment A/comment B/" "$1" > "$1.new" && '
+                                         'mv "$1.new" "$1"\n')
+        assert run_pegasus(tmp_path, "l", "--editor", editor).returncode == 0
+    wait_for(lambda: len(read(log).split()) >= 4 and "echo" not in read(tmp_path / "queue.yaml"),
+             what="every job")
+    assert run_pegasus(tmp_path, "stop").returncode == 0
+    proc.communicate(timeout=20)
+    assert sorted(read(log).split()) == ["D0", "I0", "I1", "I2"]
+
+
+def test_add_on_a_full_disk_is_one_line_and_writes_no_half_job(small_disk):
+    write(small_disk / "queue.yaml", "- echo a\n")
+    fill(small_disk)
+    out = run_pegasus(small_disk, "add", "rm -rf /scratch/%s/tmp" % ("d" * 8000))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "queue.yaml: cannot add the job: No space left on device" in out.stderr
+    assert read(small_disk / "queue.yaml") == "- echo a\n"
+
+
+def test_a_joblog_that_cannot_be_made_is_named(small_disk):
+    fill(small_disk)
+    out = run_pegasus(small_disk.parent, "q", "-H", "localhost", "--joblog",
+                      str(small_disk / "jobs.tsv"), "echo a")
+    assert out.returncode == 2
+    assert "%s: No space left on device" % (small_disk / "jobs.tsv") in out.stderr
+
+
+def test_a_killed_lock_mode_leaves_no_lock_file(tmp_path):
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    gate = tmp_path / "close-the-editor"
+    editor = editor_script(tmp_path, "while [ ! -e %s ]; do sleep 0.05; done\n" % gate)
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
+    wait_for(lambda: "(editor" in lock_holder(tmp_path), what="the editor")
+    lock_mode.kill()
+    lock_mode.wait()  # not communicate(): the editor still has its stdout
+    assert (tmp_path / "queue.yaml.lock").exists()  # the editor still holds it
+    gate.write_text("")
+    wait_for(lambda: not (tmp_path / "queue.yaml.lock").exists(), what="the lock file to go")
+    lock_mode.communicate(timeout=20)
+
+
+def test_a_cancelled_broadcast_step_goes_back_whole(tmp_path, hosts):
+    write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
+    write(tmp_path / "queue.yaml", "- echo S1\n- sleep 30; echo S2\n- echo S3\n")
+    proc = start_pegasus(tmp_path, "b", ssh_config=hosts.config)
+    wait_for(lambda: read(tmp_path / "queue.yaml") == "- echo S3\n", what="step 2")
+    wait_for(lambda: '"running": 2' in (read(state_file_of(tmp_path))
+                                        if state_file_of(tmp_path) else ""), what="step 2 runs")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "cut short on 2 hosts and put back at the head of queue.yaml: 'sleep 30; echo S2'" \
+        in err
+    assert read(tmp_path / "queue.yaml") == "- sleep 30; echo S2\n- echo S3\n"
+    assert not (tmp_path / "failed.yaml").exists()
+
+
 def test_retries_run_a_failed_job_again_on_another_slot(tmp_path, hosts):
     marker = tmp_path / "failed-once"
     write(tmp_path / "hosts.yaml", "- h1\n- h2\n")
