@@ -1935,8 +1935,9 @@ def test_broadcast_fails_the_step_of_a_host_that_dies(tmp_path, fault_hosts):
     write(tmp_path / "hosts.yaml", "- f1\n- f2\n- f3\n")
     write(tmp_path / "queue.yaml", "- sleep 2; echo step1\n- echo step2\n")
     proc = start_pegasus(tmp_path, "b", ssh_config=fault_hosts.config)
-    wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first step")
-    time.sleep(0.5)
+    wait_for(lambda: '"running": 3' in (read(state_file_of(tmp_path))
+                                        if state_file_of(tmp_path) else ""), what="step 1")
+    wait_for(lambda: len(pids_of("^sleep 2$")) >= 3, what="step 1 on every host")
     fault_hosts.stop("f3")
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
