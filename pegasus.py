@@ -718,9 +718,37 @@ def dump_entry(value, indent=0):
         dumper, flow = LIST_DUMPER, None  # None: lists of scalars in flow style
     text = yaml.dump([value], Dumper=dumper, default_flow_style=flow,
                      allow_unicode=True, sort_keys=False, width=1 << 30)
+    if flow is None:
+        text = tighten_lists(text, value)
     if indent:
         pad = " " * indent
         text = "".join(pad + line for line in text.splitlines(True))
+    return text
+
+
+_flow_items = {}  # value -> its text as an item of a flow list, as PyYAML writes it
+
+
+def tighten_lists(text, spec):
+    """Write the flow lists of an entry as [a,b,c], not [a, b, c]: what is
+    left of a large sweep is mostly such lists (a 1000-value one is 1 kB
+    smaller). Each list is rebuilt from its items as PyYAML writes them, and
+    only replaced where that rebuilds its line exactly."""
+    for values in spec.values():
+        if len(values) < 2:
+            continue
+        items = []
+        for value in values:
+            item = _flow_items.get(value)
+            if item is None:
+                item = yaml.dump([value], Dumper=LIST_DUMPER, default_flow_style=True,
+                                 allow_unicode=True, width=1 << 30).strip()[1:-1]
+                if len(_flow_items) < 100000:
+                    _flow_items[value] = item
+            items.append(item)
+        loose = ": [%s]\n" % ", ".join(items)
+        if text.count(loose) == 1:
+            text = text.replace(loose, ": [%s]\n" % ",".join(items))
     return text
 
 
