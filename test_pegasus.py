@@ -1565,6 +1565,27 @@ def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
         os.close(r)
 
 
+def test_an_idle_daemon_prints_no_progress_when_nothing_changes(capsys):
+    # Without a terminal, a progress line every PROGRESS_PERIOD, but only when
+    # something changed since the last one: an idle daemon stays quiet.
+    from types import SimpleNamespace as Fake
+    dispatcher = Fake(succeeded=0, failures=[], runs=set(), slots=[],
+                      queue=Fake(count=0, path="queue.yaml", on_disk=False),
+                      usable_slots=lambda: [], options=Fake(mode="q"),
+                      loop=Fake(call_later=lambda *args, **kwargs: None))
+    monitor = pegasus.Monitor(dispatcher)
+    monitor.progress()
+    capsys.readouterr()
+    for _ in range(3):
+        monitor.last_progress -= pegasus.PROGRESS_PERIOD + 1
+        monitor.tick()
+    assert "progress" not in capsys.readouterr().err
+    dispatcher.succeeded = 1
+    monitor.last_progress -= pegasus.PROGRESS_PERIOD + 1
+    monitor.tick()
+    assert "progress: 1 done, 0 failed" in capsys.readouterr().err
+
+
 def test_print_period_counts_each_stream_apart(tmp_path):
     # As Pegasus: stdout's 2nd and 4th lines, and stderr's 2nd.
     write(tmp_path / "queue.yaml", "- for i in 1 2 3 4; do echo out$i; done; "
