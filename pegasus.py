@@ -95,6 +95,7 @@ RECONNECT_FIRST = 2.0  # seconds before reconnecting a lost host; doubles each f
 RECONNECT_MAX = 60.0   # ... up to this
 CONNECT_WAIT = 20.0    # a master not logged in by then is killed, its host counted down
 MAX_CONNECTING = 64    # ssh handshakes in flight at once
+CONNECT_NOTES = 10     # hosts that cannot be reached named one by one; then one line
 MASTER_CLOSE_WAIT = 2.0  # at exit, masters get this long to close before SIGKILL
 WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try again
 STATUS_PERIOD = 0.25   # status line redraws and state file saves, at most this often
@@ -3398,6 +3399,7 @@ class ConnectionPool:
         self.exiting = set()     # masters whose pipes closed before their process exited
         self.closing = False
         self.kill_timer = None
+        self.unreachable = 0     # hosts that failed their first login, for the notes
 
     def start(self):
         for master in self.masters:
@@ -3476,7 +3478,12 @@ class ConnectionPool:
         if self.closing:
             return
         if was == "connecting" and master.failures == 0:
-            note("cannot connect to %s: %s" % (master.hostname, master.error()))
+            self.unreachable += 1
+            if self.unreachable <= CONNECT_NOTES:
+                note("cannot connect to %s: %s" % (master.hostname, master.error()))
+            elif self.unreachable == CONNECT_NOTES + 1:
+                note("cannot connect to more hosts; `pegasus.py s` shows them, and the "
+                     "summary names every host never reached")
         elif was == "up":
             note("lost the connection to %s: %s" % (master.hostname, master.error()))
         master.failures += 1

@@ -2410,6 +2410,8 @@ def test_hundreds_of_unreachable_hosts_do_not_hold_the_run(tmp_path):
     assert sorted(int(line.split()[-1]) for line in job_lines(out.stdout)) == list(range(60))
     assert "Traceback" not in out.stderr and "internal error" not in out.stderr
     assert "cannot connect to bad-1.invalid: ssh: Could not resolve hostname" in out.stderr
+    assert out.stderr.count("cannot connect to bad-") == pegasus.CONNECT_NOTES  # not 300 lines
+    assert "cannot connect to more hosts" in out.stderr
     assert "never reached: bad-1.invalid, bad-10.invalid" in out.stderr
 
 
