@@ -3398,7 +3398,6 @@ class ConnectionPool:
         self.reconnect = False   # whether a lost master is connected again
         self.exiting = set()     # masters whose pipes closed before their process exited
         self.closing = False
-        self.kill_timer = None
         self.unreachable = 0     # hosts that failed their first login, for the notes
 
     def start(self):
@@ -3519,7 +3518,7 @@ class ConnectionPool:
             if proc is not None and proc.poll() is None:
                 proc.stdin.close()
                 signal_group(proc, signal.SIGTERM)
-        self.kill_timer = self.loop.call_later(MASTER_CLOSE_WAIT, self.kill_all)
+        self.loop.call_later(MASTER_CLOSE_WAIT, self.kill_all, owner="pool")
 
     def kill_all(self):
         for master in self.masters:

@@ -1991,10 +1991,21 @@ def test_broadcast_to_a_host_down_at_start_is_a_failure(tmp_path, hosts):
     assert out.returncode == 1 and "not run on [dead]: unreachable" in out.stderr
 
 
-def sleeper(tag):
-    """A command whose processes can be found by pgrep: a job and its child."""
+def sleeper(tag, ignore_term=False):
+    """A command whose processes can be found by pgrep: a job and its child
+    (ignore_term: both ignore SIGTERM), and the pattern that finds them."""
     base = "%d%d" % (tag, os.getpid() % 100000)
-    return "sleep 1%s & sleep 2%s; echo never" % (base, base), "^sleep [12]%s$" % base
+    trap = 'trap "" TERM; ' if ignore_term else ""
+    return "%ssleep 1%s & sleep 2%s; echo never" % (trap, base, base), "^sleep [12]%s$" % base
+
+
+def start_one_job(tmp_path, hosts, where, command, pattern):
+    """pegasus running `command` alone on `where`, once its processes run."""
+    write(tmp_path / "hosts.yaml", "- %s\n" % where)
+    (tmp_path / "queue.yaml").write_text("- %s\n" % command)
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    wait_for(lambda: len(pids_of(pattern)) == 2, what="the job and its child")
+    return proc
 
 
 @pytest.mark.parametrize("how", ["two Ctrl-C", "SIGTERM"])
@@ -2020,10 +2031,7 @@ def test_cancelling_kills_the_remote_jobs_and_puts_them_back(tmp_path, hosts, ho
 @pytest.mark.parametrize("where", ["h1", "localhost"])
 def test_killing_pegasus_kills_its_jobs(tmp_path, hosts, where):
     command, pattern = sleeper(3 if where == "h1" else 4)
-    write(tmp_path / "hosts.yaml", "- %s\n" % where)
-    (tmp_path / "queue.yaml").write_text("- %s\n" % command)
-    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
-    wait_for(lambda: len(pids_of(pattern)) == 2, what="the job and its child")
+    proc = start_one_job(tmp_path, hosts, where, command, pattern)
     proc.kill()
     proc.wait()
     wait_for(lambda: not pids_of(pattern), timeout=10, what="the orphaned job to end")
@@ -2216,14 +2224,6 @@ def test_a_long_runs_journal_is_compacted_and_stays_exact(tmp_path, monkeypatch)
 # -- Issue 9: a runner that obeys every stop and survives any error --------
 
 
-def stubborn(tag):
-    """A job that ignores SIGTERM, with a child that does too, and the pgrep
-    pattern of both."""
-    base = "%d%d" % (tag, os.getpid() % 100000)
-    return ('trap "" TERM; sleep 3%s & sleep 4%s; echo never' % (base, base),
-            "^sleep [34]%s$" % base)
-
-
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGINT", "stop", "stop --now"])
 def test_an_idle_daemon_obeys_every_stop(tmp_path, how):
     write(tmp_path / "queue.yaml", "")
@@ -2290,11 +2290,8 @@ def test_stops_are_obeyed_while_nobody_reads_stdout(tmp_path, how):
 
 @pytest.mark.parametrize("where", ["localhost", "h1"])
 def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, hosts, where):
-    command, pattern = stubborn(5 if where == "h1" else 6)
-    write(tmp_path / "hosts.yaml", "- %s\n" % where)
-    (tmp_path / "queue.yaml").write_text("- %s\n" % command)
-    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
-    wait_for(lambda: len(pids_of(pattern)) == 2, what="the job and its child")
+    command, pattern = sleeper(5 if where == "h1" else 6, ignore_term=True)
+    proc = start_one_job(tmp_path, hosts, where, command, pattern)
     proc.send_signal(signal.SIGTERM)
     cancelled = time.monotonic()
     out, err = proc.communicate(timeout=pegasus.CANCEL_GRACE + 10)
@@ -2307,7 +2304,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, h
 
 
 def test_killing_pegasus_kills_jobs_that_ignore_sigterm_and_its_ssh(tmp_path, hosts):
-    command, pattern = stubborn(7)
+    command, pattern = sleeper(7, ignore_term=True)
     write(tmp_path / "hosts.yaml", "- hostname: h1\n  k: [1, 2, 3, 4]\n")
     (tmp_path / "queue.yaml").write_text("- command: %s\n  n: [1, 2, 3, 4]\n" % command)
     proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
@@ -2493,7 +2490,7 @@ def test_group_prints_each_jobs_output_together(tmp_path):
 
 @pytest.mark.parametrize("where", ["localhost", "h1"])
 def test_timeout_ends_a_job_and_counts_it_failed(tmp_path, hosts, where):
-    command, pattern = stubborn(8 if where == "h1" else 9)
+    command, pattern = sleeper(8 if where == "h1" else 9, ignore_term=True)
     write(tmp_path / "hosts.yaml", "- %s\n" % where)
     write(tmp_path / "queue.yaml", "- %s\n- echo next\n" % command)
     out = run_pegasus(tmp_path, "q", "--timeout", "1s", "--joblog", "jobs.tsv",
