@@ -172,6 +172,63 @@ RUN = (
     'sh -c "${c%?}"'
 )
 
+# The agent: one long-lived bash on a host per slot in use, fed jobs on its
+# stdin, so that a job costs a fork and an exec there instead of an ssh
+# session (sshd's fork, a login shell, the wrapper). It is sent as the first
+# line of the session's stdin (AGENT_BOOT reads it, through any login shell),
+# prints AGENT_READY, then reads one line per request:
+#   j<nonce> <command as printf %b escapes>   run it
+#   k                                          cancel the running job
+#   q                                          quit, leaving leftovers alone
+# Each job runs as `sh -c COMMAND` (so $$, exit and syntax errors are sh's),
+# with an empty stdin, in a process group of its own (set -m) that a cancel
+# signals: TERM, then KILL after CANCEL_GRACE. Its output goes straight to
+# the session's stdout and stderr, framed by markers that carry a nonce
+# pegasus chose for it and the job never sees:
+#   "\n<nonce> s\n"       on both streams: the job starts; what came before
+#                         it was written by an earlier job's leftovers
+#   "\n<nonce> e<code>\n" on stdout, "\n<nonce> e\n" on stderr: it ended
+#   "\n<nonce> r\n"       on stdout: not run; a background process of the
+#                         last job still lives and may write to these
+#                         streams, so this agent retires and pegasus starts
+#                         the job on a fresh one
+# The leading newline ends a last line that had none; pegasus takes it off.
+# EOF on stdin (pegasus closed it, died, or the connection dropped) ends a
+# running job the way a cancel does, then the agent. bash, not sh, because
+# dash has no job control without a terminal and no `printf -v`. Its own
+# stderr goes to /dev/null: job-control notices must not reach a job's
+# stream; the jobs get the real one (fd 4).
+AGENT_READY = "pegasus-agent-1"
+AGENT = """exec 4>&2 2>/dev/null
+set -m
+g= n=
+printf '%s\\n' @READY@
+while IFS= read -r l; do
+  case $l in
+  j*)
+    m=${l%% *}; m=${m#j}
+    if [ -n "$g" ]; then
+      wait "$g"
+      if kill -0 -"$g"; then printf '\\n%s r\\n' "$m"; exit 0; fi
+    fi
+    n=$m; printf -v c %b "${l#* }"
+    printf '\\n%s s\\n' "$n"; printf '\\n%s s\\n' "$n" >&4
+    (trap : TERM; sh -c "$c" </dev/null 2>&4 4>&-; s=$?
+     printf '\\n%s e%d\\n' "$n" "$s"; printf '\\n%s e\\n' "$n" >&4) &
+    g=$! ;;
+  k)
+    kill -TERM -"$g"
+    (sleep @GRACE@; kill -KILL -"$g" && { printf '\\n%s e137\\n' "$n"; printf '\\n%s e\\n' "$n" >&4; }) & ;;
+  q) exit 0 ;;
+  esac
+done
+if [ -n "$g" ] && kill -0 "$g"; then kill -TERM -"$g"; sleep @GRACE@; kill -KILL -"$g"; fi
+""".replace("@READY@", AGENT_READY).replace("@GRACE@", str(CANCEL_GRACE))
+# What the login shell runs: read the first line, decode it, run it. No
+# backslash, `!`, newline or single quote, as for RUN. Without bash this
+# fails (127) and the host gets one ssh session per job instead.
+AGENT_BOOT = "exec bash -c 'IFS= read -r a;printf -v a %b \"$a\";eval \"$a\"'"
+
 # Bytes that may stand as themselves in the encoded command: safe inside
 # single quotes in every shell above. All others become \0NNN.
 SAFE_BYTES = frozenset(
@@ -3326,6 +3383,8 @@ class Master:
         self.failures = 0        # failed attempts in a row, for the backoff
         self.sessions = 0        # jobs running over it now
         self.deadline = None     # the timer that gives up on a login
+        self.agents = []         # its Agents, busy, idle or retired
+        self.agent_ok = None     # an agent ran there (True), or cannot (False)
 
     def error(self):
         """Why the master failed: what pegasus knows, or the last line ssh wrote."""
@@ -3682,6 +3741,9 @@ class Run:
         self.sequence = 0         # set by Records: its number in this run
         self.wall_start = time.time()
         self.output = None        # its --output-dir file
+        self.agent = None         # the Agent that carries it, if one does
+        self.nonce = None         # ... and the nonce of its markers there
+        self.agent_code = None    # ... and the exit status it reported
 
     def spawn(self, argv, unsent):
         # A new session: Ctrl-C in the terminal reaches pegasus only, which
@@ -3705,10 +3767,19 @@ class Run:
         if chunk:
             self.take_lines(fd, chunk)
             return True
+        self.end_stream(fd)
+        return False
+
+    def end_stream(self, fd):
+        """A stream is over: its last line, if it had no newline."""
+        self.skip_newline.pop(fd, None)
         rest = self.partial.pop(fd, b"")
         if rest:
             self.on_lines(self, fd, rest + b"\n")
-        return False
+
+    def end_streams(self):
+        for fd in list(self.partial):
+            self.end_stream(fd)
 
     def take_lines(self, fd, chunk):
         """Hand on a read's complete lines as one block, each ending in "\n".
@@ -3751,10 +3822,14 @@ class Run:
         """EOF on the wrapper's stdin: its watcher kills the job's process
         group (TERM, then KILL after CANCEL_GRACE), wherever it runs."""
         self.unsent = b""
-        if self.proc is not None and not self.proc.stdin.closed:
+        if self.agent is not None:
+            self.agent.cancel(self)
+        elif self.proc is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
 
     def exit_code(self):
+        if self.nonce is not None:
+            return self.agent_code
         return None if self.proc is None else self.proc.returncode
 
     def succeeded(self):
@@ -3778,6 +3853,280 @@ class Run:
             except ValueError:
                 return "signal %d" % -code
         return "exit status %s" % code
+
+
+class Agent:
+    """A long-lived session on a host that runs one job at a time (see
+    AGENT): it replaces one ssh session per job. It parses the markers out of
+    its two streams and hands each job's output to that job's Run, and what
+    an earlier job's leftovers write to the job before (as that job's). The
+    Dispatcher owns it; it owns its ssh client and pipes, and its callbacks'
+    owner is itself."""
+
+    STREAMS = (1, 2)  # the Run-side names of stdout and stderr
+
+    def __init__(self, dispatcher, master):
+        self.dispatcher = dispatcher
+        self.loop = dispatcher.loop
+        self.master = master
+        self.state = "starting"   # -> "idle" <-> "busy"; -> "retired"; -> "closed"
+        self.run = None           # the run it carries (or will, once ready)
+        self.last = None          # the run before: leftovers write as it
+        self.proc = None          # its ssh client
+        self.pipes = {}           # fd -> its stdout or stderr pipe, until EOF
+        self.stream = {}          # fd -> 1 (stdout) or 2 (stderr)
+        self.held = {}            # fd -> bytes held back: perhaps a marker's start
+        self.in_job = {}          # fd -> between the run's start and end markers
+        self.ended = set()        # fds whose end marker the run has had
+        self.code = None          # the exit status on the run's stdout end marker
+        self.said = b""           # stdout before AGENT_READY
+        self.stderr = b""         # stderr before AGENT_READY: why it failed
+        self.unsent = b""
+        self.writing = False      # a writer is registered for the rest of unsent
+        self.eof_wanted = False   # close its stdin once unsent is written
+        self.listening = False
+
+    def open(self, options):
+        argv = ssh_base(options) + ["-o", "ControlMaster=no", "-S", self.master.socket,
+                                    "-T", "--", self.master.hostname, AGENT_BOOT]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        for pipe, stream in ((self.proc.stdout, 1), (self.proc.stderr, 2)):
+            self.pipes[pipe.fileno()] = pipe
+            self.stream[pipe.fileno()] = stream
+            self.in_job[pipe.fileno()] = False
+        self.write(encode_command(AGENT).encode("ascii") + b"\n")
+        self.listen(True)
+
+    # -- requests ---------------------------------------------------------------
+
+    def start(self, run):
+        """Carry `run`: send it now if ready, else once ready."""
+        self.run = run
+        run.agent = self
+        run.nonce = os.urandom(10).hex().encode()
+        if self.state == "idle":
+            self.send()
+
+    def send(self):
+        self.state = "busy"
+        self.write(b"j" + self.run.nonce + b" " +
+                   encode_command(self.run.command).encode("ascii") + b"\n")
+
+    def cancel(self, run):
+        """TERM to the job's process group, KILL after CANCEL_GRACE (the agent
+        does both); a job not sent yet simply ends."""
+        if self.run is not run or run.agent_code is not None:
+            return
+        if self.state == "busy":
+            self.write(b"k\n")
+        elif self.state == "starting":
+            self.finish(-signal.SIGTERM)
+
+    def quit(self):
+        """No more jobs: the agent exits and leaves leftovers alone."""
+        if self.state in ("starting", "idle"):
+            self.state = "retired"
+            self.write(b"q\n")
+        self.close_stdin()
+
+    def kill(self):
+        """End it from this side: EOF makes the agent kill a running job."""
+        if self.state != "closed":
+            self.state = "retired"
+        self.unsent = b""
+        self.close_stdin()
+
+    def abandon(self):
+        """End it from this side now, whatever the host does: EOF to the
+        agent (which kills a running job), SIGTERM to our ssh client, and no
+        more reading of pipes that the master holds open for as long as the
+        host keeps the session (a hung login shell, say)."""
+        self.kill()
+        self.listen(False)
+        for pipe in self.pipes.values():
+            pipe.close()
+        self.pipes = {}
+        signal_group(self.proc, signal.SIGTERM)
+        self.check_closed()
+
+    def write(self, data):
+        if self.proc.stdin.closed:
+            return
+        self.unsent += data
+        try:
+            while self.unsent:
+                self.unsent = self.unsent[os.write(self.proc.stdin.fileno(), self.unsent):]
+        except BlockingIOError:
+            if not self.writing:
+                self.writing = True
+                self.loop.add_writer(self.proc.stdin.fileno(), lambda fd: self.write(b""),
+                                     owner=self)
+            return
+        except BrokenPipeError:
+            self.unsent = b""  # the session is gone: its EOF tells the rest
+        if self.writing:
+            self.writing = False
+            self.loop.remove(self.proc.stdin.fileno())
+        if self.eof_wanted:
+            self.close_stdin()
+
+    def close_stdin(self):
+        self.eof_wanted = True
+        if self.unsent or self.proc.stdin.closed:
+            return  # write() closes it once the rest is sent
+        if self.writing:
+            self.writing = False
+            self.loop.remove(self.proc.stdin.fileno())
+        self.proc.stdin.close()
+
+    # -- output -------------------------------------------------------------------
+
+    def listen(self, on):
+        if on != self.listening:
+            self.listening = on
+            for fd in self.pipes:
+                if on:
+                    self.loop.add_reader(fd, self.read, owner=self)
+                else:
+                    self.loop.remove(fd)
+
+    def read(self, fd):
+        try:
+            chunk = os.read(fd, READ_SIZE)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            chunk = b""
+        if not chunk:
+            self.eof(fd)
+        elif self.state != "starting":
+            self.take(fd, chunk)
+        elif self.stream[fd] == 2:
+            self.stderr = (self.stderr + chunk)[-4096:]
+        else:
+            self.said += chunk  # a login script may print before the agent runs
+            ready = self.said.find(AGENT_READY.encode() + b"\n")
+            if ready >= 0:
+                rest = self.said[ready + len(AGENT_READY) + 1:]
+                self.said = b""
+                self.ready()
+                if rest:
+                    self.take(fd, rest)
+
+    def ready(self):
+        self.state = "idle"
+        self.master.agent_ok = True
+        if self.run is not None:
+            self.send()
+
+    def take(self, fd, data):
+        """Split a read at the run's markers; whole-read operations in C."""
+        data = self.held.pop(fd, b"") + data
+        while data:
+            run = self.run if self.state == "busy" else None
+            if run is None:
+                self.leftover(fd, data)
+                return
+            mark = b"\n" + run.nonce + b" "
+            at = data.find(mark)
+            if at < 0:
+                keep = held_back(data, mark)
+                self.deliver(fd, data[:keep])
+                if keep < len(data):
+                    self.held[fd] = data[keep:]
+                return
+            end = data.find(b"\n", at + len(mark))
+            if end < 0:
+                self.deliver(fd, data[:at])
+                self.held[fd] = data[at:]
+                return
+            self.deliver(fd, data[:at])
+            word, data = data[at + len(mark):end], data[end + 1:]
+            self.marker(fd, run, word)
+
+    def deliver(self, fd, data):
+        if not data:
+            return
+        if self.in_job[fd]:
+            self.run.take_lines(self.stream[fd], data)
+        else:
+            self.leftover(fd, data)
+
+    def leftover(self, fd, data):
+        """What a finished job's background processes wrote: printed as that
+        job's; before any job, a login script's chatter, dropped."""
+        if self.last is not None and data:
+            self.last.take_lines(self.stream[fd], data)
+
+    def marker(self, fd, run, word):
+        if word == b"s":
+            self.in_job[fd] = True
+        elif word == b"r":
+            self.state = "retired"  # it has exited; its leftovers may still write
+            self.run = None
+            run.agent = None
+            self.dispatcher.agent_refused(run)
+        elif word.startswith(b"e"):
+            self.in_job[fd] = False
+            run.end_stream(self.stream[fd])
+            self.ended.add(fd)
+            if self.stream[fd] == 1:
+                self.code = int(word[1:])
+            if len(self.ended) == len(self.stream):
+                self.finish(self.code)
+
+    def finish(self, code):
+        """The run is over: both streams ended, or it never started."""
+        run, self.run = self.run, None
+        run.agent_code = code
+        self.ended = set()
+        if self.last is not None:
+            self.last.end_streams()
+        self.last = run
+        run.on_lines = self.dispatcher.on_leftover
+        if self.state in ("busy", "starting"):
+            self.state = "idle" if self.state == "busy" else "starting"
+        self.loop.call_later(0, lambda: self.dispatcher.check_exit(run), owner=run)
+
+    # -- the end ----------------------------------------------------------------------
+
+    def eof(self, fd):
+        self.loop.remove(fd)
+        self.pipes.pop(fd).close()
+        self.held.pop(fd, None)
+        if not self.pipes:
+            self.check_closed()
+
+    def check_closed(self):
+        """Called at the last EOF and at every SIGCHLD until its ssh exited."""
+        if self.pipes or self.state == "closed":
+            return
+        if self.proc.poll() is None:
+            self.dispatcher.exiting_agents.add(self)
+            return
+        self.dispatcher.exiting_agents.discard(self)
+        was, self.state = self.state, "closed"
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        if self.last is not None:
+            self.last.end_streams()
+        self.dispatcher.agent_closed(self, was)
+
+    def error(self):
+        lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else "exit status %s" % self.proc.returncode
+
+
+def held_back(data, mark):
+    """Where a possible start of `mark` begins at the end of `data` (it may
+    be split between reads), or len(data)."""
+    start = max(0, len(data) - len(mark) + 1)
+    at = data.rfind(b"\n", start)
+    if at >= 0 and mark.startswith(data[at:]):
+        return at
+    return len(data)
 
 
 # ----------------------------------------------------------------------------
@@ -3955,6 +4304,15 @@ class Printer:
         else:
             for line in block[:-1].split(b"\n"):
                 self.add(run, line)
+
+    def leftover(self, run, block):
+        """Lines that a finished job's background processes wrote: under
+        its label, straight out (its --group block is gone)."""
+        if self.print_period == 0:
+            return
+        block = block.decode("utf-8", "replace").encode("utf-8")
+        prefix = self.prefix(run)
+        self.buffer.append(prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n")
 
     def target(self, run):
         """Where a run's lines wait: its group (--group), or this round's buffer."""
@@ -4468,6 +4826,8 @@ class Dispatcher:
         self.pool.reconnect = self.policy.reconnect
         self.runs = set()
         self.exiting = set()      # runs whose pipes closed before their process exited
+        self.agents = set()       # every Agent not closed yet
+        self.exiting_agents = set()  # agents whose pipes closed before their ssh exited
         self.succeeded = 0
         self.failures = []        # (slot label, command, status) of every failed job
         self.stop_level = 0       # 0, DRAIN, CANCEL or HURRY
@@ -4500,6 +4860,8 @@ class Dispatcher:
     def on_child(self, signum):
         for run in list(self.exiting):
             self.check_exit(run)
+        for agent in list(self.exiting_agents):
+            agent.check_closed()
         self.pool.on_child()
 
     def on_error(self, owner, error):
@@ -4511,6 +4873,13 @@ class Dispatcher:
             if owner.error is None:
                 owner.error = "pegasus failed: %s: %s" % (type(error).__name__, error)
             self.force_end(owner)
+        elif isinstance(owner, Agent):
+            run = owner.run
+            owner.abandon()
+            if run is not None:
+                if run.error is None:
+                    run.error = "pegasus failed: %s: %s" % (type(error).__name__, error)
+                self.force_end(run)
         elif owner == "fill":
             self.gate.block("no job taken after that error; trying again", QUEUE_POLL, False)
 
@@ -4530,20 +4899,79 @@ class Dispatcher:
         self.records.started(run)
         self.printer.started(run)
         self.monitor.dirty = True
-        try:
-            run.spawn(*launch(self.options, master, command))
-        except OSError as e:
-            run.error = "could not start: %s" % e.strerror
-            self.loop.call_later(0, lambda: self.end(run), owner=run)
+        if not self.start_session(run):
             return run
-        if not self.paused:
-            self.listen(run)
         if self.options.timeout:
             run.timers.append(self.loop.call_later(self.options.timeout,
                                                    lambda: self.time_out(run), owner=run))
+        return run
+
+    def start_session(self, run):
+        """Start a run over an agent where its host has one (or may), else
+        over a session of its own; False if it could not start."""
+        master = run.master
+        try:
+            # A command longer than ARGV_MAX gets a session of its own: the
+            # agent passes it in one argument, which the kernel bounds.
+            if (master.socket is not None and master.agent_ok is not False
+                    and len(run.command) <= ARGV_MAX
+                    and not getattr(self.options, "session_per_job", False)):
+                self.agent_for(master).start(run)
+                return True
+            run.spawn(*launch(self.options, master, run.command))
+        except OSError as e:
+            run.error = "could not start: %s" % e.strerror
+            self.loop.call_later(0, lambda: self.end(run), owner=run)
+            return False
+        if not self.paused:
+            self.listen(run)
         if run.unsent and not run.send():
             self.loop.add_writer(run.proc.stdin.fileno(), lambda fd: self.send(run, fd), owner=run)
-        return run
+        return True
+
+    # -- agents -------------------------------------------------------------------
+
+    def agent_for(self, master):
+        """An agent of `master` with no run, or a new one."""
+        for agent in master.agents:
+            if agent.run is None and agent.state in ("idle", "starting"):
+                return agent
+        agent = Agent(self, master)
+        agent.open(self.options)
+        master.agents.append(agent)
+        self.agents.add(agent)
+        if self.paused:
+            agent.listen(False)
+        return agent
+
+    def agent_refused(self, run):
+        """The agent saw leftovers of its last job and retired: a fresh one."""
+        run.nonce = None
+        self.start_session(run)
+
+    def agent_closed(self, agent, was):
+        master, run = agent.master, agent.run
+        master.agents.remove(agent)
+        self.agents.discard(agent)
+        self.close_pool()
+        agent.run = None
+        code = agent.proc.returncode
+        if was == "starting" and code != 255 and master.agent_ok is None:
+            # No bash there, or it broke before it could run anything.
+            master.agent_ok = False
+            note_once(("agent", master.hostname), "%s: cannot run pegasus's agent (%s); one "
+                      "ssh session per job there instead" % (master.hostname, agent.error()))
+        if run is None or run.agent_code is not None:
+            return
+        if was == "starting" and master.agent_ok is False:
+            run.agent, run.nonce = None, None
+            self.start_session(run)
+            return
+        run.agent_code = 255  # its session ended under it: see check_exit
+        self.check_exit(run)
+
+    def on_leftover(self, run, fd, block):
+        self.printer.leftover(run, block)
 
     def listen(self, run):
         for fd in run.open_fds:
@@ -4566,7 +4994,9 @@ class Dispatcher:
             self.check_exit(run)
 
     def check_exit(self, run):
-        if run.proc.poll() is None:
+        if run.ended:
+            return
+        if run.nonce is None and run.proc.poll() is None:
             self.exiting.add(run)  # SIGCHLD will tell when it exits
             return
         self.exiting.discard(run)
@@ -4632,6 +5062,15 @@ class Dispatcher:
         if run.ended:
             return
         run.forced = True
+        if run.nonce is not None:
+            agent = run.agent
+            if agent is not None and agent.run is run:
+                agent.run = None
+                agent.abandon()  # its EOF makes the agent end the job's group
+            if run.agent_code is None:
+                run.agent_code = -signal.SIGKILL
+            self.end(run)
+            return
         if run.proc is None:
             self.end(run)
             return
@@ -4693,6 +5132,10 @@ class Dispatcher:
                 self.cancel(run)
             if level >= HURRY:
                 self.force_end(run)
+        if level >= CANCEL:
+            for agent in list(self.agents):
+                if agent.run is None:  # idle, or waiting for leftovers: no more
+                    agent.abandon()
         if level >= HURRY:
             self.gate.give_up()
             self.pool.kill_all()
@@ -4712,6 +5155,7 @@ class Dispatcher:
                 self.loop.call(self.fill, "fill")
             self.throttle()
         if self.exiting_phase and self.gate.settled() and self.pool.closed() and (
+                not self.agents) and (
                 not self.printer.backlog() or self.output_given_up()):
             self.done = True
         self.printer.flush()
@@ -4733,8 +5177,18 @@ class Dispatcher:
         self.loop.call_later(OUTPUT_EXIT_WAIT, lambda: None, owner="exit")  # look again then
         self.policy.wind_up()
         self.gate.finish()
-        self.pool.close()
+        for agent in list(self.agents):
+            if agent.state == "starting":
+                agent.abandon()  # no job to lose; its host may hang in a login script
+            else:
+                agent.quit()  # a retired one waits for its job's leftovers, as a run would
+        self.close_pool()
         self.monitor.dirty = True
+
+    def close_pool(self):
+        """At the exit, once no agent is left: their sessions ride on the masters."""
+        if self.exiting_phase and not self.agents and not self.pool.closing:
+            self.pool.close()
 
     def throttle(self):
         """Stop reading jobs' output while stdout does not take it (their
@@ -4746,12 +5200,16 @@ class Dispatcher:
             for run in self.runs:
                 for fd in run.open_fds:
                     self.loop.remove(fd)
+            for agent in self.agents:
+                agent.listen(False)
         elif self.paused and (backlog < OUTPUT_LOW or self.stop_level >= CANCEL):
             self.paused = False
             if self.stop_level >= CANCEL:
                 self.printer.output.drop()
             for run in self.runs:
                 self.listen(run)
+            for agent in self.agents:
+                agent.listen(True)
 
     # -- the whole run ----------------------------------------------------------
 
@@ -4787,6 +5245,13 @@ class Dispatcher:
             for pipe in run.open_fds.values():
                 pipe.close()
             run.close_stdin()
+        for agent in list(self.agents):
+            signal_group(agent.proc, signal.SIGKILL)
+            agent.proc.wait()
+            for pipe in agent.pipes.values():
+                pipe.close()
+            if not agent.proc.stdin.closed:
+                agent.proc.stdin.close()
         self.pool.cleanup()
         self.printer.flush()
         if _status is not None:
@@ -5544,6 +6009,9 @@ def build_parser():
                         help="an ssh config file to use instead of ~/.ssh/config")
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                         help="an ssh -o option, e.g. --ssh-option Port=2222 (repeatable)")
+    parser.add_argument("--session-per-job", action="store_true",
+                        help="one ssh session per job, as Pegasus does, instead of a "
+                        "long-lived agent per slot (bash) on each host")
     parser.add_argument("--ssh", default="ssh", help=argparse.SUPPRESS)
     parser.add_argument("-V", "--version", action=VersionAction)
     return parser

@@ -2318,17 +2318,22 @@ def test_killing_pegasus_kills_jobs_that_ignore_sigterm_and_its_ssh(tmp_path, ho
              timeout=10, what="the jobs and the ssh processes to end")
 
 
-def test_a_host_whose_login_shell_hangs_is_cancelled_from_this_side(tmp_path, hosts):
+@pytest.mark.parametrize("path", ["agent", "session per job"])
+def test_a_host_whose_login_shell_hangs_is_cancelled_from_this_side(tmp_path, hosts, path):
     # The master is up; then every new session hangs in the login shell's rc
     # file (an NFS home gone away, say). A cancel cannot reach the wrapper, so
-    # pegasus ends the session itself.
+    # pegasus ends the session itself. (The first job's leftover makes its
+    # agent retire, so the second job needs a new session too.)
+    sleep = "sleep 600%d" % (os.getpid() % 1000)
     gate = tmp_path / "hang"
     bashrc = os.path.join(hosts.dir, "home", ".bashrc")
-    write(bashrc, "[ -e %s ] && sleep 600%d\n" % (gate, os.getpid() % 1000))
+    write(bashrc, "[ -e %s ] && %s\n" % (gate, sleep))
     try:
         write(tmp_path / "hosts.yaml", "- h1\n")
-        write(tmp_path / "queue.yaml", "- touch %s; sleep 1\n- echo second\n" % gate)
-        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        write(tmp_path / "queue.yaml", "- touch %s; %s >/dev/null 2>&1 & sleep 1\n"
+              "- echo second\n" % (gate, sleep))
+        options = ["--session-per-job"] if path != "agent" else []
+        proc = start_pegasus(tmp_path, "q", *options, ssh_config=hosts.config)
         wait_for(lambda: "- echo second" not in read(tmp_path / "queue.yaml"),
                  timeout=30, what="the second job to hang in the login shell")
         proc.send_signal(signal.SIGTERM)
@@ -2337,7 +2342,8 @@ def test_a_host_whose_login_shell_hangs_is_cancelled_from_this_side(tmp_path, ho
         write(bashrc, "")
         subprocess.run(["pkill", "-f", "^sleep 600%d$" % (os.getpid() % 1000)])
     assert proc.returncode == 130, err
-    assert "its session ended by pegasus" in out
+    # Over an agent, the job was never sent: it is simply cancelled.
+    assert ("its session ended by pegasus" if path != "agent" else "cancelled") in out
     assert read(tmp_path / "queue.yaml") == "- echo second\n"
 
 
@@ -2352,15 +2358,20 @@ def test_long_commands_have_no_argv_limit(tmp_path, hosts):
     assert sorted(job_lines(out.stdout)) == ["[h1] %d" % size, "[localhost] %d" % size]
 
 
-def test_a_job_that_cannot_start_goes_back_and_runs_later(tmp_path, hosts):
+@pytest.mark.parametrize("path", ["agent", "session per job"])
+def test_a_job_that_cannot_start_goes_back_and_runs_later(tmp_path, hosts, path):
     # The ssh program goes away mid-run: spawning a job fails; the job goes
-    # back to the queue and runs once ssh is there again.
+    # back to the queue and runs once ssh is there again. (The first job's
+    # leftover makes its agent retire: the second job needs a new session.)
     wrapper = tmp_path / "myssh"
     wrapper.write_text("#!/bin/sh\nexec ssh \"$@\"\n")
     wrapper.chmod(0o755)
     write(tmp_path / "hosts.yaml", "- h1\n")
-    write(tmp_path / "queue.yaml", "- rm %s; sleep 0.5; echo one\n- echo two\n" % wrapper)
-    proc = start_pegasus(tmp_path, "q", "--ssh", str(wrapper), ssh_config=hosts.config)
+    write(tmp_path / "queue.yaml", "- rm %s; sleep 0.5; sleep 1 >/dev/null & echo one\n"
+                                   "- echo two\n" % wrapper)
+    options = ["--session-per-job"] if path != "agent" else []
+    proc = start_pegasus(tmp_path, "q", "--ssh", str(wrapper), *options,
+                         ssh_config=hosts.config)
     wait_for(lambda: "could not start" in stderr_so_far(proc), timeout=30,
              what="the failed start")
     wrapper.write_text("#!/bin/sh\nexec ssh \"$@\"\n")
@@ -2679,6 +2690,105 @@ def test_a_job_exiting_255_on_a_healthy_host_is_a_job_failure(tmp_path, hosts):
     assert "failed: [h1] 'exit 255': exit status 255" in out.stderr
     assert "lost its host" not in out.stderr and "[h1] after" in out.stdout
     assert read(tmp_path / "queue.yaml") == ""
+
+
+# ----------------------------------------------------------------------------
+# Agents: one long-lived session per slot on a host, fed jobs on its stdin
+# ----------------------------------------------------------------------------
+
+
+PARENTS = "echo $(ps -o comm= -p $PPID) $(ps -o ppid= -p $PPID)"
+
+
+def parents(stdout, label):
+    """(the job's parent's name, its grandparent) per line of PARENTS."""
+    return [tuple(line.split()[1:]) for line in job_lines(stdout, label)
+            if len(line.split()) == 3]
+
+
+@pytest.mark.parametrize("path", ["agent", "session per job"])
+def test_jobs_on_a_slot_share_one_agent(tmp_path, hosts, path):
+    # Over an agent a job's parent is the agent's runner (bash), and its
+    # grandparent the agent; else its parent is sshd.
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- command: %s\n  i: [1,2,3,4,5,6]\n" % PARENTS)
+    options = ["--session-per-job"] if path != "agent" else []
+    out = run_pegasus(tmp_path, "q", *options, ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    found = parents(out.stdout, "[h1]")
+    assert len(found) == 6
+    if path == "agent":
+        assert {name for name, _ in found} == {"bash"} and len(set(found)) == 1
+    else:
+        assert {name for name, _ in found} == {"sshd"}
+
+
+def test_a_job_cannot_fake_its_end_over_the_agent(tmp_path, hosts):
+    # Output shaped like the agent's markers, on both streams, then no final
+    # newline; and the agent's variables, which the job cannot see.
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
+        r"printf 'pegasus-agent-1\n\nx s\nx e0\n'; printf '\nx e\n' >&2; printf tail",
+        'echo "[$n][$m][$g][$l][$c]"; exit 7',
+        "echo after"]))
+    out = run_pegasus(tmp_path, "q", "-i", ssh_config=hosts.config)
+    assert out.returncode == 1, out.stderr
+    lines = job_lines(out.stdout)  # stdout's and stderr's lines in any order
+    assert sorted(lines) == sorted(["[h1] pegasus-agent-1", "[h1] ", "[h1] x s", "[h1] x e0",
+                                    "[h1] ", "[h1] x e", "[h1] tail", "[h1] [][][][][]",
+                                    "[h1] after"])
+    assert lines[-2:] == ["[h1] [][][][][]", "[h1] after"]
+    assert "[h1] === done (exit status 7" in out.stdout
+
+
+def test_leftovers_hold_no_slot_and_print_as_their_own_job(tmp_path, hosts):
+    # The first job leaves a process writing to its stdout; it writes only
+    # once the second job runs, on the same one-job slot. Its line is the
+    # first job's: outside the second job's --group block.
+    gate = tmp_path / "second-runs"
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
+        "(while [ ! -e %s ]; do sleep 0.05; done; echo late) & echo first" % gate,
+        "touch %s; sleep 1; echo second" % gate]))
+    out = run_pegasus(tmp_path, "q", "--group", ssh_config=hosts.config, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "=== run 'touch" in line)
+    assert lines[start:start + 3] == [lines[start], "[h1] second", lines[start + 2]]
+    assert "=== done (exit status 0" in lines[start + 2]
+    assert "[h1] late" in lines and "[h1] first" in lines
+
+
+def test_a_host_without_bash_runs_each_job_in_its_own_session(tmp_path):
+    # PATH on this host has sh and what the wrapper needs, but no bash.
+    bin_dir = tempfile.mkdtemp(prefix="pegasus-nobash-")
+    os.chmod(bin_dir, 0o755)
+    for tool in ("sh", "cat", "sleep", "head", "echo", "ps"):
+        os.symlink(shutil.which(tool), os.path.join(bin_dir, tool))
+    nobash = SshHosts(["nb"], first_address=88)
+    try:
+        config = os.path.join(nobash.dir, "sshd_nb")
+        write(config, read(config).replace("SetEnv ", "SetEnv PATH=%s " % bin_dir))
+        nobash.signal("nb", signal.SIGTERM)
+        nobash.servers.pop("nb").wait()
+        nobash.servers["nb"] = subprocess.Popen([nobash.sshd, "-D", "-e", "-f", config],
+                                                stderr=subprocess.DEVNULL)
+        SSHD_PIDS.add(nobash.servers["nb"].pid)
+        wait_for_port(nobash.addresses["nb"], nobash.port)
+        write(tmp_path / "hosts.yaml", "- nb\n")
+        write(tmp_path / "queue.yaml", "- command: echo {{i}}; %s\n  i: [1,2,3]\n" % PARENTS)
+        out = run_pegasus(tmp_path, "q", ssh_config=nobash.config)
+    finally:
+        nobash.close()
+        shutil.rmtree(bin_dir, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("cannot run pegasus's agent") == 1
+    assert "one ssh session per job there instead" in out.stderr
+    lines = job_lines(out.stdout)
+    assert sorted(line for line in lines if len(line.split()) == 2) == [
+        "[nb] 1", "[nb] 2", "[nb] 3"]
+    found = parents(out.stdout, "[nb]")
+    assert len(found) == 3 and {name for name, _ in found} == {"sshd"}
 
 
 LOGIN_SHELLS = ["bash", "dash", "zsh", "fish", "tcsh"]
