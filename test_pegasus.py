@@ -20,6 +20,8 @@ import tempfile
 import textwrap
 import time
 import random
+import resource
+import tracemalloc
 import collections
 import itertools
 
@@ -4142,3 +4144,73 @@ def test_bench_take_from_a_huge_sweep(tmp_path, bench_only):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     print("BENCH CLI: first job of the 200 x 1000 entry started after %.3f s" % first)
+
+
+def cpu_of(pid):
+    """CPU seconds a live process has used (Linux)."""
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu(who=resource.RUSAGE_SELF):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pss_kb(pid):
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        return int(re.search(r"^Pss:\s+(\d+)", f.read(), re.M).group(1))
+
+
+@pytest.mark.bench
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+def test_bench_mux_session_cost(masters, mux_loop, hosts, bench_only):
+    """1000 sequential `true` jobs over one master, as MuxSessions and as
+    `ssh -S` clients (alternating rounds): CPU per job on this side (pegasus
+    and its ssh clients, plus the master), wall time; then the memory one
+    running job costs each way."""
+    proc, path = masters("h1")
+    ours, base = {"cpu": [], "wall": []}, {"cpu": [], "wall": []}
+    argv = pegasus.job_argv(SshOptions(hosts), "h1", path, "true")
+    count = 250
+    for _ in range(2):
+        cpu, master, start = own_cpu(), cpu_of(proc.pid), time.perf_counter()
+        for _ in range(count):
+            run = MuxRun(path, "true").start(mux_loop)
+            spin(mux_loop, run.finished)
+            assert run.events[-1] == ("exited", 0, False)
+            run.close_stdin()
+        ours["wall"].append((time.perf_counter() - start) / count * 1000)
+        ours["cpu"].append((own_cpu() - cpu + cpu_of(proc.pid) - master) / count * 1000)
+        cpu, children, master = own_cpu(), own_cpu(resource.RUSAGE_CHILDREN), cpu_of(proc.pid)
+        start = time.perf_counter()
+        for _ in range(count):  # stdin open until the end, as pegasus holds it
+            client = subprocess.Popen(argv, stdin=subprocess.PIPE)
+            assert client.wait() == 0
+            client.stdin.close()
+        base["wall"].append((time.perf_counter() - start) / count * 1000)
+        base["cpu"].append((own_cpu() - cpu + own_cpu(resource.RUSAGE_CHILDREN) - children +
+                            cpu_of(proc.pid) - master) / count * 1000)
+    report("mux session: CPU per job (here + master)", ours["cpu"], base["cpu"], unit="ms")
+    report("mux session: wall per sequential job", ours["wall"], base["wall"], unit="ms")
+    # Memory of one running job: an ssh client's PSS, against what 8 more
+    # sessions add to this process (Python objects; fds and pipes are kernel's).
+    clients = [subprocess.Popen(pegasus.job_argv(SshOptions(hosts), "h1", path, "sleep 30"),
+                                stdin=subprocess.PIPE) for _ in range(8)]
+    time.sleep(1)  # the clients have started (a figure, not an assertion)
+    client_kb = sum(pss_kb(c.pid) for c in clients) / len(clients)
+    for client in clients:
+        client.stdin.close()
+        client.wait()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    runs = [MuxRun(path, "sleep 30").start(mux_loop) for _ in range(8)]
+    spin(mux_loop, lambda: all(run.events for run in runs))
+    mux_kb = (tracemalloc.get_traced_memory()[0] - before) / 8 / 1024
+    tracemalloc.stop()
+    for run in runs:
+        run.close_stdin()
+    spin(mux_loop, lambda: all(run.finished() for run in runs))
+    print("BENCH memory per running job: ssh -S client PSS %.0f kB, MuxSession %.1f kB "
+          "(Python heap)" % (client_kb, mux_kb))
