@@ -3627,6 +3627,17 @@ def send_fd(sock, fd):
                  SEND_FLAGS)
 
 
+def mux_launch(command):
+    """(what the master runs, bytes for the session's stdin) for `command`:
+    launch()'s choice for a remote host, for a MuxSession. A long command
+    travels on stdin (and so needs a stdin pipe of its own); the request
+    itself must stay under MUX_MAX_PACKET, which ARGV_MAX keeps it well under."""
+    if len(command) <= ARGV_MAX // 5 or len(encode_command(command)) <= ARGV_MAX:
+        return wrapped_command(command), b""
+    return ("exec sh -c '%s%s' sh" % (READ_LINE, RUN),
+            encode_command(command + "\n").encode("ascii") + b"\n")
+
+
 class MuxSession:
     """One session over a master's control socket, with no ssh process: the
     loop's to drive, the caller's to read.

@@ -1523,7 +1523,8 @@ class MuxRun:
     read to EOF, its events recorded."""
 
     def __init__(self, socket_path, command):
-        self.session = pegasus.MuxSession(socket_path, pegasus.wrapped_command(command))
+        remote, self.unsent = pegasus.mux_launch(command)
+        self.session = pegasus.MuxSession(socket_path, remote)
         self.events = []
         self.output = {"out": b"", "err": b""}
         self.pipes = set()
@@ -1538,7 +1539,15 @@ class MuxRun:
         for fd, name in ((session.stdout, "out"), (session.stderr, "err")):
             self.pipes.add(fd)
             loop.add_reader(fd, lambda fd, name=name: self.read(loop, fd, name), owner=self)
+        if self.unsent:  # a long command, written as the remote side reads it
+            os.set_blocking(session.stdin, False)
+            loop.add_writer(session.stdin, lambda fd: self.send(loop, fd), owner=self)
         return self
+
+    def send(self, loop, fd):
+        self.unsent = self.unsent[os.write(fd, self.unsent[:1 << 16]):]
+        if not self.unsent:
+            loop.remove(fd)
 
     def read(self, loop, fd, name):
         chunk = os.read(fd, 1 << 16)
@@ -1615,6 +1624,17 @@ def test_mux_session_command_with_every_byte_arrives_verbatim(masters, mux_loop)
     run.close_stdin()
 
 
+def test_a_long_mux_command_travels_on_stdin(masters, mux_loop):
+    _, path = masters("h2")
+    words = " ".join("w\u00e9%d" % i for i in range(20000))  # 200 kB encoded
+    run = MuxRun(path, "echo %s | wc -c" % words).start(mux_loop)
+    assert len(run.unsent) > pegasus.ARGV_MAX
+    spin(mux_loop, run.finished)
+    assert run.events == [("opened",), ("exited", 0, False)]
+    assert run.output == {"out": b"%d\n" % (len(words.encode()) + 1), "err": b""}
+    run.close_stdin()
+
+
 @pytest.mark.parametrize("how", ["close", "close with a shared stdin", "stdin EOF"])
 def test_ending_a_mux_session_ends_the_remote_job(masters, mux_loop, hosts, how):
     _, path = masters("h1")
@@ -1639,6 +1659,33 @@ def test_ending_a_mux_session_ends_the_remote_job(masters, mux_loop, hosts, how)
     run.close_stdin()
     os.close(shared_read)
     os.close(shared_write)
+
+
+KILLED_RUNNER = """
+import os, sys
+sys.path.insert(0, %r)
+import pegasus
+loop = pegasus.Loop(lambda owner, error: sys.exit(repr(error)))
+session = pegasus.MuxSession(sys.argv[1], pegasus.wrapped_command(sys.argv[2]))
+session.on_opened = lambda s: print("opened", flush=True)
+session.start(loop)
+loop.run(lambda: False)
+""" % HERE
+
+
+def test_a_runner_killed_mid_session_ends_the_remote_job(masters, hosts):
+    # What pegasus relies on: SIGKILL closes its control connections and
+    # pipes, and the master passes that on as EOF on the job's stdin.
+    _, path = masters("h3")
+    job = "sleep %d" % (920000 + os.getpid() % 10000)
+    runner = subprocess.Popen([sys.executable, "-c", KILLED_RUNNER, path, job],
+                              stdout=subprocess.PIPE)
+    assert runner.stdout.readline() == b"opened\n"
+    wait_for(lambda: remote_processes(hosts, "h3", job), what="the job to start")
+    runner.kill()
+    runner.wait()
+    runner.stdout.close()
+    wait_for(lambda: not remote_processes(hosts, "h3", job), what="the job to go")
 
 
 def test_a_master_that_dies_is_reported_lost(masters, mux_loop, hosts):
