@@ -3691,9 +3691,30 @@ class MuxSession:
         self.error = None        # a message not understood once it ran
 
     def start(self, loop, owner=None, stdin=None):
-        """Open the pipes and ask the master; OSError if no pipe can be made
-        (no fds). `stdin`: a pipe read end the caller keeps open, or None."""
+        """Open the pipes and ask the master; OSError if no pipe or socket
+        can be made (no fds). `stdin`: a pipe read end the caller keeps open,
+        or None for a pipe of its own."""
         self.loop, self.owner = loop, owner
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.open_pipes(stdin)
+        except OSError:
+            self.sock.close()
+            raise
+        self.state = "hello"
+        self.sock.setblocking(False)
+        try:
+            self.sock.connect(self.socket_path)
+            sent = self.send()
+        except OSError as e:  # no master, one whose backlog is full, or one gone
+            reason = "cannot reach the master: %s" % (e.strerror or e)
+            loop.call_later(0, lambda: self.fail(reason), owner=owner)
+            return
+        self.watch(self.sock, self.read if sent else self.writable, write=not sent)
+
+    def open_pipes(self, stdin):
+        """The caller's pipe ends, and the master's queued to pass after the
+        request (each closed here once it is on its way)."""
         theirs = []
         try:
             if stdin is None:
@@ -3707,25 +3728,10 @@ class MuxSession:
             for fd in theirs + [self.stdin, self.stdout]:
                 if fd is not None:
                     os.close(fd)
+            self.stdin = self.stdout = None
             raise
         self.unsent = [mux_request(self.command), (stdin, stdin in theirs),
                        (out_end, True), (err_end, True)]
-        self.state = "hello"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        try:
-            self.sock.connect(self.socket_path)
-        except OSError as e:  # no master, or one whose backlog is full
-            reason = "cannot reach the master: %s" % (e.strerror or e)
-            loop.call_later(0, lambda: self.fail(reason), owner=owner)
-            return
-        try:
-            sent = self.send()
-        except OSError as e:
-            reason = "the master went away: %s" % e.strerror
-            loop.call_later(0, lambda: self.fail(reason), owner=owner)
-            return
-        self.watch(self.sock, self.read if sent else self.writable, write=not sent)
 
     def send(self):
         """Write what the master has not had yet; True once all is written.
