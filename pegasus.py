@@ -38,6 +38,7 @@ reads the same files.
 """
 
 import argparse
+import array
 import contextlib
 import collections
 import datetime
@@ -55,6 +56,8 @@ import selectors
 import shlex
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3599,6 +3602,370 @@ class ConnectionPool:
                 if not master.proc.stdin.closed:
                     master.proc.stdin.close()
         shutil.rmtree(self.control_dir, ignore_errors=True)
+
+
+# --- Sessions without an ssh process: the master's control socket ------------
+#
+# `ssh -S socket host cmd` is a small client that hands its stdin, stdout and
+# stderr to the master over the control socket and waits for the exit status:
+# about 1.2 MB of memory per running job, 5 GB at 4,000 jobs. MuxSession
+# speaks that protocol (PROTOCOL.mux in OpenSSH) itself, inside the loop. The
+# protocol is version 4 since OpenSSH 5.4 (the 2010 rewrite of multiplexing)
+# and every message used here is unchanged from 7.6 to 9.x. Packets are
+#   uint32 length, uint32 type, fields
+# with uint32 numbers and booleans, and strings as uint32 length + bytes.
+
+MUX_VERSION = 4
+MUX_HELLO = 0x00000001
+MUX_NEW_SESSION = 0x10000002
+MUX_PERMISSION_DENIED = 0x80000002
+MUX_FAILURE = 0x80000003
+MUX_EXIT_MESSAGE = 0x80000004
+MUX_SESSION_OPENED = 0x80000006
+MUX_TTY_ALLOC_FAIL = 0x80000008
+MUX_NO_ESCAPE = 0xffffffff
+MUX_MAX_PACKET = 256 * 1024  # the master drops a client that sends a longer one
+MUX_REQUEST_ID = 1           # one request per connection: any number will do
+MUX_PROBE_WAIT = 5.0         # how long a master has to greet a probe (see probe())
+# Linux has it; elsewhere SIGPIPE must not kill us: Python ignores it anyway.
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+class MuxProtocolError(Exception):
+    """The master said something this client does not understand."""
+
+
+def mux_packet(kind, *fields):
+    """A packet: ints are uint32, bytes are strings."""
+    body = struct.pack(">I", kind) + b"".join(
+        struct.pack(">I", f) if isinstance(f, int) else struct.pack(">I", len(f)) + f
+        for f in fields)
+    return struct.pack(">I", len(body)) + body
+
+
+def mux_request(command):
+    """What a client says first: HELLO, then a session for `command` (bytes)
+    with no tty, no X11, no agent, not a subsystem, no escape character, an
+    empty TERM and no environment."""
+    return (mux_packet(MUX_HELLO, MUX_VERSION) +
+            mux_packet(MUX_NEW_SESSION, MUX_REQUEST_ID, b"", 0, 0, 0, 0, MUX_NO_ESCAPE,
+                       b"", command))
+
+
+def take_packet(data):
+    """(the first whole packet's body, the rest), or (None, data)."""
+    if len(data) < 4:
+        return None, data
+    size = struct.unpack(">I", data[:4])[0]
+    if size < 4 or size > MUX_MAX_PACKET:
+        raise MuxProtocolError("a packet of %d bytes" % size)
+    if len(data) < 4 + size:
+        return None, data
+    return data[4:4 + size], data[4 + size:]
+
+
+def parse_fields(body, layout):
+    """A packet body as its fields, its type first: "u" a uint32, "s" a string."""
+    fields, at = [], 0
+    for kind in layout:
+        if len(body) < at + 4:
+            raise MuxProtocolError("a short packet: %r" % body[:64])
+        value = struct.unpack(">I", body[at:at + 4])[0]
+        at += 4
+        if kind == "s":
+            value, at = body[at:at + value].decode("utf-8", "replace"), at + value
+        fields.append(value)
+    return fields
+
+
+def send_fd(sock, fd):
+    # As ssh's mm_send_fd does: one sendmsg per fd with a one-byte payload.
+    # The master reads its packets byte-exactly, then recvmsg()s one byte per
+    # fd; a byte with an fd attached must never be read as packet data.
+    sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                 SEND_FLAGS)
+
+
+def mux_launch(command):
+    """(what the master runs, bytes for the session's stdin) for `command`:
+    launch()'s choice for a remote host, for a MuxSession. A long command
+    travels on stdin (and so needs a stdin pipe of its own); the request
+    itself must stay under MUX_MAX_PACKET, which ARGV_MAX keeps it well under."""
+    if len(command) <= ARGV_MAX // 5 or len(encode_command(command)) <= ARGV_MAX:
+        return wrapped_command(command), b""
+    return ("exec sh -c '%s%s' sh" % (READ_LINE, RUN),
+            encode_command(command + "\n").encode("ascii") + b"\n")
+
+
+class MuxSession:
+    """One session over a master's control socket, with no ssh process: the
+    loop's to drive, the caller's to read.
+
+    start(loop, owner) connects and sends the request without ever waiting
+    for the master (a stuck master only delays the callbacks). Its pipes are
+    the caller's from then on, to read to EOF and close:
+      stdout, stderr   read ends; the master holds the write ends until the
+                       session's channel closes (EOF then, in every case)
+      stdin            the write end of the session's stdin, or None when the
+                       caller passed its own read end to start() (one pipe that
+                       pegasus never writes to can serve every session: one fd
+                       less each). Closing it is EOF on the remote stdin.
+    Then exactly one of:
+      on_failed(session, reason)  the session never opened: the master said
+          no (MaxSessions reached: "Session open refused by peer"), or is gone.
+          session.fallback is True when the master spoke a protocol this class
+          does not know: an `ssh -S` client (job_argv) may do better there.
+      on_opened(session), later on_exited(session, status)  the session ran
+          and its channel closed. status is the remote exit status, or None
+          when the master sent none: the remote command died of a signal
+          (sshd reports exit-signal, which the master does not pass on; an
+          `ssh -S` client exits 255 then), or the master went away
+          (session.master_lost tells which).
+    close() ends the session at any time, and no callback follows: the master
+    sends EOF on the remote stdin (the wrapper's watcher then kills the job)
+    and stops reading its output. A pegasus that dies closes it the same way.
+
+    Descriptors: in pegasus, the control socket and the three pipe ends above
+    (three with a shared stdin); in the master, four per session too (the
+    control connection and the three it was passed), as with an ssh client."""
+
+    def __init__(self, socket_path, command):
+        self.socket_path = socket_path
+        self.command = command if isinstance(command, bytes) else command.encode(
+            "utf-8", "surrogateescape")
+        self.stdin = self.stdout = self.stderr = None  # the caller's fds, from start()
+        self.on_opened = self.on_failed = self.on_exited = None
+        self.state = "new"       # | "hello" | "opening" | "open" | "probing" | "ended"
+        self.sock = None         # the control connection, until the channel closes
+        self.unsent = []         # bytes, or (fd, close it once sent) to pass
+        self.received = b""
+        self.session_id = None
+        self.exit_status = None
+        self.master_lost = False
+        self.fallback = False
+        self.loop = self.owner = None
+        self.probe_sock = self.probe_timer = None
+        self.watched = set()     # our sockets' fds registered with the loop
+        self.failure = None      # why it never opened (on_failed's reason)
+        self.error = None        # a message not understood once it ran
+
+    def start(self, loop, owner=None, stdin=None):
+        """Open the pipes and ask the master; OSError if no pipe or socket
+        can be made (no fds). `stdin`: a pipe read end the caller keeps open,
+        or None for a pipe of its own."""
+        self.loop, self.owner = loop, owner
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.open_pipes(stdin)
+        except OSError:
+            self.sock.close()
+            raise
+        self.state = "hello"
+        self.sock.setblocking(False)
+        try:
+            self.sock.connect(self.socket_path)
+            sent = self.send()
+        except OSError as e:  # no master, one whose backlog is full, or one gone
+            reason = "cannot reach the master: %s" % (e.strerror or e)
+            loop.call_later(0, lambda: self.fail(reason), owner=owner)
+            return
+        self.watch(self.sock, self.read if sent else self.writable, write=not sent)
+
+    def open_pipes(self, stdin):
+        """The caller's pipe ends, and the master's queued to pass after the
+        request (each closed here once it is on its way)."""
+        theirs = []
+        try:
+            if stdin is None:
+                stdin, self.stdin = os.pipe()
+                theirs.append(stdin)
+            self.stdout, out_end = os.pipe()
+            theirs.append(out_end)
+            self.stderr, err_end = os.pipe()
+            theirs.append(err_end)
+        except OSError:
+            for fd in theirs + [self.stdin, self.stdout]:
+                if fd is not None:
+                    os.close(fd)
+            self.stdin = self.stdout = None
+            raise
+        self.unsent = [mux_request(self.command), (stdin, stdin in theirs),
+                       (out_end, True), (err_end, True)]
+
+    def send(self):
+        """Write what the master has not had yet; True once all is written.
+        OSError (EPIPE, ECONNRESET) if the master is gone."""
+        while self.unsent:
+            item = self.unsent[0]
+            try:
+                if isinstance(item, bytes):
+                    written = self.sock.send(item, SEND_FLAGS)
+                    self.unsent[0] = item[written:]
+                    if written < len(item):
+                        return False
+                else:
+                    send_fd(self.sock, item[0])
+                    if item[1]:
+                        os.close(item[0])  # the master has its own now (in flight)
+            except BlockingIOError:
+                return False
+            self.unsent.pop(0)
+        return True
+
+    def watch(self, sock, callback, write=False):
+        (self.loop.add_writer if write else self.loop.add_reader)(
+            sock.fileno(), callback, owner=self.owner)
+        self.watched.add(sock.fileno())
+
+    def unwatch(self, sock):
+        if sock.fileno() in self.watched:
+            self.watched.discard(sock.fileno())
+            self.loop.remove(sock.fileno())
+
+    def writable(self, fd):
+        try:
+            if not self.send():
+                return
+        except OSError as e:
+            self.fail("the master went away: %s" % e.strerror)
+            return
+        self.unwatch(self.sock)
+        self.watch(self.sock, self.read)
+
+    def read(self, fd):
+        try:
+            chunk = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.closed_by_master()
+            return
+        if self.error:
+            return  # lost track of the packets: wait for the EOF
+        self.received += chunk
+        try:
+            while self.sock is not None:
+                body, self.received = take_packet(self.received)
+                if body is None:
+                    return
+                self.handle(body)
+        except MuxProtocolError as e:
+            self.protocol_error(str(e))
+
+    def handle(self, body):
+        kind = parse_fields(body, "u")[0]
+        if self.state == "hello":
+            if parse_fields(body, "uu") != [MUX_HELLO, MUX_VERSION]:
+                raise MuxProtocolError("greeted with %r" % body[:8])
+            self.state = "opening"  # the extensions that may follow mean nothing to us
+        elif self.state == "opening" and kind == MUX_SESSION_OPENED:
+            _, request, self.session_id = parse_fields(body, "uuu")
+            if request != MUX_REQUEST_ID:
+                raise MuxProtocolError("an answer to request %d" % request)
+            self.state = "open"
+            if self.on_opened:
+                self.on_opened(self)
+        elif self.state == "opening" and kind in (MUX_PERMISSION_DENIED, MUX_FAILURE):
+            self.fail("the master refused the session: %s" % parse_fields(body, "uus")[2])
+        elif self.state == "open" and kind == MUX_EXIT_MESSAGE:
+            self.exit_status = parse_fields(body, "uuu")[2]
+        elif self.state == "open" and kind == MUX_TTY_ALLOC_FAIL:
+            pass  # no tty was asked for
+        else:
+            raise MuxProtocolError("unexpected message 0x%08x while %s" % (kind, self.state))
+
+    def protocol_error(self, what):
+        if self.state in ("hello", "opening"):
+            self.fallback = True
+            self.fail("the master speaks another protocol: %s" % what)
+        else:
+            # The job runs already: no going back to an ssh client. The
+            # master's EOF still ends the session; only the status is lost.
+            self.error = what
+
+    def closed_by_master(self):
+        """EOF on the control connection: the session's channel has closed
+        (the master closes it last, once the output is written), or the
+        master is gone."""
+        self.drop_connection()
+        if self.state in ("hello", "opening"):
+            self.fail("the master closed the connection (it has exited, or refused us)")
+        elif self.exit_status is not None:
+            self.finish()
+        else:
+            self.probe()
+
+    def probe(self):
+        """No exit status came: the remote command died of a signal, or the
+        master died. A master greets every new connection at once, so a fresh
+        one tells: a greeting says alive; a refusal, EOF or silence, gone."""
+        self.state = "probing"
+        self.probe_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.probe_sock.setblocking(False)
+        try:
+            self.probe_sock.connect(self.socket_path)
+        except OSError:
+            self.probed(False)
+            return
+        self.watch(self.probe_sock, self.read_probe)
+        self.probe_timer = self.loop.call_later(
+            MUX_PROBE_WAIT, lambda: self.probed(False), owner=self.owner)
+
+    def read_probe(self, fd):
+        try:
+            answered = bool(self.probe_sock.recv(64))
+        except BlockingIOError:
+            return
+        except OSError:
+            answered = False
+        self.probed(answered)
+
+    def probed(self, answered):
+        self.drop_probe()
+        self.master_lost = not answered
+        self.finish()
+
+    def finish(self):
+        self.state = "ended"
+        if self.on_exited:
+            self.on_exited(self, self.exit_status)
+
+    def fail(self, reason):
+        if self.state == "ended":
+            return
+        self.close()
+        self.failure = reason
+        if self.on_failed:
+            self.on_failed(self, reason)
+
+    def drop_connection(self):
+        if self.sock is not None:
+            self.unwatch(self.sock)
+            self.sock.close()
+            self.sock = None
+        for item in self.unsent:  # fds never passed: their pipes get EOF now
+            if not isinstance(item, bytes) and item[1]:
+                os.close(item[0])
+        self.unsent = []
+
+    def drop_probe(self):
+        if self.probe_sock is not None:
+            self.unwatch(self.probe_sock)
+            self.probe_sock.close()
+            self.probe_sock = None
+        if self.probe_timer is not None:
+            self.loop.cancel(self.probe_timer)
+            self.probe_timer = None
+
+    def close(self):
+        """End the session from this side (see the class docstring); the
+        caller's pipes stay the caller's."""
+        self.drop_connection()
+        if self.probe_sock is not None or self.probe_timer is not None:
+            self.drop_probe()
+        self.state = "ended"
 
 
 def raise_fd_limit():

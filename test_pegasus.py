@@ -20,6 +20,8 @@ import tempfile
 import textwrap
 import time
 import random
+import resource
+import tracemalloc
 import collections
 import itertools
 
@@ -1451,6 +1453,353 @@ def test_ssh_argv_ends_options_before_the_hostname(name):
     argv = pegasus.job_argv(Options, name, "/tmp/s", "true")
     assert argv[:5] == ["ssh", "-F", "cfg", "-o", "Port=2"]  # user's options first
     assert argv[-3:-1] == ["--", name] and "BatchMode=yes" in argv
+
+
+# ----------------------------------------------------------------------------
+# Sessions over a master's control socket, without an ssh client (MuxSession)
+# ----------------------------------------------------------------------------
+
+
+class SshOptions:
+    """The options master_argv() and job_argv() read, for the test hosts."""
+    def __init__(self, hosts):
+        self.ssh, self.ssh_config, self.ssh_option = "ssh", hosts.config, []
+
+
+@pytest.fixture
+def masters(hosts):
+    """start(name) -> (process, socket): a real master, started as pegasus
+    starts one, and logged in; all stopped after the test."""
+    directory = tempfile.mkdtemp(prefix="pgm", dir=pegasus.short_temp_dir())
+    started = []
+
+    def start(*names):
+        found = []
+        for name in names:
+            path = os.path.join(directory, str(len(started)))
+            started.append(subprocess.Popen(
+                pegasus.master_argv(SshOptions(hosts), name, path), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+            found.append((started[-1], path))
+        for proc, _ in found:  # logged in all at once: a handshake takes a while
+            assert pegasus.MASTER_UP.encode() in proc.stdout.readline(), proc.stderr.read()
+        return found if len(names) != 1 else found[0]
+
+    yield start
+    for proc in started:
+        proc.stdin.close()
+        proc.terminate()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def mux_loop():
+    """A pegasus Loop whose callbacks must not raise."""
+    errors = []
+    loop = pegasus.Loop(lambda owner, error: errors.append(error))
+    yield loop
+    loop.close()
+    if errors:
+        raise errors[0]
+
+
+def spin(loop, done, timeout=60, what="the sessions"):
+    """Run the loop until done(), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+
+    def tick():  # the loop sleeps without timers: wake it to look at the clock
+        if not done():
+            loop.call_later(0.05, tick)
+    loop.call_later(0.05, tick)
+    loop.run(lambda: done() or time.monotonic() > deadline)
+    assert done(), "timed out waiting for " + what
+
+
+class MuxRun:
+    """A MuxSession of a wrapped command, as pegasus would run it: its pipes
+    read to EOF, its events recorded."""
+
+    def __init__(self, socket_path, command):
+        remote, self.unsent = pegasus.mux_launch(command)
+        self.session = pegasus.MuxSession(socket_path, remote)
+        self.events = []
+        self.output = {"out": b"", "err": b""}
+        self.pipes = set()
+
+    def start(self, loop, stdin=None):
+        session = self.session
+        session.on_opened = lambda s: self.events.append(("opened",))
+        session.on_failed = lambda s, why: self.events.append(("failed", why, s.fallback))
+        session.on_exited = lambda s, status: self.events.append(
+            ("exited", status, s.master_lost))
+        session.start(loop, owner=self, stdin=stdin)
+        for fd, name in ((session.stdout, "out"), (session.stderr, "err")):
+            self.pipes.add(fd)
+            loop.add_reader(fd, lambda fd, name=name: self.read(loop, fd, name), owner=self)
+        if self.unsent:  # a long command, written as the remote side reads it
+            os.set_blocking(session.stdin, False)
+            loop.add_writer(session.stdin, lambda fd: self.send(loop, fd), owner=self)
+        return self
+
+    def send(self, loop, fd):
+        self.unsent = self.unsent[os.write(fd, self.unsent[:1 << 16]):]
+        if not self.unsent:
+            loop.remove(fd)
+
+    def read(self, loop, fd, name):
+        chunk = os.read(fd, 1 << 16)
+        self.output[name] += chunk
+        if not chunk:
+            loop.remove(fd)
+            os.close(fd)
+            self.pipes.discard(fd)
+
+    def ended(self):
+        return bool(self.events) and self.events[-1][0] in ("failed", "exited")
+
+    def finished(self):
+        """Ended, and both pipes read to EOF."""
+        return self.ended() and not self.pipes
+
+    def close_stdin(self):
+        if self.session.stdin is not None:
+            os.close(self.session.stdin)
+            self.session.stdin = None
+
+
+def remote_processes(hosts, name, needle):
+    """The processes of a test host whose command line holds `needle`."""
+    found = []
+    for pid in hosts.pids(name):
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                if needle.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_mux_sessions_report_exit_statuses_and_a_death_by_signal(masters, mux_loop, hosts):
+    _, path = masters("h1")
+    runs = [MuxRun(path, command).start(mux_loop)
+            for command in ("exit 0", "echo out; echo err >&2; exit 3", "kill -KILL $$")]
+    spin(mux_loop, lambda: all(run.finished() for run in runs))
+    assert runs[0].events == [("opened",), ("exited", 0, False)]
+    assert runs[1].events == [("opened",), ("exited", 3, False)]
+    assert runs[1].output == {"out": b"out\n", "err": b"err\n"}
+    # Killed by a signal: sshd says exit-signal, which the master does not
+    # pass on. No status, and the master still answers: not a lost host.
+    assert runs[2].events == [("opened",), ("exited", None, False)]
+    # An ssh -S client, told nothing either, exits 255.
+    argv = pegasus.job_argv(SshOptions(hosts), "h1", path, "kill -KILL $$")
+    assert subprocess.run(argv, stdin=subprocess.DEVNULL).returncode == 255
+    for run in runs:
+        run.close_stdin()
+
+
+def test_mux_session_streams_stay_apart_and_byte_exact(masters, mux_loop, tmp_path):
+    _, path = masters("h2")
+    out, err = os.urandom(3 << 20), os.urandom(1 << 20) + b"\0\r\n"
+    (tmp_path / "out").write_bytes(out)
+    (tmp_path / "err").write_bytes(err)
+    run = MuxRun(path, "cd %s && cat out && cat err >&2 && cat out" % tmp_path).start(mux_loop)
+    spin(mux_loop, run.finished)
+    assert run.events == [("opened",), ("exited", 0, False)]
+    assert run.output["out"] == out + out and run.output["err"] == err
+    run.close_stdin()
+
+
+def test_mux_session_command_with_every_byte_arrives_verbatim(masters, mux_loop):
+    _, path = masters("h3")
+    data = bytes(range(1, 256))
+    text = data.decode("utf-8", "surrogateescape")
+    run = MuxRun(path, "printf %%s '%s'" % text.replace("'", "'\\''")).start(mux_loop)
+    spin(mux_loop, run.finished)
+    assert run.events == [("opened",), ("exited", 0, False)]
+    assert run.output == {"out": data, "err": b""}
+    run.close_stdin()
+
+
+def test_a_long_mux_command_travels_on_stdin(masters, mux_loop):
+    _, path = masters("h2")
+    words = " ".join("w\u00e9%d" % i for i in range(20000))  # 200 kB encoded
+    run = MuxRun(path, "echo %s | wc -c" % words).start(mux_loop)
+    assert len(run.unsent) > pegasus.ARGV_MAX
+    spin(mux_loop, run.finished)
+    assert run.events == [("opened",), ("exited", 0, False)]
+    assert run.output == {"out": b"%d\n" % (len(words.encode()) + 1), "err": b""}
+    run.close_stdin()
+
+
+@pytest.mark.parametrize("how", ["close", "close with a shared stdin", "stdin EOF"])
+def test_ending_a_mux_session_ends_the_remote_job(masters, mux_loop, hosts, how):
+    _, path = masters("h1")
+    job = "sleep %d" % (800000 + os.getpid() % 10000 * 10 + len(how))
+    shared_read, shared_write = os.pipe()  # never written to, as pegasus would keep it
+    run = MuxRun(path, job).start(mux_loop, shared_read if "shared" in how else None)
+    spin(mux_loop, lambda: run.events and remote_processes(hosts, "h1", job),
+         what="the job to start")
+    assert run.events == [("opened",)]
+    if how == "stdin EOF":
+        run.close_stdin()
+    else:
+        run.session.close()  # as a SIGKILLed pegasus would: the socket closes
+    # The master sends EOF on the job's stdin, the wrapper's watcher kills it,
+    # and the master closes our pipes.
+    spin(mux_loop, lambda: (not run.pipes and not remote_processes(hosts, "h1", job) and
+                            (how != "stdin EOF" or run.ended())), what="the job to go")
+    if how == "stdin EOF":  # the watcher's TERM ended the wrapper: a signal
+        assert run.events == [("opened",), ("exited", None, False)]
+    else:
+        assert run.events == [("opened",)]  # nothing follows close()
+    run.close_stdin()
+    os.close(shared_read)
+    os.close(shared_write)
+
+
+KILLED_RUNNER = """
+import os, sys
+sys.path.insert(0, %r)
+import pegasus
+loop = pegasus.Loop(lambda owner, error: sys.exit(repr(error)))
+session = pegasus.MuxSession(sys.argv[1], pegasus.wrapped_command(sys.argv[2]))
+session.on_opened = lambda s: print("opened", flush=True)
+session.start(loop)
+loop.run(lambda: False)
+""" % HERE
+
+
+def test_a_runner_killed_mid_session_ends_the_remote_job(masters, hosts):
+    # What pegasus relies on: SIGKILL closes its control connections and
+    # pipes, and the master passes that on as EOF on the job's stdin.
+    _, path = masters("h3")
+    job = "sleep %d" % (920000 + os.getpid() % 10000)
+    runner = subprocess.Popen([sys.executable, "-c", KILLED_RUNNER, path, job],
+                              stdout=subprocess.PIPE)
+    assert runner.stdout.readline() == b"opened\n"
+    wait_for(lambda: remote_processes(hosts, "h3", job), what="the job to start")
+    runner.kill()
+    runner.wait()
+    runner.stdout.close()
+    wait_for(lambda: not remote_processes(hosts, "h3", job), what="the job to go")
+
+
+def test_a_master_that_dies_is_reported_lost(masters, mux_loop, hosts):
+    proc, path = masters("h2")
+    job = "sleep %d" % (900000 + os.getpid() % 10000)
+    run = MuxRun(path, job).start(mux_loop)
+    spin(mux_loop, lambda: run.events and remote_processes(hosts, "h2", job),
+         what="the job to start")
+    proc.kill()
+    spin(mux_loop, run.finished)
+    assert run.events == [("opened",), ("exited", None, True)]
+    late = MuxRun(path, "true").start(mux_loop)
+    spin(mux_loop, late.finished)
+    assert late.events[0][0] == "failed" and "cannot reach the master" in late.events[0][1]
+    assert late.events[0][2] is False  # no fallback: an ssh client would not do better
+    # sshd sees the connection go: the job's stdin gets EOF, its watcher kills it.
+    wait_for(lambda: not remote_processes(hosts, "h2", job), what="the job to go")
+    run.close_stdin()
+
+
+def test_sessions_past_max_sessions_are_refused_by_the_master(masters, mux_loop, hosts):
+    # sshd allows 10 sessions per connection (MaxSessions), and the master's
+    # own command holds one: the tenth job is refused, the others run.
+    _, path = masters("h3")
+    job = "sleep %d" % (910000 + os.getpid() % 10000)
+    runs = [MuxRun(path, job).start(mux_loop) for _ in range(10)]
+    spin(mux_loop, lambda: all(run.events for run in runs))
+    opened = [run for run in runs if run.events == [("opened",)]]
+    refused = [run for run in runs if run.events[0][0] == "failed"]
+    assert len(opened) == 9 and len(refused) == 1
+    assert refused[0].events == [("failed", "the master refused the session: "
+                                            "Session open refused by peer", False)]
+    for run in runs:
+        run.session.close()
+    spin(mux_loop, lambda: all(not run.pipes for run in runs), what="the pipes to close")
+    wait_for(lambda: not remote_processes(hosts, "h3", job), what="the jobs to go")
+    for run in runs:
+        run.close_stdin()
+
+
+def fd_count(pid="self"):
+    return len(os.listdir("/proc/%s/fd" % pid))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc")
+def test_200_concurrent_mux_sessions_over_25_masters(masters, mux_loop, tmp_path):
+    found = masters(*["h%d" % (i % 3 + 1) for i in range(25)])
+    before = fd_count()
+    runs = [MuxRun(found[i // 8][1], "touch %s/%d; while [ ! -e %s/go ]; do sleep 0.2; done; "
+                   "echo %d" % (tmp_path, i, tmp_path, i)).start(mux_loop)
+            for i in range(200)]
+    counts = {}
+
+    def all_running():
+        if len(os.listdir(str(tmp_path))) < 200:
+            return False
+        counts["ours"] = (fd_count() - before) / 200
+        counts["master"] = sum(fd_count(proc.pid) for proc, _ in found)
+        (tmp_path / "go").write_text("")
+        return True
+    spin(mux_loop, all_running, what="200 sessions at once")
+    spin(mux_loop, lambda: all(run.finished() for run in runs))
+    assert [run.events for run in runs] == [[("opened",), ("exited", 0, False)]] * 200
+    assert [run.output for run in runs] == [{"out": b"%d\n" % i, "err": b""}
+                                            for i in range(200)]
+    idle = sum(fd_count(proc.pid) for proc, _ in found)  # once the sessions are gone
+    print("\nfds per running session: pegasus %.2f, master %.2f" % (
+        counts["ours"], (counts["master"] - idle) / 200))
+    assert counts["ours"] <= 4  # control socket, stdin, stdout, stderr
+    for run in runs:
+        run.close_stdin()
+    assert fd_count() == before
+
+
+class FakeMaster:
+    """A control socket that answers with the given bytes, to test what a
+    MuxSession makes of a master it does not understand."""
+    def __init__(self, directory, answer):
+        self.path = os.path.join(directory, "fake")
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(self.path)
+        self.server.listen(1)
+        self.answer = answer
+
+    def serve(self):
+        self.connection, _ = self.server.accept()  # queued: start() has connected
+        self.connection.sendall(self.answer)
+
+    def close(self):
+        self.connection.close()
+        self.server.close()
+
+
+@pytest.mark.parametrize("answer, reason, fallback", [
+    (pegasus.mux_packet(pegasus.MUX_HELLO, 3), "another protocol", True),
+    (pegasus.mux_packet(pegasus.MUX_HELLO, 4) + pegasus.mux_packet(0x80000001, 1),
+     "another protocol: unexpected message 0x80000001 while opening", True),
+    (pegasus.mux_packet(pegasus.MUX_HELLO, 4, b"info", b"0") +
+     pegasus.mux_packet(pegasus.MUX_PERMISSION_DENIED, 1, b"Permission denied"),
+     "refused the session: Permission denied", False),
+    (b"\xff" * 8, "another protocol: a packet of", True),
+])
+def test_a_master_not_understood_asks_for_the_ssh_client(mux_loop, answer, reason, fallback):
+    directory = tempfile.mkdtemp(prefix="pgf", dir=pegasus.short_temp_dir())
+    fake = FakeMaster(directory, answer)
+    run = MuxRun(fake.path, "true").start(mux_loop)
+    fake.serve()
+    spin(mux_loop, run.ended)
+    fake.close()  # the fds passed to it close with it: our pipes see EOF
+    spin(mux_loop, run.finished)
+    (event, why, fell_back), = run.events
+    assert event == "failed" and reason in why and fell_back is fallback
+    run.close_stdin()
+    shutil.rmtree(directory)
 
 
 # ----------------------------------------------------------------------------
@@ -3951,3 +4300,73 @@ def test_bench_take_from_a_huge_sweep(tmp_path, bench_only):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     print("BENCH CLI: first job of the 200 x 1000 entry started after %.3f s" % first)
+
+
+def cpu_of(pid):
+    """CPU seconds a live process has used (Linux)."""
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu(who=resource.RUSAGE_SELF):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pss_kb(pid):
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        return int(re.search(r"^Pss:\s+(\d+)", f.read(), re.M).group(1))
+
+
+@pytest.mark.bench
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+def test_bench_mux_session_cost(masters, mux_loop, hosts, bench_only):
+    """1000 sequential `true` jobs over one master, as MuxSessions and as
+    `ssh -S` clients (alternating rounds): CPU per job on this side (pegasus
+    and its ssh clients, plus the master), wall time; then the memory one
+    running job costs each way."""
+    proc, path = masters("h1")
+    ours, base = {"cpu": [], "wall": []}, {"cpu": [], "wall": []}
+    argv = pegasus.job_argv(SshOptions(hosts), "h1", path, "true")
+    count = 250
+    for _ in range(2):
+        cpu, master, start = own_cpu(), cpu_of(proc.pid), time.perf_counter()
+        for _ in range(count):
+            run = MuxRun(path, "true").start(mux_loop)
+            spin(mux_loop, run.finished)
+            assert run.events[-1] == ("exited", 0, False)
+            run.close_stdin()
+        ours["wall"].append((time.perf_counter() - start) / count * 1000)
+        ours["cpu"].append((own_cpu() - cpu + cpu_of(proc.pid) - master) / count * 1000)
+        cpu, children, master = own_cpu(), own_cpu(resource.RUSAGE_CHILDREN), cpu_of(proc.pid)
+        start = time.perf_counter()
+        for _ in range(count):  # stdin open until the end, as pegasus holds it
+            client = subprocess.Popen(argv, stdin=subprocess.PIPE)
+            assert client.wait() == 0
+            client.stdin.close()
+        base["wall"].append((time.perf_counter() - start) / count * 1000)
+        base["cpu"].append((own_cpu() - cpu + own_cpu(resource.RUSAGE_CHILDREN) - children +
+                            cpu_of(proc.pid) - master) / count * 1000)
+    report("mux session: CPU per job (here + master)", ours["cpu"], base["cpu"], unit="ms")
+    report("mux session: wall per sequential job", ours["wall"], base["wall"], unit="ms")
+    # Memory of one running job: an ssh client's PSS, against what 8 more
+    # sessions add to this process (Python objects; fds and pipes are kernel's).
+    clients = [subprocess.Popen(pegasus.job_argv(SshOptions(hosts), "h1", path, "sleep 30"),
+                                stdin=subprocess.PIPE) for _ in range(8)]
+    time.sleep(1)  # the clients have started (a figure, not an assertion)
+    client_kb = sum(pss_kb(c.pid) for c in clients) / len(clients)
+    for client in clients:
+        client.stdin.close()
+        client.wait()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    runs = [MuxRun(path, "sleep 30").start(mux_loop) for _ in range(8)]
+    spin(mux_loop, lambda: all(run.events for run in runs))
+    mux_kb = (tracemalloc.get_traced_memory()[0] - before) / 8 / 1024
+    tracemalloc.stop()
+    for run in runs:
+        run.close_stdin()
+    spin(mux_loop, lambda: all(run.finished() for run in runs))
+    print("BENCH memory per running job: ssh -S client PSS %.0f kB, MuxSession %.1f kB "
+          "(Python heap)" % (client_kb, mux_kb))
