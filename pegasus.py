@@ -4227,7 +4227,8 @@ class Agent:
     AGENT): it replaces one ssh session per job. It parses the markers out of
     its two streams and hands each job's output to that job's Run, and what
     an earlier job's leftovers write to the job before (as that job's). The
-    Dispatcher owns it; it owns its ssh client and pipes, and its callbacks'
+    Dispatcher owns it; it owns its session (a MuxSession over the host's
+    master: no local process) and the session's pipes, and its callbacks'
     owner is itself."""
 
     STREAMS = (1, 2)  # the Run-side names of stdout and stderr
@@ -4239,8 +4240,12 @@ class Agent:
         self.state = "starting"   # -> "idle" <-> "busy"; -> "retired"; -> "closed"
         self.run = None           # the run it carries (or will, once ready)
         self.last = None          # the run before: leftovers write as it
-        self.proc = None          # its ssh client
-        self.pipes = {}           # fd -> its stdout or stderr pipe, until EOF
+        self.session = None       # its MuxSession
+        self.stdin = None         # the write end of the session's stdin, until closed
+        self.pipes = set()        # the session's stdout and stderr read ends, until EOF
+        self.exited = False       # the session has ended (or never opened)
+        self.status = None        # ... with this exit status, if the master sent one
+        self.failure = None       # ... or failed for this reason
         self.stream = {}          # fd -> 1 (stdout) or 2 (stderr)
         self.held = {}            # fd -> bytes held back: perhaps a marker's start
         self.in_job = {}          # fd -> between the run's start and end markers
@@ -4253,18 +4258,28 @@ class Agent:
         self.eof_wanted = False   # close its stdin once unsent is written
         self.listening = False
 
-    def open(self, options):
-        argv = ssh_base(options) + ["-o", "ControlMaster=no", "-S", self.master.socket,
-                                    "-T", "--", self.master.hostname, AGENT_BOOT]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        os.set_blocking(self.proc.stdin.fileno(), False)
-        for pipe, stream in ((self.proc.stdout, 1), (self.proc.stderr, 2)):
-            self.pipes[pipe.fileno()] = pipe
-            self.stream[pipe.fileno()] = stream
-            self.in_job[pipe.fileno()] = False
+    def open(self):
+        """Ask the master for the session; OSError if out of fds."""
+        self.session = session = MuxSession(self.master.socket, AGENT_BOOT)
+        session.on_failed = self.on_failed
+        session.on_exited = self.on_exited
+        session.start(self.loop, owner=self)
+        self.stdin = session.stdin
+        os.set_blocking(self.stdin, False)
+        for fd, stream in ((session.stdout, 1), (session.stderr, 2)):
+            self.pipes.add(fd)
+            self.stream[fd] = stream
+            self.in_job[fd] = False
         self.write(encode_command(AGENT).encode("ascii") + b"\n")
         self.listen(True)
+
+    def on_failed(self, session, reason):
+        self.exited, self.failure = True, reason
+        self.check_closed()
+
+    def on_exited(self, session, status):
+        self.exited, self.status = True, status
+        self.check_closed()
 
     # -- requests ---------------------------------------------------------------
 
@@ -4312,41 +4327,51 @@ class Agent:
         host keeps the session (a hung login shell, say)."""
         self.kill()
         self.listen(False)
-        for pipe in self.pipes.values():
-            pipe.close()
-        self.pipes = {}
-        signal_group(self.proc, signal.SIGTERM)
+        for fd in self.pipes:
+            os.close(fd)
+        self.pipes = set()
+        self.session.close()  # no callback follows
+        self.exited = True
         self.check_closed()
 
+    def discard(self):
+        """After the loop: let go of everything, telling no one."""
+        self.unsent, self.state, self.writing = b"", "closed", False
+        self.close_stdin()
+        for fd in self.pipes:
+            os.close(fd)
+        self.pipes = set()
+        self.session.close()
+
     def write(self, data):
-        if self.proc.stdin.closed:
+        if self.stdin is None:
             return
         self.unsent += data
         try:
             while self.unsent:
-                self.unsent = self.unsent[os.write(self.proc.stdin.fileno(), self.unsent):]
+                self.unsent = self.unsent[os.write(self.stdin, self.unsent):]
         except BlockingIOError:
             if not self.writing:
                 self.writing = True
-                self.loop.add_writer(self.proc.stdin.fileno(), lambda fd: self.write(b""),
-                                     owner=self)
+                self.loop.add_writer(self.stdin, lambda fd: self.write(b""), owner=self)
             return
         except BrokenPipeError:
             self.unsent = b""  # the session is gone: its EOF tells the rest
         if self.writing:
             self.writing = False
-            self.loop.remove(self.proc.stdin.fileno())
+            self.loop.remove(self.stdin)
         if self.eof_wanted:
             self.close_stdin()
 
     def close_stdin(self):
         self.eof_wanted = True
-        if self.unsent or self.proc.stdin.closed:
+        if self.unsent or self.stdin is None:
             return  # write() closes it once the rest is sent
         if self.writing:
             self.writing = False
-            self.loop.remove(self.proc.stdin.fileno())
-        self.proc.stdin.close()
+            self.loop.remove(self.stdin)
+        os.close(self.stdin)
+        self.stdin = None
 
     # -- output -------------------------------------------------------------------
 
@@ -4461,29 +4486,29 @@ class Agent:
 
     def eof(self, fd):
         self.loop.remove(fd)
-        self.pipes.pop(fd).close()
+        os.close(fd)
+        self.pipes.discard(fd)
         self.held.pop(fd, None)
-        if not self.pipes:
-            self.check_closed()
+        self.check_closed()
 
     def check_closed(self):
-        """Called at the last EOF and at every SIGCHLD until its ssh exited."""
-        if self.pipes or self.state == "closed":
+        """Closed once both pipes are at EOF and the session has ended."""
+        if self.pipes or not self.exited or self.state == "closed":
             return
-        if self.proc.poll() is None:
-            self.dispatcher.exiting_agents.add(self)
-            return
-        self.dispatcher.exiting_agents.discard(self)
         was, self.state = self.state, "closed"
-        if not self.proc.stdin.closed:
-            self.proc.stdin.close()
+        self.unsent = b""
+        self.close_stdin()
         if self.last is not None:
             self.last.end_streams()
         self.dispatcher.agent_closed(self, was)
 
+    def exit_status(self):
+        """The session's, with 255 for "none": ssh's own, for a failure."""
+        return 255 if self.failure or self.status is None else self.status
+
     def error(self):
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
-        return lines[-1] if lines else "exit status %s" % self.proc.returncode
+        return self.failure or (lines[-1] if lines else "exit status %s" % self.status)
 
 
 def held_back(data, mark):
@@ -5194,7 +5219,6 @@ class Dispatcher:
         self.runs = set()
         self.exiting = set()      # runs whose pipes closed before their process exited
         self.agents = set()       # every Agent not closed yet
-        self.exiting_agents = set()  # agents whose pipes closed before their ssh exited
         self.succeeded = 0
         self.failures = []        # (slot label, command, status) of every failed job
         self.stop_level = 0       # 0, DRAIN, CANCEL or HURRY
@@ -5227,8 +5251,6 @@ class Dispatcher:
     def on_child(self, signum):
         for run in list(self.exiting):
             self.check_exit(run)
-        for agent in list(self.exiting_agents):
-            agent.check_closed()
         self.pool.on_child()
 
     def on_error(self, owner, error):
@@ -5304,7 +5326,7 @@ class Dispatcher:
             if agent.run is None and agent.state in ("idle", "starting"):
                 return agent
         agent = Agent(self, master)
-        agent.open(self.options)
+        agent.open()
         master.agents.append(agent)
         self.agents.add(agent)
         if self.paused:
@@ -5322,8 +5344,9 @@ class Dispatcher:
         self.agents.discard(agent)
         self.close_pool()
         agent.run = None
-        code = agent.proc.returncode
-        if was == "starting" and code != 255 and master.agent_ok is None:
+        code = agent.exit_status()
+        if agent.session.fallback or (was == "starting" and code != 255
+                                      and master.agent_ok is None):
             # No bash there, or it broke before it could run anything.
             master.agent_ok = False
             note_once(("agent", master.hostname), "%s: cannot run pegasus's agent (%s); one "
@@ -5613,12 +5636,7 @@ class Dispatcher:
                 pipe.close()
             run.close_stdin()
         for agent in list(self.agents):
-            signal_group(agent.proc, signal.SIGKILL)
-            agent.proc.wait()
-            for pipe in agent.pipes.values():
-                pipe.close()
-            if not agent.proc.stdin.closed:
-                agent.proc.stdin.close()
+            agent.discard()
         self.pool.cleanup()
         self.printer.flush()
         if _status is not None:
