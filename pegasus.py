@@ -4250,6 +4250,7 @@ class Agent:
         self.held = {}            # fd -> bytes held back: perhaps a marker's start
         self.in_job = {}          # fd -> between the run's start and end markers
         self.ended = set()        # fds whose end marker the run has had
+        self.last_byte = {}       # fd -> the last byte handed on
         self.code = None          # the exit status on the run's stdout end marker
         self.said = b""           # stdout before AGENT_READY
         self.stderr = b""         # stderr before AGENT_READY: why it failed
@@ -4270,6 +4271,7 @@ class Agent:
             self.pipes.add(fd)
             self.stream[fd] = stream
             self.in_job[fd] = False
+            self.last_byte[fd] = b"\n"
         self.write(encode_command(AGENT).encode("ascii") + b"\n")
         self.listen(True)
 
@@ -4422,25 +4424,29 @@ class Agent:
                 self.leftover(fd, data)
                 return
             mark = b"\n" + run.nonce + b" "
-            at = data.find(mark)
+            if data.startswith(mark[1:]):
+                at, skip = 0, 0  # its newline went out with the read before
+            else:
+                at, skip = data.find(mark), 1
             if at < 0:
-                keep = held_back(data, mark)
+                keep = held_back(data, mark, self.last_byte[fd])
                 self.deliver(fd, data[:keep])
                 if keep < len(data):
                     self.held[fd] = data[keep:]
                 return
-            end = data.find(b"\n", at + len(mark))
+            end = data.find(b"\n", at + skip + len(mark) - 1)
             if end < 0:
                 self.deliver(fd, data[:at])
                 self.held[fd] = data[at:]
                 return
             self.deliver(fd, data[:at])
-            word, data = data[at + len(mark):end], data[end + 1:]
+            word, data = data[at + skip + len(mark) - 1:end], data[end + 1:]
             self.marker(fd, run, word)
 
     def deliver(self, fd, data):
         if not data:
             return
+        self.last_byte[fd] = data[-1:]
         if self.in_job[fd]:
             self.run.take_lines(self.stream[fd], data)
         else:
@@ -4511,14 +4517,19 @@ class Agent:
         return self.failure or (lines[-1] if lines else "exit status %s" % self.status)
 
 
-def held_back(data, mark):
-    """Where a possible start of `mark` begins at the end of `data` (it may
-    be split between reads), or len(data)."""
+def held_back(data, mark, last_byte):
+    """Where a possible start of `mark` ("\n" and a nonce) begins at the end
+    of `data` (a marker may be split between reads), or len(data). A lone
+    "\n" at the end that ends a line goes out at once, or the line would
+    wait for the next read: if it was the marker's, the nonce comes first
+    thing in the next read, and the line is the same either way."""
     start = max(0, len(data) - len(mark) + 1)
     at = data.rfind(b"\n", start)
-    if at >= 0 and mark.startswith(data[at:]):
-        return at
-    return len(data)
+    if at < 0 or not mark.startswith(data[at:]):
+        return len(data)
+    if at == len(data) - 1 and (data[at - 1:at] if at else last_byte) != b"\n":
+        return len(data)
+    return at
 
 
 # ----------------------------------------------------------------------------
