@@ -3402,15 +3402,19 @@ def no_inherited_fds():
             pass  # the listing's own descriptor, closed by now
 
 
+_posix_spawn_setsid = hasattr(os, "posix_spawn")  # until it says it cannot
+
+
 def spawn_local(argv):
     """A local job's process: posix_spawn where Python and the C library
     can start a new session with it (glibc 2.26+), Popen elsewhere."""
-    if hasattr(os, "posix_spawn"):
+    global _posix_spawn_setsid
+    if _posix_spawn_setsid:
         no_inherited_fds()
         try:
             return LocalProcess(argv)
         except NotImplementedError:
-            pass
+            _posix_spawn_setsid = False
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
 
