@@ -1821,6 +1821,34 @@ def test_without_hosts_file_runs_locally_and_says_so(tmp_path):
                                                                 'echo "two $SSH_CONNECTION"']
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_a_local_job_starts_as_a_shell_started_by_hand(tmp_path):
+    """Local jobs start with posix_spawn, not Popen: still the leader of a
+    session of their own (cancel signals the group), with SIGPIPE and
+    SIGXFSZ at their defaults (Python ignores them), and without a
+    descriptor that pegasus inherited from whoever started it."""
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
+        """awk '{print ($1 == $6) ? "leader" : "member"}' /proc/$$/stat""",
+        """awk '/^SigIgn/ {print "ignored " $2}' /proc/self/status""",
+        "for fd in /proc/$$/fd/*; do echo fd ${fd##*/} $(readlink $fd); done"]))
+    read_end, write_end = os.pipe()
+    inherited = "pipe:[%d]" % os.fstat(write_end).st_ino
+    try:
+        proc = subprocess.run([sys.executable, PEGASUS, "q"], cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              pass_fds=(write_end,), timeout=60)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    lines = job_lines(proc.stdout)
+    assert lines[0] == "[localhost] leader"
+    ignored = int(lines[1].split()[-1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), lines[1]
+    fds = {int(line.split()[2]): line.split()[-1] for line in lines[2:]}
+    assert {0, 1, 2} <= set(fds) and inherited not in fds.values(), lines
+
+
 def test_output_lines_are_whole_prefixed_and_never_lost(tmp_path):
     write(tmp_path / "queue.yaml", r"""
         - printf '10%%\r20%%\rdone\r\nbad \377 utf8\n'; printf 'x%.0s' $(seq 1 70000); printf '\nno newline at end'
@@ -4193,6 +4221,27 @@ def test_bench_w4_queue_file_scale(tmp_path, bench_only):
         proc.communicate(timeout=60)
         os.unlink(str(tmp_path / "consumed.yaml"))
     report("W4 100,000-entry queue: first job starts", starts, unit="s")
+
+
+@pytest.mark.bench
+def test_bench_w4_true_on_local_slots(tmp_path, bench_only):
+    """Issue 12's W4: 5000 x true on 8 local slots (localhost, slots: 8);
+    baseline: xargs -P 8 sh -c true. Also the runner's own CPU per job."""
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 8\n")
+    (tmp_path / "jobs.txt").write_text("true\n" * 5000)
+    ours, base, cpus = [], [], []
+    for _ in range(ROUNDS):
+        (tmp_path / "queue.yaml").write_text("- true\n" * 5000)
+        if os.path.exists(tmp_path / "consumed.yaml"):
+            os.unlink(str(tmp_path / "consumed.yaml"))
+        wall, cpu, _, stderr = probe(tmp_path, "q", "-p", "0")
+        assert "5000 succeeded, 0 failed" in stderr
+        ours.append(wall)
+        cpus.append(cpu)
+        base.append(timed_shell("xargs -P 8 -I{} sh -c '{}' < jobs.txt", tmp_path))
+    report("W4 5000 x true, 8 local slots", ours, base, 1.3)
+    print("BENCH W4 runner CPU %.0f us per job (all of its own, start-up included)"
+          % (median(cpus) / 5000 * 1e6))
 
 
 @pytest.mark.bench
