@@ -3080,6 +3080,63 @@ def parents(stdout, label):
             if len(line.split()) == 3]
 
 
+class _AgentSink:
+    """What an Agent needs of the Dispatcher and Loop to parse its streams."""
+
+    def __init__(self):
+        self.loop = self
+        self.ended = []
+
+    def call_later(self, delay, callback, owner=None):
+        callback()
+
+    def check_exit(self, run):
+        self.ended.append(run)
+
+    def on_leftover(self, run, fd, block):
+        pass
+
+
+AGENT_OUTPUTS = [b"up\n", b"x", b"a\n\nb\n", b"\n", b"", b"\n\n", b"no newline\n\nlast",
+                 b"pegasus-agent-1\n\nNONCE s\n", b"\r\n\r"]
+
+
+@pytest.mark.parametrize("output", AGENT_OUTPUTS)
+def test_agent_streams_split_at_every_byte_give_the_same_lines(output):
+    # A parser, fed as reads may split it: one job's stdout between its
+    # markers, cut at every position into two reads.
+    nonce = b"0123456789abcdef0123"
+    stream = b"\n" + nonce + b" s\n" + output + b"\n" + nonce + b" e5\n"
+    expected = None
+    for cut in range(len(stream) + 1):
+        sink = _AgentSink()
+        agent = pegasus.Agent(sink, master=None)
+        agent.stream = {7: 1, 8: 2}
+        agent.in_job = {7: False, 8: False}
+        agent.last_byte = {7: b"\n", 8: b"\n"}
+        agent.state = "busy"
+        run = pegasus.Run(pegasus.Slot(0, "h", {}), None, "cmd", [0], 1, None)
+        got = []
+        run.on_lines = lambda run, fd, block: got.append(block)
+        agent.run, run.nonce = run, nonce
+        agent.marker(8, run, b"s")
+        agent.marker(8, run, b"e")  # stderr: over at once
+        agent.take(7, stream[:cut])
+        agent.take(7, stream[cut:])
+        assert sink.ended == [run] and run.agent_code == 5, cut
+        text = b"".join(got)
+        if expected is None:
+            expected = text
+        assert text == expected, cut
+    lines = output.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    assert expected == (lines + b"\n" if lines and not lines.endswith(b"\n") else lines)
+    # A whole line is handed on as it comes, not when the job ends.
+    agent.state, agent.run, agent.in_job[7] = "busy", run, False
+    got.clear()
+    agent.take(7, b"\n" + nonce + b" s\n" + b"up\n")
+    assert got == [b"up\n"]
+
+
 @pytest.mark.parametrize("path", ["agent", "session per job"])
 def test_jobs_on_a_slot_share_one_agent(tmp_path, hosts, path):
     # Over an agent a job's parent is the agent's runner (bash), and its
