@@ -3132,6 +3132,7 @@ def test_agent_streams_split_at_every_byte_give_the_same_lines(output):
     assert expected == (lines + b"\n" if lines and not lines.endswith(b"\n") else lines)
     # A whole line is handed on as it comes, not when the job ends.
     agent.state, agent.run, agent.in_job[7] = "busy", run, False
+    run.on_lines = lambda run, fd, block: got.append(block)
     got.clear()
     agent.take(7, b"\n" + nonce + b" s\n" + b"up\n")
     assert got == [b"up\n"]
