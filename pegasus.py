@@ -3647,6 +3647,7 @@ class ConnectionPool:
         note("%s %s" % ("reconnected to" if master.ever_up else "connected to", master.hostname))
         master.ever_up = True
         master.failures = 0
+        self.connect_queued()  # a handshake slot is free
         self.on_change(master)
 
     def ended(self, master):
@@ -4373,6 +4374,7 @@ class Agent:
         self.in_job = {}          # fd -> between the run's start and end markers
         self.ended = set()        # fds whose end marker the run has had
         self.last_byte = {}       # fd -> the last byte handed on
+        self.retired_at = None    # when it refused a job for its leftovers
         self.code = None          # the exit status on the run's stdout end marker
         self.said = b""           # stdout before AGENT_READY
         self.stderr = b""         # stderr before AGENT_READY: why it failed
@@ -4585,6 +4587,7 @@ class Agent:
             self.in_job[fd] = True
         elif word == b"r":
             self.state = "retired"  # it has exited; its leftovers may still write
+            self.retired_at = time.monotonic()
             self.run = None
             run.agent = None
             self.dispatcher.agent_refused(run)
@@ -5467,7 +5470,19 @@ class Dispatcher:
         return agent
 
     def agent_refused(self, run):
-        """The agent saw leftovers of its last job and retired: a fresh one."""
+        """The agent saw leftovers of its last job and retired: a fresh one.
+        A retired agent's session stays open while the leftovers hold its
+        streams, and sshd allows 10 sessions per connection (the master's
+        own, SESSIONS_PER_MASTER agents, one to spare): past one retired
+        agent, the oldest is ended, and what its leftovers print is lost."""
+        master = run.master
+        retired = sorted((a for a in master.agents if a.state == "retired" and a.pipes),
+                         key=lambda a: a.retired_at)
+        for agent in retired[:-1]:
+            note_once(("leftovers", master.hostname), "%s: background processes of earlier jobs "
+                      "still write to their output; only the last one's is shown (sshd's "
+                      "session limit)" % master.hostname)
+            agent.abandon()
         run.nonce = None
         self.start_session(run)
 

@@ -3191,6 +3191,35 @@ def test_leftovers_hold_no_slot_and_print_as_their_own_job(tmp_path, hosts):
     assert "[h1] late" in lines and "[h1] first" in lines
 
 
+def test_many_jobs_leaving_writers_behind_stay_within_sshd_sessions(tmp_path, hosts):
+    # Each job leaves a process holding its stdout: each retires its agent.
+    # sshd allows 10 sessions per connection; pegasus keeps the newest
+    # retired one, so the 12 jobs all run.
+    tag = "%d" % (os.getpid() % 100000)
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- command: sleep 3.%s & echo {{i}}\n  i: [%s]\n"
+          % (tag, ", ".join(str(i) for i in range(12))))
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config, timeout=60)
+    subprocess.run(["pkill", "-f", r"^sleep 3\.%s$" % tag])
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == sorted("[h1] %d" % i for i in range(12))
+    assert out.stderr.count("background processes of earlier jobs") == 1
+
+
+def test_more_hosts_than_handshakes_in_flight_all_connect(tmp_path):
+    # At most MAX_CONNECTING logins run at once; each one done starts the next.
+    count = pegasus.MAX_CONNECTING + 6
+    many = alias_hosts(count, name="c")
+    try:
+        write(tmp_path / "hosts.yaml", "".join("- c%d\n" % i for i in range(1, count + 1)))
+        write(tmp_path / "queue.yaml", "- echo ok\n")
+        out = run_pegasus(tmp_path, "b", ssh_config=many.config, timeout=120)
+    finally:
+        many.close()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(job_lines(out.stdout)) == sorted("[c%d] ok" % i for i in range(1, count + 1))
+
+
 def test_a_host_without_bash_runs_each_job_in_its_own_session(tmp_path):
     # PATH on this host has sh and what the wrapper needs, but no bash.
     bin_dir = tempfile.mkdtemp(prefix="pegasus-nobash-")
