@@ -4354,8 +4354,6 @@ class Agent:
     master: no local process) and the session's pipes, and its callbacks'
     owner is itself."""
 
-    STREAMS = (1, 2)  # the Run-side names of stdout and stderr
-
     def __init__(self, dispatcher, master):
         self.dispatcher = dispatcher
         self.loop = dispatcher.loop
