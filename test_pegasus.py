@@ -2459,9 +2459,11 @@ def test_sigkill_at_random_moments_never_loses_a_job(tmp_path):
 
 def hold_queue(tmp_path, count):
     """Jobs that note when they start and when they end, and in between
-    wait while the file `hold` exists: the test decides when they may end."""
+    wait while the file `hold` exists: the test decides when they may end.
+    Each then takes 0.3 s more, so that a test sees a few end at a time
+    (over an agent, 24 such jobs would all be over within 0.1 s)."""
     command = ("echo {{n}} >> %(d)s/started; while [ -e %(d)s/hold ]; do sleep 0.05; done; "
-               "echo {{n}} >> %(d)s/ended" % {"d": tmp_path})
+               "sleep 0.3; echo {{n}} >> %(d)s/ended" % {"d": tmp_path})
     return "- command: %s\n  n: [%s]\n" % (command, ", ".join(map(str, range(1, count + 1))))
 
 
