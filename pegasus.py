@@ -4196,6 +4196,16 @@ class Loop:
         os.close(self.wake_write)
 
 
+def read_pipe(fd):
+    """What a job's pipe holds, b"" at EOF (EIO: a pty's way to say so)."""
+    try:
+        return os.read(fd, READ_SIZE)
+    except OSError as e:
+        if e.errno != errno.EIO:
+            raise
+        return b""
+
+
 class Run:
     """One job on one slot, from spawn to exit: its process, its pipes and
     their partial lines, and how it ended. Owned by the Dispatcher."""
@@ -4248,12 +4258,7 @@ class Run:
 
     def read(self, fd):
         """Read what is there; False at EOF."""
-        try:
-            chunk = os.read(fd, READ_SIZE)
-        except OSError as e:
-            if e.errno != errno.EIO:
-                raise
-            chunk = b""
+        chunk = read_pipe(fd)
         if chunk:
             self.take_lines(fd, chunk)
             return True
@@ -4509,12 +4514,7 @@ class Agent:
                     self.loop.remove(fd)
 
     def read(self, fd):
-        try:
-            chunk = os.read(fd, READ_SIZE)
-        except OSError as e:
-            if e.errno != errno.EIO:
-                raise
-            chunk = b""
+        chunk = read_pipe(fd)
         if not chunk:
             self.eof(fd)
         elif self.state != "starting":
