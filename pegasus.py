@@ -196,17 +196,41 @@ RUN = (
 #                         streams, so this agent retires and pegasus starts
 #                         the job on a fresh one
 # The leading newline ends a last line that had none; pegasus takes it off.
+# While a job runs, the agent looks every second whether its runner (the
+# subshell that writes the end markers) is still there: a job that kills its
+# own process group (`kill -9 0`) or its parent takes the runner with it, and
+# the agent then reports the runner's death as the job's end (128+signal).
+# (A request cut by that second's timeout is kept: `read -t` leaves the part
+# it read in the variable.)
 # EOF on stdin (pegasus closed it, died, or the connection dropped) ends a
-# running job the way a cancel does, then the agent. bash, not sh, because
-# dash has no job control without a terminal and no `printf -v`. Its own
-# stderr goes to /dev/null: job-control notices must not reach a job's
+# running job the way a cancel does, then the agent; what an earlier job
+# left running is left alone, as with a session per job. bash 4 or newer,
+# not sh, because dash has no job control without a terminal, and for
+# `printf -v` and `read -t` with a status that tells a timeout from EOF. Its
+# own stderr goes to /dev/null: job-control notices must not reach a job's
 # stream; the jobs get the real one (fd 4).
 AGENT_READY = "pegasus-agent-1"
-AGENT = """exec 4>&2 2>/dev/null
+AGENT = """[ "${BASH_VERSINFO[0]}" -ge 4 ] || { echo "pegasus's agent needs bash 4 or newer" >&2; exit 97; }
+exec 4>&2 2>/dev/null
 set -m
-g= n=
+g= n= r= p=
 printf '%s\\n' @READY@
-while IFS= read -r l; do
+while :; do
+  if [ -n "$r" ]; then
+    IFS= read -r -t 1 l; s=$?
+    if [ $s -gt 128 ]; then
+      p=$p$l
+      if ! kill -0 "$g"; then
+        wait "$g"; s=$?; r=
+        if [ $s -gt 128 ]; then printf '\\n%s e%d\\n' "$n" "$s"; printf '\\n%s e\\n' "$n" >&4; fi
+      fi
+      continue
+    fi
+    [ $s -eq 0 ] || break
+  else
+    IFS= read -r l || break
+  fi
+  l=$p$l p=
   case $l in
   j*)
     m=${l%% *}; m=${m#j}
@@ -218,7 +242,7 @@ while IFS= read -r l; do
     printf '\\n%s s\\n' "$n"; printf '\\n%s s\\n' "$n" >&4
     (trap : TERM; sh -c "$c" </dev/null 2>&4 4>&-; s=$?
      printf '\\n%s e%d\\n' "$n" "$s"; printf '\\n%s e\\n' "$n" >&4) &
-    g=$! ;;
+    g=$! r=1 ;;
   k)
     kill -TERM -"$g"
     (sleep @GRACE@; kill -KILL -"$g" && { printf '\\n%s e137\\n' "$n"; printf '\\n%s e\\n' "$n" >&4; }) & ;;

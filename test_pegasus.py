@@ -3175,6 +3175,18 @@ def test_a_job_cannot_fake_its_end_over_the_agent(tmp_path, hosts):
     assert "[h1] === done (exit status 7" in out.stdout
 
 
+def test_a_job_that_kills_its_group_or_its_parent_still_ends(tmp_path, hosts):
+    # Over an agent, the job's parent writes its end: these take it along.
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- echo a; kill -9 0\n- echo b; kill -9 $PPID\n"
+                                   "- echo c; kill -INT 0\n- echo d\n")
+    out = run_pegasus(tmp_path, "q", "-i", ssh_config=hosts.config, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert job_lines(out.stdout) == ["[h1] a", "[h1] b", "[h1] c", "[h1] d"]
+    assert out.stdout.count("=== done (exit status 137") == 2
+    assert "=== done (exit status 130" in out.stdout
+
+
 def test_leftovers_hold_no_slot_and_print_as_their_own_job(tmp_path, hosts):
     # The first job leaves a process writing to its stdout; it writes only
     # once the second job runs, on the same one-job slot. Its line is the
