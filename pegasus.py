@@ -245,7 +245,7 @@ while :; do
     g=$! r=1 ;;
   k)
     kill -TERM -"$g"
-    (sleep @GRACE@; kill -KILL -"$g" && { printf '\\n%s e137\\n' "$n"; printf '\\n%s e\\n' "$n" >&4; }) & ;;
+    (sleep @GRACE@; kill -KILL -"$g") & ;;
   q) exit 0 ;;
   esac
 done
@@ -4602,6 +4602,8 @@ class Agent:
         """What a finished job's background processes wrote: printed as that
         job's; before any job, a login script's chatter, dropped."""
         if self.last is not None and data:
+            if self.last.nonce in data:  # not theirs: a late marker of the job's own
+                data = re.sub(b"\n" + self.last.nonce + b" [^\n]*\n", b"", data)
             self.last.take_lines(self.stream[fd], data)
 
     def marker(self, fd, run, word):
