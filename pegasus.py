@@ -5530,6 +5530,7 @@ class Dispatcher:
             self.start_session(run)
             return
         run.agent_code = 255  # its session ended under it: see check_exit
+        run.host_lost = agent.session.master_lost  # known for sure: no timing guess
         self.check_exit(run)
 
     def on_leftover(self, run, fd, block):
@@ -5575,7 +5576,7 @@ class Dispatcher:
             return
         run.ended = True
         if run.exit_code() == 255 and run.master.socket and not run.cancelled:
-            run.host_lost = not run.master.alive()
+            run.host_lost = run.host_lost or not run.master.alive()
         for timer in run.timers:
             self.loop.cancel(timer)
         self.runs.discard(run)
