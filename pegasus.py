@@ -4475,15 +4475,12 @@ class Agent:
 
     def abandon(self):
         """End it from this side now, whatever the host does: EOF to the
-        agent (which kills a running job), SIGTERM to our ssh client, and no
-        more reading of pipes that the master holds open for as long as the
-        host keeps the session (a hung login shell, say)."""
+        agent (which kills a running job), the session closed, and no more
+        reading of pipes that the master holds open for as long as the host
+        keeps the session (a hung login shell, say)."""
         self.kill()
         self.listen(False)
-        for fd in self.pipes:
-            os.close(fd)
-        self.pipes = set()
-        self.session.close()  # no callback follows
+        self.let_go()
         self.exited = True
         self.check_closed()
 
@@ -4491,10 +4488,13 @@ class Agent:
         """After the loop: let go of everything, telling no one."""
         self.unsent, self.state, self.writing = b"", "closed", False
         self.close_stdin()
+        self.let_go()
+
+    def let_go(self):
         for fd in self.pipes:
             os.close(fd)
         self.pipes = set()
-        self.session.close()
+        self.session.close()  # no callback follows
 
     def write(self, data):
         if self.stdin is None:
@@ -4633,8 +4633,8 @@ class Agent:
             self.last.end_streams()
         self.last = run
         run.on_lines = self.dispatcher.on_leftover
-        if self.state in ("busy", "starting"):
-            self.state = "idle" if self.state == "busy" else "starting"
+        if self.state == "busy":
+            self.state = "idle"
         self.loop.call_later(0, lambda: self.dispatcher.check_exit(run), owner=run)
 
     # -- the end ----------------------------------------------------------------------
@@ -4849,10 +4849,7 @@ class Printer:
             # sequence, so the replacements fall where they would per line.
             block = block.decode("utf-8", "replace").encode("utf-8")
         if self.width is None or self.plain:
-            prefix = self.prefix(run)
-            if prefix:
-                block = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
-            self.target(run).append(block)
+            self.target(run).append(self.prefixed(run, block))
         else:
             for line in block[:-1].split(b"\n"):
                 self.add(run, line)
@@ -4862,9 +4859,15 @@ class Printer:
         its label, straight out (its --group block is gone)."""
         if self.print_period == 0:
             return
-        block = block.decode("utf-8", "replace").encode("utf-8")
+        self.buffer.append(self.prefixed(run, block.decode("utf-8", "replace").encode("utf-8")))
+
+    def prefixed(self, run, block):
+        """Every line of a block (each ending in "\n") with the run's prefix:
+        one replace in C for the whole block."""
         prefix = self.prefix(run)
-        self.buffer.append(prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n")
+        if not prefix:
+            return block
+        return prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
 
     def target(self, run):
         """Where a run's lines wait: its group (--group), or this round's buffer."""
