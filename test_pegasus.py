@@ -182,7 +182,18 @@ def no_process_left_behind():
 def stderr_so_far(proc):
     """What a start_pegasus() process has written to stderr until now,
     read without blocking; proc.err_text keeps it for the end."""
-    fd = proc.stderr.fileno()
+    proc.err_text = getattr(proc, "err_text", "") + read_ready(proc.stderr)
+    return proc.err_text
+
+
+def stdout_so_far(proc):
+    """The same for stdout, kept in proc.out_text."""
+    proc.out_text = getattr(proc, "out_text", "") + read_ready(proc.stdout)
+    return proc.out_text
+
+
+def read_ready(pipe):
+    fd = pipe.fileno()
     os.set_blocking(fd, False)
     data = b""
     try:
@@ -194,8 +205,7 @@ def stderr_so_far(proc):
     except BlockingIOError:
         pass
     os.set_blocking(fd, True)
-    proc.err_text = getattr(proc, "err_text", "") + data.decode("utf-8", "replace")
-    return proc.err_text
+    return data.decode("utf-8", "replace")
 
 
 def state_file_of(cwd):
@@ -1847,6 +1857,55 @@ def test_a_local_job_starts_as_a_shell_started_by_hand(tmp_path):
     assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), lines[1]
     fds = {int(line.split()[2]): line.split()[-1] for line in lines[2:]}
     assert {0, 1, 2} <= set(fds) and inherited not in fds.values(), lines
+
+
+def test_local_jobs_share_a_spawner_and_not_its_process_group(tmp_path):
+    """Local jobs start from a spawner (a fork of pegasus), one after the
+    other on the same one while the slot stays busy; each job still leads a
+    session of its own. --session-per-job starts each from pegasus itself."""
+    write(tmp_path / "queue.yaml", "- command: echo {{i}} $PPID $(ps -o sid= -p $$)\n"
+                                   "  i: [1, 2, 3]\n")
+    proc = start_pegasus(tmp_path, "q")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    rows = [line.split()[1:] for line in job_lines(out)]
+    assert [row[0] for row in rows] == ["1", "2", "3"]
+    parents = {row[1] for row in rows}
+    assert len(parents) == 1 and str(proc.pid) not in parents, rows
+    assert [row[2] for row in rows] != [row[1] for row in rows]  # not the spawner's session
+    write(tmp_path / "queue.yaml", "- echo $PPID\n")
+    proc = start_pegasus(tmp_path, "q", "--session-per-job")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert job_lines(out) == ["[localhost] %d" % proc.pid]
+
+
+def test_a_local_job_that_kills_its_spawner_goes_back_once(tmp_path):
+    # The first attempt takes its spawner with it: the job goes back to the
+    # queue (its end unknown) and runs again; the run goes on meanwhile.
+    flag = tmp_path / "killed-once"
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
+        "[ -e %s ] || { touch %s; kill -9 $PPID; sleep 1; }; echo second try" % (flag, flag),
+        "echo other"]))
+    out = run_pegasus(tmp_path, "q", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "spawner" in out.stderr and "goes back to the head of queue.yaml" in out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[localhost] other", "[localhost] second try"]
+    assert read(tmp_path / "queue.yaml").strip() in ("", "[]")
+
+
+def test_pegasus_killed_ends_its_local_jobs(tmp_path):
+    tag = "7%d" % (os.getpid() % 100000)
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
+    write(tmp_path / "queue.yaml", "- sleep 300%s & sleep 301%s\n- echo started\n" % (tag, tag))
+    proc = start_pegasus(tmp_path, "q")
+    wait_for(lambda: "started" in stdout_so_far(proc), what="the jobs to start")
+    jobs = lambda: [c for _, _, c in session_processes() if c.startswith("sleep 30") and tag in c]
+    wait_for(lambda: len(jobs()) == 2, what="both sleeps")
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_for(lambda: not jobs(), timeout=pegasus.CANCEL_GRACE + 10,
+             what="the local jobs to end with pegasus")
 
 
 def test_output_lines_are_whole_prefixed_and_never_lost(tmp_path):
