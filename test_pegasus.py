@@ -7,6 +7,7 @@ Tests that need sshd skip, saying why, where it is missing.
 """
 
 import getpass
+import glob
 import io
 import json
 import os
@@ -1906,6 +1907,47 @@ def test_pegasus_killed_ends_its_local_jobs(tmp_path):
     proc.wait(timeout=10)
     wait_for(lambda: not jobs(), timeout=pegasus.CANCEL_GRACE + 10,
              what="the local jobs to end with pegasus")
+
+
+def test_short_jobs_are_taken_many_at_a_time(tmp_path):
+    # Runs that end within AHEAD_WINDOW: a take brings jobs for several
+    # rounds of the slots. The last job waits so that the journal (a "+"
+    # record per job, naming its take's temporary file) can be read.
+    gate = tmp_path / "gate"
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump(
+        ["true %d" % i for i in range(300)] + ["while [ ! -e %s ]; do sleep 0.05; done" % gate]))
+    proc = start_pegasus(tmp_path, "q", "-p", "0")
+    journal = lambda: glob.glob(str(tmp_path / "queue.yaml.*.running"))
+    wait_for(lambda: journal() and read(journal()[0]).count("\n+ ") >= 301, timeout=60,
+             what="every job taken")
+    takes = {json.loads(line[2:])[1] for line in read(journal()[0]).splitlines()
+             if line.startswith("+ ")}
+    gate.touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "301 succeeded" in err
+    assert len(takes) < 100, len(takes)  # one job a slot at a time would be 150 or more
+
+
+def test_jobs_taken_ahead_go_back_at_a_stop(tmp_path):
+    # After a burst of short jobs, the long ones behind them are taken ahead
+    # of free slots; a stop puts back those not started, in queue order.
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
+    tag = "8%d" % (os.getpid() % 100000)
+    long_jobs = ["sleep %s.%02d" % (tag, i) for i in range(20)]
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump(
+        ["true %d" % i for i in range(200)] + long_jobs))
+    proc = start_pegasus(tmp_path, "q")
+    wait_for(lambda: stdout_so_far(proc).count("=== run 'sleep") == 2, timeout=60,
+             what="two long jobs to start")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    out = proc.out_text + out
+    left = yaml.safe_load(read(tmp_path / "queue.yaml"))
+    assert left == long_jobs, (left, err)  # the two cut short first, then the rest
+    done = [line for line in out.splitlines() if "=== done (exit status 0" in line]
+    assert len(done) == 200
 
 
 def test_output_lines_are_whole_prefixed_and_never_lost(tmp_path):
