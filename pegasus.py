@@ -259,6 +259,8 @@ if [ -n "$g" ] && kill -0 "$g"; then kill -TERM -"$g"; sleep @GRACE@; kill -KILL
 # fails (127) and the host gets one ssh session per job instead.
 AGENT_BOOT = "exec bash -c 'IFS= read -r a;printf -v a %b \"$a\";eval \"$a\"'"
 
+MASTER_MALLOC = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=8388608"
+
 # Bytes that may stand as themselves in the encoded command: safe inside
 # single quotes in every shell above. All others become \0NNN.
 SAFE_BYTES = frozenset(
@@ -3320,6 +3322,18 @@ def local_argv(command):
     return ["/bin/sh", "-c", "c=$1;" + RUN, "sh", command + "\n"]
 
 
+def master_environment():
+    """A master's environment: ours, and glibc told to keep up to 8 MB of
+    freed heap. A master holds what a session's channel brings while
+    pegasus has not read its pipe yet; by default glibc hands that memory
+    back after each burst and faults it in again for the next: with 8 jobs
+    printing 20 MB each, a third more CPU for the masters (W3). Elsewhere
+    the variable means nothing; a user's own setting wins."""
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", MASTER_MALLOC)
+    return env
+
+
 def ssh_base(options):
     argv = [options.ssh]
     if options.ssh_config:
@@ -3930,7 +3944,7 @@ class ConnectionPool:
             proc = subprocess.Popen(
                 master_argv(self.options, master.hostname, master.socket),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True)
+                start_new_session=True, env=master_environment())
         except OSError as e:
             master.state, master.proc = "connecting", None
             master.why = "cannot start ssh: %s" % e.strerror

@@ -3276,6 +3276,33 @@ def test_a_job_cannot_fake_its_end_over_the_agent(tmp_path, hosts):
     assert "[h1] === done (exit status 7" in out.stdout
 
 
+@pytest.mark.parametrize("users", [None, "glibc.malloc.tcache_count=0"])
+def test_masters_keep_their_freed_memory_unless_told_otherwise(tmp_path, hosts, users):
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    gate = tmp_path / "gate"
+    write(tmp_path / "queue.yaml", "- while [ ! -e %s ]; do sleep 0.05; done\n" % gate)
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    if users:
+        env["GLIBC_TUNABLES"] = users
+    proc = subprocess.Popen([sys.executable, PEGASUS, "q", "-F", hosts.config], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        masters = lambda: [pid for pid, _, c in session_processes()
+                           if "ControlMaster=yes" in c]
+        wait_for(masters, what="the master")
+        with open("/proc/%d/environ" % masters()[0], "rb") as f:
+            found = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        # glibc may rewrite the variable in place as it reads it: its first
+        # tunable stays, and tells whose setting the master got.
+        first = found[b"GLIBC_TUNABLES"].decode().split(":")[0]
+        assert first == (users or pegasus.MASTER_MALLOC).split(":")[0]
+    finally:
+        gate.touch()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
 def test_a_job_that_kills_its_group_or_its_parent_still_ends(tmp_path, hosts):
     # Over an agent, the job's parent writes its end: these take it along.
     write(tmp_path / "hosts.yaml", "- h1\n")
