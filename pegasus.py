@@ -5171,7 +5171,7 @@ class Printer:
             # sequence, so the replacements fall where they would per line.
             block = block.decode("utf-8", "replace").encode("utf-8")
         if self.width is None or self.plain:
-            self.target(run).append(self.prefixed(run, block))
+            self.target(run).extend(self.prefixed(run, block))
         else:
             for line in block[:-1].split(b"\n"):
                 self.add(run, line)
@@ -5181,15 +5181,18 @@ class Printer:
         its label, straight out (its --group block is gone)."""
         if self.print_period == 0:
             return
-        self.buffer.append(self.prefixed(run, block.decode("utf-8", "replace").encode("utf-8")))
+        self.buffer.extend(self.prefixed(run, block.decode("utf-8", "replace").encode("utf-8")))
 
     def prefixed(self, run, block):
-        """Every line of a block (each ending in "\n") with the run's prefix:
-        one replace in C for the whole block."""
+        """Every line of a block (each ending in "\n") with the run's prefix,
+        as pieces for writev: one replace in C for the whole block, and no
+        other copy of it (the replace leaves a prefix after the last line,
+        which a view leaves out)."""
         prefix = self.prefix(run)
         if not prefix:
-            return block
-        return prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
+            return [block]
+        body = block.replace(b"\n", b"\n" + prefix)
+        return [prefix, memoryview(body)[:len(body) - len(prefix)]]
 
     def target(self, run):
         """Where a run's lines wait: its group (--group), or this round's buffer."""
