@@ -3585,63 +3585,69 @@ def spawner_main(sock):
 
 
 def serve_spawns(sock, wake_read):
+    """The spawner's loop, until EOF; then, or if pegasus is gone when it
+    answers (EPIPE), a running job is ended as EOF says."""
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
     job = group = None  # the running job's pid; the last job's process group
     data, fds = b"", []
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj == wake_read:
-                os.read(wake_read, 512)
-                continue
-            chunk, passed = recv_with_fds(sock, READ_SIZE)
-            if not chunk:
-                end_spawned(job, group)
-                return
-            data, fds = data + chunk, fds + passed
-            while True:
-                head, newline, rest = data.partition(b"\n")
-                if not newline:
-                    break
-                if head[:1] == b"g":
-                    data = rest
-                    if group is not None:
-                        try:
-                            os.killpg(group, int(head[1:]))
-                        except OSError:
-                            pass
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj == wake_read:
+                    os.read(wake_read, 512)
                     continue
-                if len(rest) < int(head[1:]):
-                    break  # the rest of the command is on its way
-                command, data = rest[:int(head[1:])], rest[int(head[1:]):]
-                out, err = fds[:2]
-                del fds[:2]
-                job = group = spawn_job(sock, command, out, err)
-        if job is not None:
-            pid, status = os.waitpid(job, os.WNOHANG)
-            if pid:
-                job = None
-                sock.sendall(b"e%d\n" % status)
+                chunk, passed = recv_with_fds(sock, READ_SIZE)
+                if not chunk:
+                    return
+                data, fds = data + chunk, fds + passed
+                while True:
+                    head, newline, rest = data.partition(b"\n")
+                    if not newline or (head[:1] == b"j" and len(rest) < int(head[1:])):
+                        break  # the rest is on its way
+                    if head[:1] == b"g":
+                        data = rest
+                        signal_spawned(group, int(head[1:]))
+                        continue
+                    command, data = rest[:int(head[1:])], rest[int(head[1:]):]
+                    out, err = fds[:2]
+                    del fds[:2]
+                    job, reply = spawn_job(command, out, err)
+                    group = job
+                    sock.sendall(reply)
+            if job is not None:
+                pid, status = os.waitpid(job, os.WNOHANG)
+                if pid:
+                    job = None
+                    sock.sendall(b"e%d\n" % status)
+    finally:
+        end_spawned(job, group)
 
 
-def spawn_job(sock, command, out, err):
+def signal_spawned(group, signum):
+    if group is not None:
+        try:
+            os.killpg(group, signum)
+        except OSError:
+            pass  # gone
+
+
+def spawn_job(command, out, err):
+    """(pid or None, the reply that says how it went)."""
     try:
         pid = os.posix_spawn("/bin/sh", ["sh", "-c", command], job_environment(), file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)],
             setsid=True, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ) + SPAWNER_IGNORES)
     except OSError as e:
-        sock.sendall(b"x%d\n" % (e.errno or errno.EIO))
-        return None
+        return None, b"x%d\n" % (e.errno or errno.EIO)
     except NotImplementedError:
-        sock.sendall(b"x0\n")
-        return None
+        return None, b"x0\n"
     finally:
         os.close(out)
         os.close(err)
-    sock.sendall(b"s%d\n" % pid)
-    return pid
+    return pid, b"s%d\n" % pid
 
 
 def end_spawned(job, group):
