@@ -123,6 +123,7 @@ RETIRED_WATCH = 10.0   # seconds to watch a replaced queue file for late `>>` ap
 RETIRED_MAX = 32       # ... and at most this many of them
 AHEAD_WINDOW = 0.05    # s: jobs that end this fast are taken ahead of free slots...
 AHEAD_MAX = 16         # ... at most this many per slot, to save takes (QueueMode)
+AHEAD_HOLD = 0.5       # s: jobs taken ahead and not started by then go back to the queue
 MIN_FREE_BYTES = 1 << 16  # free disk, beyond the queue file's size, needed to start
 
 # Options for every ssh we start. They come after the user's own -o options
@@ -2400,7 +2401,7 @@ class QueueFile:
             os.close(self.looked_at[0])
             self.looked_at = None
 
-    def take(self, choose, before_rename=None):
+    def take(self, choose, before_rename=None, starts=None):
         """Walk the queue from the head and take the jobs `choose` accepts.
 
         choose(job) returns what to start the job with (having rendered it
@@ -2411,7 +2412,9 @@ class QueueFile:
         Must hold the lock. Returns [(choice, job)] and a list of
         QueueProblem, one per entry that could not be taken from.
         before_rename(temp, jobs), if given, is called as on_commit is (see the
-        class docstring): the journal records the take there.
+        class docstring): the journal records the take there. starts(choice),
+        if given, says whether a job starts now: consumed.yaml lists only
+        those (the others with record_started(), when they do).
         """
         taken, problems, seen, index, stop = [], [], 0, 0, False
         self.edits = []
@@ -2426,7 +2429,8 @@ class QueueFile:
             else:
                 index += 1
         if taken or self.dirty:
-            self.commit([job for _, job in taken], before_rename)
+            now = [job for choice, job in taken if starts is None or starts(choice)]
+            self.commit([job for _, job in taken], before_rename, now)
             self.count -= len(taken)
         return taken, problems
 
@@ -2504,18 +2508,20 @@ class QueueFile:
         self.count += len(jobs)
         self.write(returned=jobs, before_rename=before_rename)
 
-    def commit(self, jobs, before_rename=None):
-        """Record `jobs` as taken in consumed.yaml and write the queue file."""
-        self.write(jobs, before_rename=before_rename)
+    def commit(self, jobs, before_rename=None, started=None):
+        """Record `jobs` as taken (those `started`, by default all, in
+        consumed.yaml) and write the queue file."""
+        self.write(jobs, before_rename=before_rename, started=started)
 
-    def write(self, jobs=(), returned=(), before_rename=None):
-        """Write self.text over the queue file, and append `jobs` (taken) to
-        consumed.yaml first; `returned` are jobs put back, for the hook. On
-        failure nothing has changed, on disk or here."""
+    def write(self, jobs=(), returned=(), before_rename=None, started=None):
+        """Write self.text over the queue file, and append `started` (taken
+        jobs that start now: by default all of `jobs`) to consumed.yaml
+        first; `returned` are jobs put back, for the hook. On failure nothing
+        has changed, on disk or here."""
         self.history.append(self.edits)
         self.edits = []
         try:
-            self.write_text(jobs, returned, before_rename)
+            self.write_text(jobs, returned, before_rename, started)
         except BaseException as e:
             self.history.pop()
             if self.stale and self.source is not None:
@@ -2530,7 +2536,7 @@ class QueueFile:
             raise
         del self.history[:-HISTORY_TAKES]
 
-    def write_text(self, jobs, returned=(), before_rename=None):
+    def write_text(self, jobs, returned=(), before_rename=None, started=None):
         if not self.editable:
             self.text = "".join(dump_entry(spec_canonical(e.spec)) for e in self.entries)
             self.entries, self.editable = parse_queue(self.path, self.text)
@@ -2544,7 +2550,7 @@ class QueueFile:
             # consumed.yaml is touched. consumed.yaml is synced before the
             # rename, so a crash leaves a job in one file or both, never neither.
             write_fd(fd, data)
-            mark = self.append_consumed(jobs, mode)
+            mark = self.append_consumed(jobs if started is None else started, mode)
             try:
                 if before_rename is not None and (jobs or returned):
                     before_rename(temp, list(jobs) or list(returned))
@@ -2576,6 +2582,25 @@ class QueueFile:
         except OSError as e:
             e.pegasus_path = self.consumed_path
             raise
+
+    def record_started(self, jobs):
+        """Jobs taken earlier (QueueMode.ahead) start now: consumed.yaml lists
+        them. Not synced: the journal holds them, and a crash puts them back
+        from there. A failure is told once; the jobs run all the same."""
+        if not jobs:
+            return
+        data = "".join(dump_entry(j.canonical()) for j in jobs).encode("utf-8")
+        try:
+            fd = os.open(self.consumed_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         file_mode(queue_target(self.path)))
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            finally:
+                os.close(fd)
+        except OSError as e:
+            note_once(("consumed", e.strerror), "cannot write %s: %s; jobs run all the same"
+                      % (self.consumed_path, e.strerror))
 
     def merge(self, fd, data, target):
         """Just before the rename: keep what others wrote to the queue file
@@ -2784,7 +2809,7 @@ class MemoryQueue:
     def load(self):
         pass  # nobody else can change it
 
-    def take(self, choose, before_rename=None):
+    def take(self, choose, before_rename=None, starts=None):
         """As QueueFile.take: walk from the head, take what `choose` accepts;
         a job that cannot be rendered stays, and the walk goes on."""
         taken, kept, problems, looked = [], [], [], 0
@@ -2813,6 +2838,9 @@ class MemoryQueue:
 
     def commit(self, jobs):
         pass  # nothing records taken jobs: the output and --joblog do
+
+    def record_started(self, jobs):
+        pass
 
 
 class MemoryLock:
@@ -5500,7 +5528,7 @@ class QueueGate:
         self.gave_up = False      # the pending jobs were printed for the user
         self.problems_told = set()  # keys of jobs that could not be rendered, told once
 
-    def take(self, choose):
+    def take(self, choose, starts=None):
         """Take the jobs `choose` accepts (see QueueFile.take). While the file
         is locked or broken, returns [] and takes nothing until a retry."""
         lock = self.queue.lock
@@ -5512,7 +5540,7 @@ class QueueGate:
         try:
             with self.journal.writing("+") as before_rename:
                 self.queue.load()
-                taken, problems = self.queue.take(choose, before_rename)
+                taken, problems = self.queue.take(choose, before_rename, starts)
         except QueueWriteError as e:
             self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
         except PegasusError as e:
@@ -6064,6 +6092,7 @@ class Dispatcher:
                  % (why, jobs, CANCEL_GRACE))
         else:
             note("%s: killing %s now" % (why, jobs))
+        self.policy.stopping()
         for run in list(self.runs):
             if level >= CANCEL:
                 self.cancel(run)
@@ -6246,7 +6275,8 @@ class QueueMode:
         self.waiting = False     # a queued job could not start for want of a slot
         self.cut_short = []      # cancelled runs, to go back in the order they started
         self.start_errors = {}   # job key -> runs of it that could not start
-        self.ahead = collections.deque()  # jobs taken ahead of free slots, in queue order
+        self.ahead = collections.deque()  # [job, when taken]: ahead of free slots, in order
+        self.ahead_timer = None  # the look at ahead jobs that wait too long
         self.pace = None         # how long runs take, on average (recent ones count most)
         self.paced = 0           # runs that pace has seen end
 
@@ -6260,11 +6290,14 @@ class QueueMode:
         self.waiting = bool(d.queue.count)  # until a walk of the queue says otherwise
         if any(free.values()) and not d.gate.blocked:
             self.waiting = False  # choose() sets it when it leaves a job that could run
-            for (slot, indices, command), job in d.gate.take(self.chooser(free)):
+            now = time.monotonic()
+            for (slot, indices, command), job in d.gate.take(
+                    self.chooser(free), starts=lambda choice: choice[0] is not None):
                 if slot is None:
-                    self.ahead.append(job)
+                    self.ahead.append([job, now])
                 else:
                     d.spawn(slot, job, command, indices)
+        self.watch_ahead()
         if d.gate.blocked:
             return False  # the retry asks for fill() again
         if (not self.waiting and not d.runs and not self.retries and not d.gate.pending
@@ -6287,7 +6320,7 @@ class QueueMode:
         """choose(job) for QueueFile.take: see the class docstring. Once no
         slot is free, it may take jobs ahead (see ahead_wanted)."""
         reserved = []  # the slot held for the first job that does not fit
-        ahead = [self.ahead_wanted()]  # how many more to take ahead
+        ahead = [0 if self.d.stop_level else self.ahead_wanted()]  # how many more to take ahead
 
         def choose(job):
             open_slots = {s: n for s, n in free.items() if n and s not in reserved}
@@ -6332,12 +6365,14 @@ class QueueMode:
         return per_slot * sum(s.capacity for s in slots) - len(self.ahead)
 
     def start_ahead(self, free):
-        """Start jobs taken ahead, in queue order, on free slots."""
+        """Start jobs taken ahead, in queue order, on free slots; consumed.yaml
+        lists them now."""
+        started = []
         while self.ahead:
-            found = self.place(self.ahead[0], free)
+            found = self.place(self.ahead[0][0], free)
             if found is None:
-                return
-            job = self.ahead.popleft()
+                break
+            job = self.ahead.popleft()[0]
             slot, indices = found
             try:
                 command = render_job(job, slot, indices)
@@ -6345,7 +6380,32 @@ class QueueMode:
                 self.d.gate.put_back([job])  # the usual take will say why
                 continue
             del free[slot][:job.slots]
+            started.append(job)
             self.d.spawn(slot, job, command, indices)
+        self.d.queue.record_started(started)
+
+    def watch_ahead(self):
+        """Jobs taken ahead that wait more than AHEAD_HOLD (the runs got
+        long: the pace that took them no longer holds) go back to the head
+        of the queue, where lock mode and other runners can see them."""
+        self.d.loop.cancel(self.ahead_timer)
+        self.ahead_timer = None
+        if not self.ahead:
+            return
+        wait = self.ahead[0][1] + AHEAD_HOLD - time.monotonic()
+        if wait <= 0:
+            self.give_back_ahead()
+        else:
+            self.ahead_timer = self.d.loop.call_later(wait, self.watch_ahead, owner="fill")
+
+    def give_back_ahead(self):
+        if self.ahead:
+            self.d.gate.put_back([job for job, _ in self.ahead])
+            self.ahead.clear()
+
+    def stopping(self):
+        """A stop: no job starts any more, and those taken ahead go back now."""
+        self.give_back_ahead()
 
     def reserve(self, job):
         """The slot held for a head job that fits nowhere now; sticky, so
@@ -6431,15 +6491,16 @@ class QueueMode:
 
     def wind_up(self):
         """At exit: retries not run count as failed; cancelled jobs go back
-        to the head of the queue in the order they had started."""
+        to the head of the queue in the order they had started, before any
+        taken ahead."""
+        self.give_back_ahead()
         for job, attempt, avoid, last in self.retries:
             self.d.record(last)
             self.d.records.failed(job)
             self.d.journal.ended(job)
         self.retries = []
         self.cut_short.sort(key=lambda run: run.sequence)
-        self.d.gate.put_back([run.job for run in self.cut_short] + list(self.ahead))
-        self.ahead.clear()
+        self.d.gate.put_back([run.job for run in self.cut_short])
 
     def report(self):
         d = self.d
@@ -6464,6 +6525,9 @@ class BroadcastMode:
         self.step_failed = []  # labels of the slots that failed this step
         self.step_job = None   # the job of this step
         self.cut_short = []    # this step's cancelled runs: the step goes back whole
+
+    def stopping(self):
+        pass  # nothing is taken ahead: a step starts once all slots are free
 
     def fill(self):
         d = self.d

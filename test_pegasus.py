@@ -1957,6 +1957,33 @@ def test_jobs_taken_ahead_go_back_at_a_stop(tmp_path):
     assert left == long_jobs, (left, err)  # the two cut short first, then the rest
     done = [line for line in out.splitlines() if "=== done (exit status 0" in line]
     assert len(done) == 200
+    # consumed.yaml lists the jobs that started, not those taken ahead
+    consumed = yaml.safe_load(read(tmp_path / "consumed.yaml"))
+    assert [job for job in consumed if job.startswith("sleep")] == long_jobs[:2]
+    assert len(consumed) == 202
+
+
+def test_jobs_taken_ahead_that_wait_go_back_to_the_queue(tmp_path):
+    # Short jobs, then long ones: those taken ahead while the pace was short
+    # wait behind the long runs; they go back to queue.yaml, where lock mode
+    # and other runners see them, and run from there.
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
+    tag = "9%d" % (os.getpid() % 100000)
+    long_jobs = ["sleep %s.%02d" % (tag, i) for i in range(12)]
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump(
+        ["true %d" % i for i in range(200)] + long_jobs))
+    proc = start_pegasus(tmp_path, "q")
+    try:
+        wait_for(lambda: stdout_so_far(proc).count("=== run 'sleep") == 2, timeout=60,
+                 what="two long jobs to start")
+        wait_for(lambda: yaml.safe_load(read(tmp_path / "queue.yaml")) == long_jobs[2:],
+                 timeout=10, what="the jobs taken ahead back in queue.yaml")
+        consumed = yaml.safe_load(read(tmp_path / "consumed.yaml"))
+        assert [job for job in consumed if job.startswith("sleep")] == long_jobs[:2]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert yaml.safe_load(read(tmp_path / "queue.yaml")) == long_jobs
 
 
 def test_output_lines_are_whole_prefixed_and_never_lost(tmp_path):
