@@ -2054,8 +2054,11 @@ def render_job(job, slot, indices=None):
     held the first slot numbers it needs."""
     if indices is None:
         indices = range(job.slots)
-    return render(job.command, job_names(job, slot, indices),
-                  "job %r on %s" % (job.command, slot.label))
+    what = "job %r on %s" % (job.command, slot.label)
+    command = render(job.command, job_names(job, slot, indices), what)
+    if "\0" in command:  # no argv, no shell variable can hold it
+        raise PegasusError("%s: a command cannot contain a NUL byte (\\0)" % what)
+    return command
 
 
 # ----------------------------------------------------------------------------
@@ -3788,13 +3791,15 @@ class Spawner:
             self.on_exit(self)
 
     def lose(self):
-        """Its socket closed: killed (kill -9 $PPID in a job, say)."""
+        """Its socket closed: killed (`kill -9 $PPID` in the job, say). A
+        running job is killed too, and ends as killed by SIGKILL."""
         self.lost = True
         self.close()
         proc = self.proc
         if proc is not None and proc.returncode is None:
             signal_group(proc, signal.SIGKILL)  # by its pid, now
-            proc.error = "its spawner (pid %s) was killed" % self.pid
+            note("pegasus's spawner (pid %s) of a local job was killed; the job is killed too"
+                 % self.pid)
             proc.returncode = -signal.SIGKILL
             self.on_exit(self)
 
@@ -5838,8 +5843,8 @@ class Dispatcher:
                 run.attach(self.spawner_for().spawn(run))
             else:
                 run.spawn(*launch(self.options, master, run.command))
-        except OSError as e:
-            run.error = "could not start: %s" % e.strerror
+        except (OSError, ValueError) as e:  # ValueError: an argv the OS cannot take
+            run.error = "could not start: %s" % (getattr(e, "strerror", None) or e)
             self.loop.call_later(0, lambda: self.end(run), owner=run)
             return False
         if not self.paused:
@@ -6016,7 +6021,7 @@ class Dispatcher:
                                                owner=run))
 
     def escalate(self, run):
-        if run.master.socket is None:
+        if run.master.socket is None and run.proc is not None:
             signal_group(run.proc, signal.SIGKILL)
         run.timers.append(self.loop.call_later(CANCEL_FORCE, lambda: self.force_end(run),
                                                owner=run))

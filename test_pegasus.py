@@ -1890,16 +1890,17 @@ def test_local_jobs_share_a_spawner_and_not_its_process_group(tmp_path):
     assert job_lines(out) == ["[localhost] %d" % proc.pid]
 
 
-def test_a_local_job_that_kills_its_spawner_goes_back_once(tmp_path):
-    # The first attempt takes its spawner with it: the job goes back to the
-    # queue (its end unknown) and runs again; the run goes on meanwhile.
+def test_a_local_job_that_kills_its_spawner_is_killed_and_retried_like_any_failure(tmp_path):
+    # The job takes its spawner with it: it ends as killed (SIGKILL), the
+    # run goes on at once, and --retries gives it another spawner.
     flag = tmp_path / "killed-once"
     (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
-        "[ -e %s ] || { touch %s; kill -9 $PPID; sleep 1; }; echo second try" % (flag, flag),
-        "echo other"]))
-    out = run_pegasus(tmp_path, "q", timeout=60)
+        "[ -e %s ] || { touch %s; kill -9 $PPID; sleep 1; echo not reached; }; echo second try"
+        % (flag, flag), "echo other"]))
+    out = run_pegasus(tmp_path, "q", "--retries", "1", timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "spawner" in out.stderr and "goes back to the head of queue.yaml" in out.stderr
+    assert "spawner" in out.stderr and "taking no job" not in out.stderr, out.stderr
+    assert "=== done (signal SIGKILL" in out.stdout
     assert sorted(job_lines(out.stdout)) == ["[localhost] other", "[localhost] second try"]
     assert read(tmp_path / "queue.yaml").strip() in ("", "[]")
 
@@ -1984,6 +1985,19 @@ def test_jobs_taken_ahead_that_wait_go_back_to_the_queue(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert yaml.safe_load(read(tmp_path / "queue.yaml")) == long_jobs
+
+
+def test_a_command_with_a_nul_byte_stays_queued_and_is_named(tmp_path):
+    write(tmp_path / "queue.yaml", '- "echo a\\0b"\n- echo after\n')
+    proc = start_pegasus(tmp_path, "q")
+    try:
+        wait_for(lambda: "cannot contain a NUL byte" in stderr_so_far(proc), what="the error")
+        wait_for(lambda: "[localhost] after" in stdout_so_far(proc), what="the next job")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert "queue.yaml:1: job 'echo a\\x00b'" in proc.err_text
+    assert yaml.safe_load(read(tmp_path / "queue.yaml")) == ["echo a\0b"]
 
 
 def test_output_lines_are_whole_prefixed_and_never_lost(tmp_path):
