@@ -502,6 +502,20 @@ def test_canonical_entries_read_back_as_the_same_job(job):
     assert list(pegasus.expand_jobs(entries[0].spec)) == [job]
 
 
+def test_entries_dumped_together_are_the_entries_dumped_one_by_one():
+    # consumed.yaml gets a burst's plain commands in one yaml.dump: the
+    # text must be what one dump per entry writes, and read back the same.
+    values = ["true", "8", "null", "yes", "1.10", "- dash: colon", "#not a comment",
+              " lead", "trail ", "multi\nline 'q' \"x\" $HOME", "tab\there", "caf\u00e9 \u2603",
+              "{{x}}", "x" * 300, pegasus.Job("a {{k}}", {"k": "1"}).canonical(),
+              pegasus.Job("b", slots=2).canonical(), "last"]
+    together = pegasus.dump_entries(values)
+    assert together == "".join(pegasus.dump_entry(value) for value in values)
+    entries, _ = pegasus.parse_queue("consumed.yaml", together)
+    assert [entry.spec for entry in entries] == [pegasus.parse_queue(
+        "x", pegasus.dump_entry(value))[0][0].spec for value in values]
+
+
 # ----------------------------------------------------------------------------
 # Templates
 # ----------------------------------------------------------------------------
