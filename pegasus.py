@@ -3777,6 +3777,8 @@ class Spawner:
         return self.proc
 
     def signal(self, signum):
+        if self.sock is None:
+            return  # closed: it has ended its job, or is ending it
         try:
             self.sock.sendall(b"g%d\n" % signum)
         except OSError:
@@ -3825,12 +3827,14 @@ class Spawner:
     def wait(self, timeout):
         """Block until its job's end is known (at shut-down, after a KILL)."""
         deadline = time.monotonic() + timeout
-        while self.proc.returncode is None and not self.lost:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                self.proc.returncode = -signal.SIGKILL
-                return
-            self.read(self.sock.fileno())
+        with selectors.DefaultSelector() as selector:  # select(): fds past 1023
+            selector.register(self.sock, selectors.EVENT_READ)
+            while self.proc.returncode is None and not self.lost:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    self.proc.returncode = -signal.SIGKILL
+                    return
+                self.read(self.sock.fileno())
 
     def close(self):
         """EOF to the spawner: it exits (ending a running job first)."""
