@@ -6139,7 +6139,9 @@ class Dispatcher:
 
     def advance(self):
         """After each round of the loop: fill free slots, or move towards the
-        exit; then write what this round printed."""
+        exit; write what this round printed; then see whether all is done
+        (after the write: a last line still in the buffer would otherwise
+        hold the exit until the next timer, 0.25 s)."""
         if not self.exiting_phase:
             if self.stop_level:
                 if not self.runs:
@@ -6148,11 +6150,11 @@ class Dispatcher:
                 self.fill_wanted = False
                 self.loop.call(self.fill, "fill")
             self.throttle()
+        self.printer.flush()
         if self.exiting_phase and self.gate.settled() and self.pool.closed() and (
                 not self.agents) and (
                 not self.printer.backlog() or self.output_given_up()):
             self.done = True
-        self.printer.flush()
 
     def fill(self):
         self.monitor.dirty = True  # the queued count may have changed
