@@ -3766,7 +3766,8 @@ class Spawner:
             message = b"j%d\n" % len(command) + command
             sent = self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                   array.array("i", [out_end, err_end]))])
-            self.sock.sendall(message[sent:])
+            if sent < len(message):  # sendall(b"") fails if the job has just killed us
+                self.sock.sendall(message[sent:])
         except OSError:
             for fd in fds:
                 os.close(fd)
@@ -5863,7 +5864,7 @@ class Dispatcher:
                 return True
             if (master.socket is None and not per_job and _posix_spawn_setsid
                     and len(run.command) <= ARGV_MAX):
-                run.attach(self.spawner_for().spawn(run))
+                run.attach(self.spawn_locally(run))
             else:
                 run.spawn(*launch(self.options, master, run.command))
         except (OSError, ValueError) as e:  # ValueError: an argv the OS cannot take
@@ -5887,6 +5888,16 @@ class Dispatcher:
         spawner.start(self.loop)
         self.spawners.append(spawner)
         return spawner
+
+    def spawn_locally(self, run):
+        """Hand the run to an idle spawner. One found dead (killed by what an
+        earlier job left running) is let go, and another one takes it."""
+        while True:
+            spawner = self.spawner_for()
+            try:
+                return spawner.spawn(run)
+            except (BrokenPipeError, ConnectionResetError):
+                spawner.lose()  # its own job had ended: nothing else to do
 
     def spawned_exit(self, spawner):
         run = spawner.run

@@ -1919,6 +1919,22 @@ def test_a_local_job_that_kills_its_spawner_is_killed_and_retried_like_any_failu
     assert read(tmp_path / "queue.yaml").strip() in ("", "[]")
 
 
+def test_jobs_that_kill_their_spawners_in_a_burst_run_once_and_stall_nothing(tmp_path):
+    # A spawner may die just as pegasus hands it a job, or with the next one
+    # on its way: no job may then run twice, count as not started, or hold
+    # up the others.
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 4\n")
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
+        "echo k%d >> ran.log; kill -9 $PPID" % i if i % 20 == 7 else "echo job-%d" % i
+        for i in range(400)]))
+    out = run_pegasus(tmp_path, "q", timeout=60)
+    assert out.returncode == 1, out.stderr
+    ran = read(tmp_path / "ran.log").split()
+    assert sorted(ran) == sorted("k%d" % i for i in range(7, 400, 20)), ran
+    assert "could not start" not in out.stderr and "taking no job" not in out.stderr
+    assert "380 succeeded, 20 failed" in out.stderr
+
+
 def test_pegasus_killed_ends_its_local_jobs(tmp_path):
     tag = "7%d" % (os.getpid() % 100000)
     write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
