@@ -5892,12 +5892,14 @@ class Dispatcher:
     def spawn_locally(self, run):
         """Hand the run to an idle spawner. One found dead (killed by what an
         earlier job left running) is let go, and another one takes it."""
-        while True:
+        for attempt in (1, 2):  # a new one that dies too fails: could not start
             spawner = self.spawner_for()
             try:
                 return spawner.spawn(run)
             except (BrokenPipeError, ConnectionResetError):
                 spawner.lose()  # its own job had ended: nothing else to do
+                if attempt == 2:
+                    raise
 
     def spawned_exit(self, spawner):
         run = spawner.run
