@@ -6004,18 +6004,25 @@ class Dispatcher:
             return
         self.exiting.discard(run)
         run.close_stdin()
-        if run.exit_code() == 255 and run.master.socket and not run.cancelled:
-            # 255 is ssh's own failure, or the job's exit status. Wait a moment:
-            # if the master goes too, the host was lost, not the job.
+        if self.maybe_host_lost(run):
+            # Wait a moment: if the master goes too, the host was lost, not the job.
             self.loop.call_later(HOST_CHECK_DELAY, lambda: self.end(run), owner=run)
         else:
             self.end(run)
+
+    def maybe_host_lost(self, run):
+        """An end that a dying host also gives: 255 (ssh's own failure, or the
+        job's status), or over an agent a death by signal (128+n: a host
+        going down kills the job, and the runner may still report it)."""
+        code = run.exit_code()
+        return bool(run.master.socket) and not run.cancelled and code is not None and (
+            code == 255 or (run.nonce is not None and code > 128))
 
     def end(self, run):
         if run.ended:
             return
         run.ended = True
-        if run.exit_code() == 255 and run.master.socket and not run.cancelled:
+        if self.maybe_host_lost(run):
             run.host_lost = run.host_lost or not run.master.alive()
         for timer in run.timers:
             self.loop.cancel(timer)
