@@ -6005,7 +6005,10 @@ class Dispatcher:
         self.exiting.discard(run)
         run.close_stdin()
         if self.maybe_host_lost(run):
-            # Wait a moment: if the master goes too, the host was lost, not the job.
+            # Wait a moment: if the master goes too, the host was lost, not the
+            # job. It has ended: no timeout or escalation may act on it meanwhile.
+            for timer in run.timers:
+                self.loop.cancel(timer)
             self.loop.call_later(HOST_CHECK_DELAY, lambda: self.end(run), owner=run)
         else:
             self.end(run)
