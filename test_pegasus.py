@@ -1970,17 +1970,23 @@ def test_short_jobs_are_taken_many_at_a_time(tmp_path):
     assert len(takes) < 100, len(takes)  # one job a slot at a time would be 150 or more
 
 
-def test_jobs_taken_ahead_go_back_at_a_stop(tmp_path):
-    # After a burst of short jobs, the long ones behind them are taken ahead
-    # of free slots; a stop puts back those not started, in queue order.
+def start_burst_then_long_jobs(tmp_path, tag, count):
+    """200 short jobs, then `count` long ones, on 2 local slots; returns once
+    two long ones run: (the pegasus process, the long jobs)."""
     write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
-    tag = "8%d" % (os.getpid() % 100000)
-    long_jobs = ["sleep %s.%02d" % (tag, i) for i in range(20)]
+    long_jobs = ["sleep %s%d.%02d" % (tag, os.getpid() % 100000, i) for i in range(count)]
     (tmp_path / "queue.yaml").write_text(yaml.safe_dump(
         ["true %d" % i for i in range(200)] + long_jobs))
     proc = start_pegasus(tmp_path, "q")
     wait_for(lambda: stdout_so_far(proc).count("=== run 'sleep") == 2, timeout=60,
              what="two long jobs to start")
+    return proc, long_jobs
+
+
+def test_jobs_taken_ahead_go_back_at_a_stop(tmp_path):
+    # After a burst of short jobs, the long ones behind them are taken ahead
+    # of free slots; a stop puts back those not started, in queue order.
+    proc, long_jobs = start_burst_then_long_jobs(tmp_path, "8", 20)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     out = proc.out_text + out
@@ -1998,15 +2004,8 @@ def test_jobs_taken_ahead_that_wait_go_back_to_the_queue(tmp_path):
     # Short jobs, then long ones: those taken ahead while the pace was short
     # wait behind the long runs; they go back to queue.yaml, where lock mode
     # and other runners see them, and run from there.
-    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
-    tag = "9%d" % (os.getpid() % 100000)
-    long_jobs = ["sleep %s.%02d" % (tag, i) for i in range(12)]
-    (tmp_path / "queue.yaml").write_text(yaml.safe_dump(
-        ["true %d" % i for i in range(200)] + long_jobs))
-    proc = start_pegasus(tmp_path, "q")
+    proc, long_jobs = start_burst_then_long_jobs(tmp_path, "9", 12)
     try:
-        wait_for(lambda: stdout_so_far(proc).count("=== run 'sleep") == 2, timeout=60,
-                 what="two long jobs to start")
         wait_for(lambda: yaml.safe_load(read(tmp_path / "queue.yaml")) == long_jobs[2:],
                  timeout=10, what="the jobs taken ahead back in queue.yaml")
         consumed = yaml.safe_load(read(tmp_path / "consumed.yaml"))
