@@ -6408,8 +6408,8 @@ class QueueMode:
         been ending within AHEAD_WINDOW (a burst of short jobs). Then each
         take brings up to AHEAD_MAX jobs a slot, and most runs need no take
         of their own (a take writes queue.yaml, consumed.yaml and the
-        journal, and syncs them: ~1.5 ms). They leave queue.yaml at most
-        about AHEAD_WINDOW before they start; at a stop they go back."""
+        journal, and syncs them: ~1.5 ms). One that waits longer than
+        AHEAD_HOLD goes back (watch_ahead), and all do at a stop."""
         slots = self.d.usable_slots()
         if (not slots or self.pace is None or self.pace >= AHEAD_WINDOW
                 or self.paced < sum(s.capacity for s in slots) or self.reservation):
@@ -6440,16 +6440,18 @@ class QueueMode:
     def watch_ahead(self):
         """Jobs taken ahead that wait more than AHEAD_HOLD (the runs got
         long: the pace that took them no longer holds) go back to the head
-        of the queue, where lock mode and other runners can see them."""
-        self.d.loop.cancel(self.ahead_timer)
+        of the queue, where lock mode and other runners can see them. One
+        timer, set when the first of them is due; it looks again then."""
+        if self.ahead_timer is None and self.ahead:
+            wait = self.ahead[0][1] + AHEAD_HOLD - time.monotonic()
+            self.ahead_timer = self.d.loop.call_later(max(0.0, wait), self.check_ahead,
+                                                      owner="fill")
+
+    def check_ahead(self):
         self.ahead_timer = None
-        if not self.ahead:
-            return
-        wait = self.ahead[0][1] + AHEAD_HOLD - time.monotonic()
-        if wait <= 0:
+        if self.ahead and self.ahead[0][1] + AHEAD_HOLD <= time.monotonic():
             self.give_back_ahead()
-        else:
-            self.ahead_timer = self.d.loop.call_later(wait, self.watch_ahead, owner="fill")
+        self.watch_ahead()
 
     def give_back_ahead(self):
         if self.ahead:
