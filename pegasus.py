@@ -2199,9 +2199,10 @@ def write_fd(fd, data):
     os.fsync(fd)
 
 
-def append_durably(path, text, mode=0o644):
-    """Append and fsync; returns the size before, to truncate back to. A new
-    file gets `mode`: that of the queue file, whose commands it copies."""
+def append_durably(path, text, mode=0o644, sync=True):
+    """Append and fsync (unless not `sync`); returns the size before, to
+    truncate back to. A new file gets `mode`: that of the queue file, whose
+    commands it copies."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         before = os.fstat(fd).st_size
@@ -2211,7 +2212,8 @@ def append_durably(path, text, mode=0o644):
         try:
             while data:
                 data = data[os.write(fd, data):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError:
             truncate_back(path, before)
             raise
@@ -2611,15 +2613,9 @@ class QueueFile:
         from there. A failure is told once; the jobs run all the same."""
         if not jobs:
             return
-        data = dump_entries(j.canonical() for j in jobs).encode("utf-8")
         try:
-            fd = os.open(self.consumed_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         file_mode(queue_target(self.path)))
-            try:
-                while data:
-                    data = data[os.write(fd, data):]
-            finally:
-                os.close(fd)
+            append_durably(self.consumed_path, dump_entries(j.canonical() for j in jobs),
+                           file_mode(queue_target(self.path)), sync=False)
         except OSError as e:
             note_once(("consumed", e.strerror), "cannot write %s: %s; jobs run all the same"
                       % (self.consumed_path, e.strerror))
@@ -3806,6 +3802,9 @@ class Spawner:
             proc.error = "could not start: %s" % (
                 os.strerror(value) if value else "no posix_spawn with setsid here")
             proc.returncode = 127
+            if not value:
+                global _posix_spawn_setsid
+                _posix_spawn_setsid = False  # local jobs start with Popen from now on
             self.on_exit(self)
         elif kind == b"e":
             proc.returncode = (-os.WTERMSIG(value) if os.WIFSIGNALED(value)
@@ -5907,9 +5906,6 @@ class Dispatcher:
             return
         if spawner.proc.error is not None and run.error is None:
             run.error = spawner.proc.error
-            if spawner.proc.error.startswith("could not start: no posix_spawn"):
-                global _posix_spawn_setsid
-                _posix_spawn_setsid = False  # Popen from now on
         if run in self.exiting:
             self.check_exit(run)
 
