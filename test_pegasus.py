@@ -3280,14 +3280,16 @@ class _AgentSink:
 
 
 AGENT_OUTPUTS = [b"up\n", b"x", b"a\n\nb\n", b"\n", b"", b"\n\n", b"no newline\n\nlast",
-                 b"pegasus-agent-1\n\nNONCE s\n", b"\r\n\r"]
+                 b"pegasus-agent-1\n\nNONCE s\n", b"\r\n\r",
+                 # MARK_BYTE where a marker's would be, more than find_mark checks one by one
+                 b"\x1f\n\x1f0123 s\n" * 6 + b"\x1f" * 9 + b"\n\x1f\x1f\n", b"\n0123456789abcdef0123 e0\n"]
 
 
 @pytest.mark.parametrize("output", AGENT_OUTPUTS)
 def test_agent_streams_split_at_every_byte_give_the_same_lines(output):
     # A parser, fed as reads may split it: one job's stdout between its
     # markers, cut at every position into two reads.
-    nonce = b"0123456789abcdef0123"
+    nonce = pegasus.MARK_BYTE + b"0123456789abcdef0123"
     stream = b"\n" + nonce + b" s\n" + output + b"\n" + nonce + b" e5\n"
     expected = None
     for cut in range(len(stream) + 1):
@@ -3318,6 +3320,18 @@ def test_agent_streams_split_at_every_byte_give_the_same_lines(output):
     got.clear()
     agent.take(7, b"\n" + nonce + b" s\n" + b"up\n")
     assert got == [b"up\n"]
+
+
+def test_find_mark_finds_what_a_whole_find_finds():
+    # Reads made of marker pieces: MARK_BYTE alone, after a newline, before
+    # a wrong nonce, and whole markers; many false hits and none.
+    rng = random.Random(12)
+    mark = b"\n" + pegasus.MARK_BYTE + b"0123456789abcdef0123 "
+    pieces = [b"\n", pegasus.MARK_BYTE, b"\n" + pegasus.MARK_BYTE + b"0123", b"x" * 50,
+              mark[1:], mark[:-1], mark]
+    for _ in range(3000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
+        assert pegasus.find_mark(data, mark) == data.find(mark), data
 
 
 @pytest.mark.parametrize("path", ["agent", "session per job"])
@@ -3353,6 +3367,23 @@ def test_a_job_cannot_fake_its_end_over_the_agent(tmp_path, hosts):
                                     "[h1] after"])
     assert lines[-2:] == ["[h1] [][][][][]", "[h1] after"]
     assert "[h1] === done (exit status 7" in out.stdout
+
+
+def test_output_full_of_the_marker_byte_comes_through_whole(tmp_path, hosts):
+    # Megabytes in which MARK_BYTE is everywhere a marker's could be, with
+    # hex after it: find_mark's false hits, its fall-back, and wide pipes.
+    rng = random.Random(5)
+    pieces = [pegasus.MARK_BYTE, b"\n", b"\n" + pegasus.MARK_BYTE, b"0123456789abcdef0123",
+              b" s", b" e0", b"x" * 100]
+    data = b"".join(rng.choice(pieces) for _ in range(150000)) + b"\n"
+    (tmp_path / "data").write_bytes(data)
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- cat %s\n- cat %s >&2; exit 3\n- echo after\n" % (
+        tmp_path / "data", tmp_path / "data"))
+    out = run_pegasus(tmp_path, "q", "--plain", ssh_config=hosts.config)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stdout == data.decode() * 2 + "after\n"  # a job's stderr too, in --plain
+    assert "2 succeeded, 1 failed" in out.stderr
 
 
 @pytest.mark.parametrize("users", [None, "glibc.malloc.tcache_count=0"])
