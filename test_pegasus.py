@@ -24,6 +24,7 @@ import random
 import resource
 import tracemalloc
 import collections
+import fcntl
 import itertools
 
 import pytest
@@ -3332,6 +3333,26 @@ def test_find_mark_finds_what_a_whole_find_finds():
     for _ in range(3000):
         data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
         assert pegasus.find_mark(data, mark) == data.find(mark), data
+
+
+@pytest.mark.skipif(pegasus.F_SETPIPE_SZ is None, reason="pipes have a fixed size here")
+def test_pipes_are_widened_up_to_a_budget():
+    # widen() keeps at most WIDE_PIPES pipes wide; closed ones make room.
+    pegasus._wide_pipes.clear()
+    pipes = [os.pipe() for _ in range(pegasus.WIDE_PIPES + 2)]
+    try:
+        assert all(pegasus.widen(r) for r, _ in pipes[:pegasus.WIDE_PIPES])
+        assert not pegasus.widen(pipes[-1][0])
+        assert fcntl.fcntl(pipes[-1][0], pegasus.F_GETPIPE_SZ) < pegasus.WIDE_PIPE
+        for fd in pipes.pop(0):
+            os.close(fd)
+        assert pegasus.widen(pipes[-1][0])
+        assert fcntl.fcntl(pipes[-1][0], pegasus.F_GETPIPE_SZ) == pegasus.WIDE_PIPE
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        pegasus._wide_pipes.clear()
 
 
 @pytest.mark.parametrize("path", ["agent", "session per job"])
