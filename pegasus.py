@@ -58,6 +58,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -127,6 +128,7 @@ START_TRIES = 3        # a job that cannot be started goes back this many times,
 ARGV_MAX = 16 * 1024   # a longer command travels on the session's stdin, not in argv
 OUTPUT_HIGH = 16 << 20  # unwritten output at which pegasus stops reading jobs' pipes ...
 OUTPUT_LOW = 1 << 20   # ... until it is down to this
+OUTPUT_SETTLE = 0.002  # once a full wide pipe on stdout has room, wait this long to write
 OUTPUT_EXIT_WAIT = 2.0  # stopped by a signal, how long pegasus waits for stdout's reader
 MASTER_UP = "pegasus-master-up"  # what a master prints once it has logged in
 MAX_ENTRY_JOBS = 10 ** 9  # combinations in one queue entry; more is surely a mistake
@@ -5155,7 +5157,9 @@ class Output:
         self.loop = None
         self.own_fd = False      # fd is the terminal opened again
         self.saved_flags = None  # the flags to put back at detach()
-        self.waiting = False     # registered with the loop for EVENT_WRITE
+        self.waiting = False     # registered with the loop for EVENT_WRITE, or a timer
+        self.wide = False        # a pipe widen() made wide
+        self.timer = None        # the pause after a wide pipe's EVENT_WRITE
 
     def attach(self, loop):
         self.stream.flush()
@@ -5166,14 +5170,19 @@ class Output:
             else:
                 self.saved_flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
                 fcntl.fcntl(self.fd, fcntl.F_SETFL, self.saved_flags | os.O_NONBLOCK)
+                if stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+                    self.wide = widen(self.fd)
         except OSError:
             pass  # writes stay blocking, as before attach()
         self.loop = loop
 
     def detach(self):
-        if self.waiting:
+        if self.timer is not None:
+            self.loop.cancel(self.timer)
+            self.timer = None
+        elif self.waiting:
             self.loop.remove(self.fd)
-            self.waiting = False
+        self.waiting = False
         if self.own_fd:
             os.close(self.fd)
             self.fd, self.own_fd = self.stream.fileno(), False
@@ -5224,7 +5233,18 @@ class Output:
                 self.chunks.popleft()
 
     def writable(self, fd):
+        """The reader has taken some. Into a wide pipe, pegasus writes once
+        it has taken more: a reader taking a page at a time (awk, tee)
+        would otherwise get a write, a wake-up and two epoll_ctl per page,
+        most of the runner's CPU when its output is piped (W3)."""
         self.loop.remove(fd)
+        if self.wide:
+            self.timer = self.loop.call_later(OUTPUT_SETTLE, self.settled, owner="output")
+        else:
+            self.settled()
+
+    def settled(self):
+        self.timer = None
         self.waiting = False
         self.flush()
 

@@ -2087,8 +2087,9 @@ def test_lines_over_the_cap_are_cut_and_no_byte_is_lost_however_split():
 
 
 def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
-    # A pipe holds 64 KiB: the rest waits in pegasus, and the loop writes it
-    # as the reader takes it, whole and in order.
+    # A pipe holds 64 KiB, or WIDE_PIPE once pegasus widens it: the rest
+    # waits in pegasus, and the loop writes it as the reader takes it, whole
+    # and in order.
     r, w = os.pipe()
     os.set_blocking(r, False)
     printer = pegasus.Printer(1, stream=os.fdopen(w, "w"))
@@ -2097,9 +2098,10 @@ def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
         printer.output.attach(loop)
         run = pegasus.Run.__new__(pegasus.Run)
         run.slot, run.label = pegasus.Slot(0, "h", {}), "[h]"
-        printer.lines(run, 5, b"z" * 300000 + b"\nend\n")
+        size = 3 * pegasus.WIDE_PIPE
+        printer.lines(run, 5, b"z" * size + b"\nend\n")
         printer.flush()  # returns at once, though nobody reads yet
-        assert printer.output.pending() > 200000
+        assert printer.output.pending() > size - pegasus.WIDE_PIPE
         got = bytearray()
 
         def reader_took_it_all():
@@ -2115,7 +2117,7 @@ def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
             except BlockingIOError:
                 break
             got.extend(chunk)
-        assert bytes(got) == b"[h] " + b"z" * 300000 + b"\n[h] end\n"
+        assert bytes(got) == b"[h] " + b"z" * size + b"\n[h] end\n"
     finally:
         printer.output.detach()
         loop.close()
