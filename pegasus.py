@@ -4739,21 +4739,24 @@ class Run:
         read splits it."""
         if self.skip_newline.pop(fd, False) and chunk.startswith(b"\n"):
             chunk = chunk[1:]
-        partial = self.partial.pop(fd, None)
-        data = partial + chunk if partial else chunk
-        if b"\r" in data:
-            if data.endswith(b"\r"):
+        if b"\r" in chunk:  # (a partial line has none left)
+            if chunk.endswith(b"\r"):
                 self.skip_newline[fd] = True
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        end = data.rfind(b"\n") + 1
-        block = data[:end] if end < len(data) else data
-        if len(data) - end > MAX_LINE:
-            rest = data[end:]
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        partial = self.partial.pop(fd, b"")
+        end = chunk.rfind(b"\n") + 1
+        if not end:
+            block, rest = b"", partial + chunk
+        else:  # the line begun before and the read's lines, in one copy at most
+            whole = not partial and end == len(chunk)
+            block = chunk if whole else b"".join((partial, memoryview(chunk)[:end]))
+            rest = chunk[end:]
+        if len(rest) > MAX_LINE:
             cut = len(rest) - (len(rest) % MAX_LINE or MAX_LINE)
             block += b"".join(rest[i:i + MAX_LINE] + b"\n" for i in range(0, cut, MAX_LINE))
-            end += cut
-        if end < len(data):
-            self.partial[fd] = data[end:]
+            rest = rest[cut:]
+        if rest:
+            self.partial[fd] = rest
         if block:
             self.on_lines(self, fd, block)
 

@@ -2076,12 +2076,12 @@ def test_lines_over_the_cap_are_cut_and_no_byte_is_lost_however_split():
         run.on_lines = lambda _, fd, block: got.extend(block.split(b"\n")[:-1])
         start = 0
         while start < len(data):
-            end = start + rng.randint(1, pegasus.READ_SIZE)
+            end = start + rng.randint(1, pegasus.WIDE_READ)
             run.take_lines(3, data[start:end])
             assert len(run.partial.get(3, b"")) <= cap
             start = end
         got.append(run.partial.pop(3))
-        assert max(map(len, got)) <= cap + pegasus.READ_SIZE
+        assert max(map(len, got)) <= cap + pegasus.WIDE_READ
         assert b"".join(got) == data.replace(b"\n", b"").replace(b"\r", b"")
         assert len(got) >= 7  # y: 2 pieces, z: 1 or 2, w: 4
 
