@@ -823,6 +823,52 @@ def test_a_changed_host_key_is_refused(tmp_path, hosts):
     assert "echo reached" in read(tmp_path / "queue.yaml")
 
 
+def logging_ssh(tmp_path):
+    """(env, log): a PATH whose ssh is a script that logs its arguments, one
+    call a line, then runs the real ssh."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "ssh.log"
+    write(bin_dir / "ssh", '#!/bin/sh\necho "$*" >> %s\nexec %s "$@"\n' % (
+        log, shutil.which("ssh")))
+    os.chmod(str(bin_dir / "ssh"), 0o755)
+    return dict(os.environ, PATH="%s:%s" % (bin_dir, os.environ["PATH"])), log
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_ssh_is_asked_about_host_keys_only_when_a_key_is_refused(tmp_path, hosts, known):
+    # A known host: one master, and no `ssh -G`. A new one: a refused first
+    # login, one `ssh -G`, and a second login with accept-new.
+    config, known_hosts = host_key_config(tmp_path, hosts)
+    if known:
+        assert run_pegasus(tmp_path, "q", ssh_config=config).returncode == 0
+        write(tmp_path / "queue.yaml", "- echo reached\n")
+    env, log = logging_ssh(tmp_path)
+    out = run_pegasus(tmp_path, "q", ssh_config=config, env=env)
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[h1] reached"]
+    calls = read(log).splitlines()
+    masters = [call for call in calls if "ControlMaster=yes" in call]
+    asked = [call for call in calls if " -G " in call]
+    if known:
+        assert len(masters) == 1 and not asked
+        assert "accept-new" not in masters[0]
+    else:
+        assert len(masters) == 2 and len(asked) == 1
+        assert "accept-new" not in masters[0] and "accept-new" in masters[1]
+        assert "cannot connect" not in out.stderr  # the first try is not a failure to report
+
+
+def test_a_new_host_key_is_accepted_whatever_log_level_the_user_sets(tmp_path, hosts):
+    # With LogLevel QUIET ssh does not say why a login failed: ssh -G is
+    # asked before the first login instead.
+    config, known = host_key_config(tmp_path, hosts)
+    out = run_pegasus(tmp_path, "q", "--ssh-option", "LogLevel=QUIET", ssh_config=config)
+    assert out.returncode == 0, out.stderr
+    assert job_lines(out.stdout) == ["[h1] reached"]
+    assert known_key(hosts, known) != ""
+
+
 @pytest.mark.parametrize("where", ["config", "flag"])
 def test_strict_host_key_checking_of_the_user_wins(tmp_path, hosts, where):
     extra = "Host *\n  StrictHostKeyChecking yes" if where == "config" else ""
