@@ -4653,7 +4653,7 @@ def read_pipe(fd):
         if e.errno != errno.EIO:
             raise
         return b""
-    if len(chunk) == READ_SIZE and fd not in _wide_pipes:
+    if len(chunk) == READ_SIZE:
         widen(fd)
     return chunk
 
@@ -4662,11 +4662,19 @@ _wide_pipes = set()  # fds of the pipes widen() made wide
 
 
 def widen(fd):
-    """Make a job's pipe WIDE_PIPE bytes, if fewer than WIDE_PIPES are. The
-    set is not told when an fd is closed: an entry whose fd is no longer a
-    wide pipe (closed, or the number reused) is dropped when room is needed."""
+    """Make a pipe WIDE_PIPE bytes, if fewer than WIDE_PIPES are; whether it
+    is. The set is not told when an fd is closed: an entry whose fd is no
+    longer a wide pipe (closed, or the number reused) is dropped when it is
+    met again or room is needed."""
     if F_SETPIPE_SZ is None:
         return False
+    if fd in _wide_pipes:
+        try:
+            if fcntl.fcntl(fd, F_GETPIPE_SZ) >= WIDE_PIPE:
+                return True
+        except OSError:
+            pass
+        _wide_pipes.discard(fd)
     if len(_wide_pipes) >= WIDE_PIPES:
         for old in list(_wide_pipes):
             try:

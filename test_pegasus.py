@@ -3403,6 +3403,23 @@ def test_pipes_are_widened_up_to_a_budget():
         pegasus._wide_pipes.clear()
 
 
+@pytest.mark.skipif(pegasus.F_SETPIPE_SZ is None, reason="pipes have a fixed size here")
+def test_a_new_pipe_on_a_wide_ones_fd_number_is_widened_when_full():
+    pegasus._wide_pipes.clear()
+    r, w = os.pipe()
+    new_r, new_w = os.pipe()
+    try:
+        assert pegasus.widen(r)
+        os.dup2(new_r, r)  # the wide pipe's read end closes; r is a new 64 kB pipe
+        os.write(new_w, b"x" * pegasus.READ_SIZE)  # full
+        assert len(pegasus.read_pipe(r)) == pegasus.READ_SIZE
+        assert fcntl.fcntl(r, pegasus.F_GETPIPE_SZ) == pegasus.WIDE_PIPE
+    finally:
+        for fd in (r, w, new_r, new_w):
+            os.close(fd)
+        pegasus._wide_pipes.clear()
+
+
 @pytest.mark.parametrize("path", ["agent", "session per job"])
 def test_jobs_on_a_slot_share_one_agent(tmp_path, hosts, path):
     # Over an agent a job's parent is the agent's runner (bash), and its
