@@ -4646,7 +4646,8 @@ class Loop:
 
 
 def read_pipe(fd):
-    """What a job's pipe holds, b"" at EOF (EIO: a pty's way to say so)."""
+    """What a job's pipe holds, b"" at EOF (EIO: a pty's way to say so). A
+    pipe that a read found full is widened (see WIDE_PIPE)."""
     try:
         chunk = os.read(fd, WIDE_READ if fd in _wide_pipes else READ_SIZE)
     except OSError as e:

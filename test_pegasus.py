@@ -4486,6 +4486,17 @@ def timed_shell(script, cwd, timeout=600):
     return time.perf_counter() - start
 
 
+def machine_busy():
+    """CPU seconds the whole machine has been busy, every process's (Linux;
+    elsewhere 0)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7)) / os.sysconf("SC_CLK_TCK")
+
+
 def median(values):
     return sorted(values)[len(values) // 2]
 
@@ -4601,11 +4612,13 @@ def test_bench_w3_output_over_ssh(tmp_path, bench_only):
     try:
         write(tmp_path / "hosts.yaml", "".join("- %s\n" % n for n in names))
         script = " ".join("ssh -F %s %s '%s' &" % (hosts.config, n, job) for n in names)
-        ours, base, cpus = [], [], []
+        ours, base, cpus, busy = [], [], [], ([], [])
         for _ in range(ROUNDS):
             (tmp_path / "queue.yaml").write_text("- %s\n" % job * 8)
+            before = machine_busy()
             with open(str(tmp_path / "out.txt"), "w") as f:
                 wall, cpu, _, _ = probe(tmp_path, "q", "-F", hosts.config, stdout=f)
+            busy[0].append(machine_busy() - before)
             ours.append(wall)
             cpus.append(cpu)
             whole = subprocess.run(
@@ -4613,8 +4626,12 @@ def test_bench_w3_output_over_ssh(tmp_path, bench_only):
                  str(tmp_path / "out.txt")], stdout=subprocess.PIPE, text=True,
                 env=dict(os.environ, LC_ALL="C")).stdout
             assert int(whole) == 8 * 200000  # every line whole and prefixed
+            before = machine_busy()
             base.append(timed_shell("(%s wait) > base.txt" % script, tmp_path))
+            busy[1].append(machine_busy() - before)
         report("W3 8 x 20 MB over ssh, to a file", ours, base, 1.3)
+        print("BENCH W3 over ssh: CPU of the whole machine %.2f s, baseline %.2f s" % (
+            median(busy[0]), median(busy[1])))
         (tmp_path / "queue.yaml").write_text("- true\n" * 8)
         start_up = median([probe(tmp_path, "q", "-F", hosts.config)[1] for _ in range(ROUNDS)])
         print("BENCH W3 over ssh: runner CPU %.2f s per 100 MB (%.2f s less start-up, masters "
