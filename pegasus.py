@@ -209,14 +209,18 @@ RUN = (
 # signals: TERM, then KILL after CANCEL_GRACE. Its output goes straight to
 # the session's stdout and stderr, framed by markers that carry a nonce
 # pegasus chose for it and the job never sees (MARK_BYTE, 20 hex digits):
-#   "\n<nonce> s\n"       on both streams: the job starts; what came before
+#   "<nonce> s\n"         on both streams: the job starts; what came before
 #                         it was written by an earlier job's leftovers
-#   "\n<nonce> e<code>\n" on stdout, "\n<nonce> e\n" on stderr: it ended
-#   "\n<nonce> r\n"       on stdout: not run; a background process of the
+#   "<nonce> e<code>\n"   on stdout, "<nonce> e\n" on stderr: it ended
+#   "<nonce> r\n"         on stdout: not run; a background process of the
 #                         last job still lives and may write to these
 #                         streams, so this agent retires and pegasus starts
 #                         the job on a fresh one
-# The leading newline ends a last line that had none; pegasus takes it off.
+# A marker is found anywhere, not only at a line's start: a last line
+# without a newline ends where the marker begins. Each marker must reach
+# the stream in one write, or a background process's write could land
+# inside it and hide it: bash's stdout is line-buffered, so a marker holds
+# no newline but its last byte.
 # While a job runs, the agent looks every second whether its runner (the
 # subshell that writes the end markers) is still there: a job that kills its
 # own process group (`kill -9 0`) or its parent takes the runner with it, and
@@ -243,7 +247,7 @@ while :; do
       p=$p$l
       if ! kill -0 "$g"; then
         wait "$g"; s=$?; r=
-        if [ $s -gt 128 ]; then printf '\\n%s e%d\\n' "$n" "$s"; printf '\\n%s e\\n' "$n" >&4; fi
+        if [ $s -gt 128 ]; then printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4; fi
       fi
       continue
     fi
@@ -257,12 +261,12 @@ while :; do
     m=${l%% *}; m=${m#j}
     if [ -n "$g" ]; then
       wait "$g"
-      if kill -0 -"$g"; then printf '\\n%s r\\n' "$m"; exit 0; fi
+      if kill -0 -"$g"; then printf '%s r\\n' "$m"; exit 0; fi
     fi
     n=$m; printf -v c %b "${l#* }"
-    printf '\\n%s s\\n' "$n"; printf '\\n%s s\\n' "$n" >&4
+    printf '%s s\\n' "$n"; printf '%s s\\n' "$n" >&4
     (trap : TERM; sh -c "$c" </dev/null 2>&4 4>&-; s=$?
-     printf '\\n%s e%d\\n' "$n" "$s"; printf '\\n%s e\\n' "$n" >&4) &
+     printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4) &
     g=$! r=1 ;;
   k)
     kill -TERM -"$g"
@@ -4870,7 +4874,6 @@ class Agent:
         self.held = {}            # fd -> bytes held back: perhaps a marker's start
         self.in_job = {}          # fd -> between the run's start and end markers
         self.ended = set()        # fds whose end marker the run has had
-        self.last_byte = {}       # fd -> the last byte handed on
         self.retired_at = None    # when it refused a job for its leftovers
         self.code = None          # the exit status on the run's stdout end marker
         self.said = b""           # stdout before AGENT_READY
@@ -4892,7 +4895,6 @@ class Agent:
             self.pipes.add(fd)
             self.stream[fd] = stream
             self.in_job[fd] = False
-            self.last_byte[fd] = b"\n"
         self.write(encode_command(AGENT).encode("ascii") + b"\n")
         self.listen(True)
 
@@ -5039,30 +5041,26 @@ class Agent:
             if run is None:
                 self.leftover(fd, data)
                 return
-            mark = b"\n" + run.nonce + b" "
-            if data.startswith(mark[1:]):
-                at, skip = 0, 0  # its newline went out with the read before
-            else:
-                at, skip = find_mark(data, mark), 1
+            mark = run.nonce + b" "
+            at = find_mark(data, mark)
             if at < 0:
-                keep = held_back(data, mark, self.last_byte[fd])
+                keep = held_back(data, mark)
                 self.deliver(fd, data[:keep])
                 if keep < len(data):
                     self.held[fd] = data[keep:]
                 return
-            end = data.find(b"\n", at + skip + len(mark) - 1)
+            end = data.find(b"\n", at + len(mark))
             if end < 0:
                 self.deliver(fd, data[:at])
                 self.held[fd] = data[at:]
                 return
             self.deliver(fd, data[:at])
-            word, data = data[at + skip + len(mark) - 1:end], data[end + 1:]
+            word, data = data[at + len(mark):end], data[end + 1:]
             self.marker(fd, run, word)
 
     def deliver(self, fd, data):
         if not data:
             return
-        self.last_byte[fd] = data[-1:]
         if self.in_job[fd]:
             self.run.take_lines(self.stream[fd], data)
         else:
@@ -5073,7 +5071,7 @@ class Agent:
         job's; before any job, a login script's chatter, dropped."""
         if self.last is not None and data:
             if self.last.nonce in data:  # not theirs: a late marker of the job's own
-                data = re.sub(b"\n" + self.last.nonce + b" [^\n]*\n", b"", data)
+                data = re.sub(re.escape(self.last.nonce) + b" [^\n]*\n", b"", data)
             self.last.take_lines(self.stream[fd], data)
 
     def marker(self, fd, run, word):
@@ -5137,32 +5135,27 @@ class Agent:
 
 
 def find_mark(data, mark):
-    """data.find(mark), where mark is "\n" and a nonce that starts with
-    MARK_BYTE. memchr finds that byte at memory speed; a find of the whole
-    mark in a large read runs CPython's two-way search, several times slower
-    (a third of the runner's CPU on W3). Output full of that byte (binary
-    data) falls back to the whole find after a few false hits."""
-    at = data.find(MARK_BYTE, 1)
+    """data.find(mark), where mark is a nonce (which starts with MARK_BYTE)
+    and a space. memchr finds that byte at memory speed; a find of the
+    whole mark in a large read runs CPython's two-way search, several times
+    slower (a third of the runner's CPU on W3). Output full of that byte
+    (binary data) falls back to the whole find after a few false hits."""
+    at = data.find(MARK_BYTE)
     for _ in range(8):
-        if at < 0 or data.startswith(mark, at - 1):
-            return at - 1 if at > 0 else -1
+        if at < 0 or data.startswith(mark, at):
+            return at
         at = data.find(MARK_BYTE, at + 1)
-    return data.find(mark, at - 1) if at > 0 else -1
+    return data.find(mark, at) if at >= 0 else -1
 
 
-def held_back(data, mark, last_byte):
-    """Where a possible start of `mark` ("\n" and a nonce) begins at the end
-    of `data` (a marker may be split between reads), or len(data). A lone
-    "\n" at the end that ends a line goes out at once, or the line would
-    wait for the next read: if it was the marker's, the nonce comes first
-    thing in the next read, and the line is the same either way."""
-    start = max(0, len(data) - len(mark) + 1)
-    at = data.rfind(b"\n", start)
-    if at < 0 or not mark.startswith(data[at:]):
-        return len(data)
-    if at == len(data) - 1 and (data[at - 1:at] if at else last_byte) != b"\n":
-        return len(data)
-    return at
+def held_back(data, mark):
+    """Where a possible start of `mark` begins at the end of `data` (a marker
+    may be split between reads), or len(data). find_mark() has found no
+    whole mark in it."""
+    at = data.find(MARK_BYTE, max(0, len(data) - len(mark) + 1))
+    while at >= 0 and not mark.startswith(data[at:]):
+        at = data.find(MARK_BYTE, at + 1)
+    return len(data) if at < 0 else at
 
 
 # ----------------------------------------------------------------------------
