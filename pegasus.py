@@ -2848,6 +2848,9 @@ class MemoryQueue:
     def load(self):
         pass  # nobody else can change it
 
+    def changed_on_disk(self):
+        return False
+
     def take(self, choose, before_rename=None, starts=None):
         """As QueueFile.take: walk from the head, take what `choose` accepts;
         a job that cannot be rendered stays, and the walk goes on."""
@@ -5724,7 +5727,7 @@ class QueueGate:
 
     def watch(self):
         """Notice jobs added to the queue file while slots are free."""
-        if self.wait_timer is None:
+        if self.wait_timer is None and self.queue.on_disk:
             self.retry_later(QUEUE_POLL, until_changed=True)
 
     def put_back(self, jobs):

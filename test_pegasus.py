@@ -4118,6 +4118,17 @@ def test_the_same_slot_twice_runs_two_jobs_and_is_said_once(tmp_path):
     assert "-H lists the same host more than once: [localhost] 2 times" in out.stderr
 
 
+def test_a_one_liner_with_a_slot_left_idle_runs_cleanly(tmp_path):
+    # A free slot makes pegasus watch the queue for new jobs; a queue given
+    # on the command line has no file to watch (this raised AttributeError
+    # once the slot had been free for QUEUE_POLL).
+    out = run_pegasus(tmp_path, "q", "-H", "localhost,localhost", "sleep %s" % (
+        3 * pegasus.QUEUE_POLL))
+    assert out.returncode == 0, out.stderr
+    assert "error" not in out.stderr, out.stderr
+    assert "1 succeeded" in out.stderr
+
+
 def test_commands_as_arguments_write_no_file(tmp_path):
     out = run_pegasus(tmp_path, "q", "-H", "localhost", "echo one", "echo two; exit 3")
     assert out.returncode == 1
