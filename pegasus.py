@@ -6382,8 +6382,8 @@ class Dispatcher:
         if _status is not None:
             _status.clear()
         _status = _printer = _errors = None
-        self.printer.output.detach()
-        self.errors.detach()
+        self.errors.detach()  # last attached, first detached: 2>&1 shares one file
+        self.printer.output.detach()  # description, whose flags this one saved first
         self.loop.close()
         self.records.close()
         self.gate.give_up()

@@ -4118,6 +4118,28 @@ def test_the_same_slot_twice_runs_two_jobs_and_is_said_once(tmp_path):
     assert "-H lists the same host more than once: [localhost] 2 times" in out.stderr
 
 
+def test_stdout_and_stderr_on_one_pipe_are_left_blocking(tmp_path):
+    # `pegasus ... 2>&1 | tee log`: both streams share one file description,
+    # whose flags pegasus sets non-blocking while it runs; a command after
+    # it in the same script must find them as they were (or its writes fail
+    # with EAGAIN).
+    r, w = os.pipe()
+    try:
+        proc = subprocess.run([sys.executable, PEGASUS, "q", "-H", "localhost", "echo hi"],
+                              cwd=str(tmp_path), stdout=w, stderr=w, timeout=60)
+        assert proc.returncode == 0
+        assert not fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK
+        os.close(w)
+        w = None
+        with os.fdopen(r, "rb") as f:
+            r = None
+            assert b"[localhost] hi" in f.read()
+    finally:
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
+
+
 def test_a_one_liner_with_a_slot_left_idle_runs_cleanly(tmp_path):
     # A free slot makes pegasus watch the queue for new jobs; a queue given
     # on the command line has no file to watch (this raised AttributeError
