@@ -3950,6 +3950,12 @@ class Master:
         if self.why:
             return self.why
         self.read_rest()
+        if b"REMOTE HOST IDENTIFICATION HAS CHANGED" in self.stderr:
+            # ssh's last line says only "Host key verification failed."
+            fix = re.search(rb"ssh-keygen -f .* -R .*", self.stderr)
+            return "its host key has changed since known_hosts recorded it, and ssh refuses it%s" % (
+                " (if the change is expected: %s)" % fix.group().decode("utf-8", "replace").strip()
+                if fix else "")
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
         if lines:
             return lines[-1]

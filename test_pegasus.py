@@ -821,6 +821,8 @@ def test_a_changed_host_key_is_refused(tmp_path, hosts):
     assert out.returncode != 0
     assert "reached" not in out.stdout
     assert "echo reached" in read(tmp_path / "queue.yaml")
+    assert "cannot connect to h1: its host key has changed" in out.stderr
+    assert "(if the change is expected: ssh-keygen -f " in out.stderr  # ssh's own advice
 
 
 def logging_ssh(tmp_path):
