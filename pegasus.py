@@ -5733,7 +5733,7 @@ class QueueGate:
 
     def watch(self):
         """Notice jobs added to the queue file while slots are free."""
-        if self.wait_timer is None and self.queue.on_disk:
+        if self.wait_timer is None and getattr(self.queue, "on_disk", True):
             self.retry_later(QUEUE_POLL, until_changed=True)
 
     def put_back(self, jobs):
