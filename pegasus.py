@@ -229,7 +229,11 @@ RUN = (
 # it read in the variable.)
 # EOF on stdin (pegasus closed it, died, or the connection dropped) ends a
 # running job the way a cancel does, then the agent; what an earlier job
-# left running is left alone, as with a session per job. bash 4 or newer,
+# left running is left alone, as with a session per job. After the TERM,
+# w() sends the KILL once CANCEL_GRACE is over, or ends as soon as the
+# job's process group is gone, and it holds none of the session's streams:
+# a cancelled job's session can end at once (a `sleep` that cannot take
+# 0.1 counts seconds instead). bash 4 or newer,
 # not sh, because dash has no job control without a terminal, and for
 # `printf -v` and `read -t` with a status that tells a timeout from EOF. Its
 # own stderr goes to /dev/null: job-control notices must not reach a job's
@@ -239,6 +243,8 @@ AGENT = """[ "${BASH_VERSINFO[0]}" -ge 4 ] || { echo "pegasus's agent needs bash
 exec 4>&2 2>/dev/null
 set -m
 g= n= r= p=
+w() { local i=0; while [ $i -lt @TICKS@ ] && kill -0 -"$g"; do
+  if sleep 0.1; then i=$((i+1)); else sleep 1; i=$((i+10)); fi; done; kill -KILL -"$g"; }
 printf '%s\\n' @READY@
 while :; do
   if [ -n "$r" ]; then
@@ -270,12 +276,12 @@ while :; do
     g=$! r=1 ;;
   k)
     kill -TERM -"$g"
-    (sleep @GRACE@; kill -KILL -"$g") & ;;
+    w </dev/null >/dev/null & ;;
   q) exit 0 ;;
   esac
 done
-if [ -n "$g" ] && kill -0 "$g"; then kill -TERM -"$g"; sleep @GRACE@; kill -KILL -"$g"; fi
-""".replace("@READY@", AGENT_READY).replace("@GRACE@", str(CANCEL_GRACE))
+if [ -n "$g" ] && kill -0 "$g"; then kill -TERM -"$g"; w; fi
+""".replace("@READY@", AGENT_READY).replace("@TICKS@", str(int(CANCEL_GRACE * 10)))
 # What the login shell runs: read the first line, decode it, run it. No
 # backslash, `!`, newline or single quote, as for RUN. Without bash this
 # fails (127) and the host gets one ssh session per job instead.
