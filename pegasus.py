@@ -4748,6 +4748,7 @@ class Run:
         self.agent = None         # the Agent that carries it, if one does
         self.nonce = None         # ... and the nonce of its markers there
         self.agent_code = None    # ... and the exit status it reported
+        self.agent_restarted = False  # an agent died before starting it; it went to another
 
     def spawn(self, argv, unsent):
         # A new session: Ctrl-C in the terminal reaches pegasus only, which
@@ -4891,6 +4892,7 @@ class Agent:
         self.ended = set()        # fds whose end marker the run has had
         self.retired_at = None    # when it refused a job for its leftovers
         self.code = None          # the exit status on the run's stdout end marker
+        self.run_started = False  # the run's start marker came: the job was started
         self.said = b""           # stdout before AGENT_READY
         self.stderr = b""         # stderr before AGENT_READY: why it failed
         self.unsent = b""
@@ -4926,6 +4928,7 @@ class Agent:
     def start(self, run):
         """Carry `run`: send it now if ready, else once ready."""
         self.run = run
+        self.run_started = False
         run.agent = self
         run.nonce = MARK_BYTE + os.urandom(10).hex().encode()
         if self.state == "idle":
@@ -5076,7 +5079,9 @@ class Agent:
     def deliver(self, fd, data):
         if not data:
             return
-        if self.in_job[fd]:
+        if self.in_job[fd] or fd in self.ended:
+            # (after this stream's end marker, while the other's is to come:
+            # the job's own background processes, printed as the job's)
             self.run.take_lines(self.stream[fd], data)
         else:
             self.leftover(fd, data)
@@ -5092,13 +5097,16 @@ class Agent:
     def marker(self, fd, run, word):
         if word == b"s":
             self.in_job[fd] = True
+            self.run_started = True
         elif word == b"r":
             self.state = "retired"  # it has exited; its leftovers may still write
             self.retired_at = time.monotonic()
             self.run = None
             run.agent = None
             self.dispatcher.agent_refused(run)
-        elif word.startswith(b"e"):
+        elif word.startswith(b"e") and fd not in self.ended:
+            # (a second one follows when something kills the job's runner
+            # after it wrote the first: the agent reports its death too)
             self.in_job[fd] = False
             run.end_stream(self.stream[fd])
             self.ended.add(fd)
@@ -6088,6 +6096,14 @@ class Dispatcher:
         if run is None or run.agent_code is not None:
             return
         if was == "starting" and master.agent_ok is False:
+            run.agent, run.nonce = None, None
+            self.start_session(run)
+            return
+        if (was == "busy" and not agent.run_started and not agent.session.master_lost
+                and not run.agent_restarted):
+            # Killed before it started the job (by an earlier job, say):
+            # the job never ran, so a fresh agent gets it, once.
+            run.agent_restarted = True
             run.agent, run.nonce = None, None
             self.start_session(run)
             return

@@ -3421,6 +3421,59 @@ def test_a_new_pipe_on_a_wide_ones_fd_number_is_widened_when_full():
         pegasus._wide_pipes.clear()
 
 
+def busy_agent(nonce):
+    """(agent, run, got): an Agent's parser carrying one run, what the run
+    is handed collected in got as (stream, block)."""
+    agent = pegasus.Agent(_AgentSink(), master=None)
+    agent.stream = {7: 1, 8: 2}
+    agent.in_job = {7: False, 8: False}
+    run = pegasus.Run(pegasus.Slot(0, "h", {}), None, "cmd", [0], 1, None)
+    got = []
+    run.on_lines = lambda run, fd, block: got.append((fd, block))
+    agent.start(run)
+    agent.state, run.nonce = "busy", nonce
+    return agent, run, got
+
+
+def test_agent_output_between_a_jobs_two_end_markers_is_the_jobs():
+    # The job's background process writes on stdout after the stdout end
+    # marker, before the stderr one: the job's own, never dropped (it was,
+    # on an agent's first job) nor given to the job before.
+    nonce = pegasus.MARK_BYTE + b"0123456789abcdef0123"
+    agent, run, got = busy_agent(nonce)
+    agent.take(7, nonce + b" s\nmain\n" + nonce + b" e0\nlate 1\n")
+    agent.take(8, nonce + b" s\n")
+    agent.take(7, b"late 2\n")
+    agent.take(8, nonce + b" e\n")
+    assert got == [(1, b"main\n"), (1, b"late 1\n"), (1, b"late 2\n")]
+    assert agent.dispatcher.ended == [run] and run.agent_code == 0
+
+
+def test_agent_a_second_end_marker_keeps_the_first_code():
+    # Something kills the job's runner after it wrote its stdout end marker:
+    # the agent then reports the runner's death (137) too. The job's exit
+    # status is the first (exact) one, and the second marker is not output.
+    nonce = pegasus.MARK_BYTE + b"0123456789abcdef0123"
+    agent, run, got = busy_agent(nonce)
+    agent.take(8, nonce + b" s\n")
+    agent.take(7, nonce + b" s\nhi\n" + nonce + b" e0\n" + nonce + b" e137\n")
+    agent.take(8, nonce + b" e\n")
+    assert got == [(1, b"hi\n")]
+    assert agent.dispatcher.ended == [run] and run.agent_code == 0
+
+
+def test_a_job_that_kills_its_agent_costs_the_next_job_nothing(tmp_path, hosts):
+    # The next job was sent to the dead agent: it never started there, so it
+    # runs on a fresh one instead of failing with 255.
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- echo x; kill -9 $(ps -o ppid= -p $PPID)\n"
+                                   "- echo y\n- echo z\n")
+    out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[h1] x", "[h1] y", "[h1] z"]
+    assert "3 succeeded, 0 failed" in out.stderr
+
+
 @pytest.mark.parametrize("path", ["agent", "session per job"])
 def test_jobs_on_a_slot_share_one_agent(tmp_path, hosts, path):
     # Over an agent a job's parent is the agent's runner (bash), and its
