@@ -6099,8 +6099,8 @@ class Dispatcher:
             run.agent, run.nonce = None, None
             self.start_session(run)
             return
-        if (was == "busy" and not agent.run_started and not agent.session.master_lost
-                and not run.agent_restarted):
+        if (was in ("starting", "busy") and not agent.run_started
+                and not agent.session.master_lost and not run.agent_restarted):
             # Killed before it started the job (by an earlier job, say):
             # the job never ran, so a fresh agent gets it, once.
             run.agent_restarted = True
