@@ -4681,6 +4681,13 @@ def read_pipe(fd):
 _wide_pipes = set()  # fds of the pipes widen() made wide
 
 
+def is_wide(fd):
+    try:
+        return fcntl.fcntl(fd, F_GETPIPE_SZ) >= WIDE_PIPE
+    except OSError:  # closed, or no longer a pipe
+        return False
+
+
 def widen(fd):
     """Make a pipe WIDE_PIPE bytes, if fewer than WIDE_PIPES are; whether it
     is. The set is not told when an fd is closed: an entry whose fd is no
@@ -4689,20 +4696,11 @@ def widen(fd):
     if F_SETPIPE_SZ is None:
         return False
     if fd in _wide_pipes:
-        try:
-            if fcntl.fcntl(fd, F_GETPIPE_SZ) >= WIDE_PIPE:
-                return True
-        except OSError:
-            pass
+        if is_wide(fd):
+            return True
         _wide_pipes.discard(fd)
     if len(_wide_pipes) >= WIDE_PIPES:
-        for old in list(_wide_pipes):
-            try:
-                if fcntl.fcntl(old, F_GETPIPE_SZ) >= WIDE_PIPE:
-                    continue
-            except OSError:
-                pass
-            _wide_pipes.discard(old)
+        _wide_pipes.intersection_update([old for old in _wide_pipes if is_wide(old)])
         if len(_wide_pipes) >= WIDE_PIPES:
             return False
     try:
