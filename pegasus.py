@@ -2384,6 +2384,8 @@ class QueueFile:
     be rewritten before the rename, to keep edits made meanwhile.)
     """
 
+    on_disk = True  # (MemoryQueue: False)
+
     def __init__(self, path, mode):
         self.path = path
         self.consumed_path = os.path.join(os.path.dirname(path), "consumed.yaml")
@@ -3287,7 +3289,7 @@ def start_journal(queue, slots):
     """At start, holding the queue lock: put back the jobs of runners that
     crashed, keep off the hosts that live runners use, and create this
     runner's journal. Returns the journal and the slots left to use."""
-    if not getattr(queue, "on_disk", True):
+    if not queue.on_disk:
         return NoJournal(), slots
     lock, since, told = queue.lock, time.monotonic(), False
     while not lock.try_acquire():
@@ -4890,7 +4892,6 @@ class Agent:
         self.ended = set()        # fds whose end marker the run has had
         self.retired_at = None    # when it refused a job for its leftovers
         self.code = None          # the exit status on the run's stdout end marker
-        self.run_started = False  # the run's start marker came: the job was started
         self.said = b""           # stdout before AGENT_READY
         self.stderr = b""         # stderr before AGENT_READY: why it failed
         self.unsent = b""
@@ -4926,7 +4927,6 @@ class Agent:
     def start(self, run):
         """Carry `run`: send it now if ready, else once ready."""
         self.run = run
-        self.run_started = False
         run.agent = self
         run.nonce = MARK_BYTE + os.urandom(10).hex().encode()
         if self.state == "idle":
@@ -5092,10 +5092,13 @@ class Agent:
                 data = re.sub(re.escape(self.last.nonce) + b" [^\n]*\n", b"", data)
             self.last.take_lines(self.stream[fd], data)
 
+    def job_started(self):
+        """The run's start marker has come (on either stream)."""
+        return any(self.in_job.values()) or bool(self.ended)
+
     def marker(self, fd, run, word):
         if word == b"s":
             self.in_job[fd] = True
-            self.run_started = True
         elif word == b"r":
             self.state = "retired"  # it has exited; its leftovers may still write
             self.retired_at = time.monotonic()
@@ -5745,7 +5748,7 @@ class QueueGate:
 
     def watch(self):
         """Notice jobs added to the queue file while slots are free."""
-        if self.wait_timer is None and getattr(self.queue, "on_disk", True):
+        if self.wait_timer is None and self.queue.on_disk:
             self.retry_later(QUEUE_POLL, until_changed=True)
 
     def put_back(self, jobs):
@@ -5803,7 +5806,7 @@ class Monitor:
         self.d = dispatcher
         queue = dispatcher.queue
         # None: a run without a queue file, which `s` and `stop` cannot find
-        self.state = StateFile(queue.path) if getattr(queue, "on_disk", True) else None
+        self.state = StateFile(queue.path) if queue.on_disk else None
         self.dirty = True         # the state file is out of date
         self.started_at = time.monotonic()
         self.run_seconds = 0.0    # summed durations of finished jobs, for the estimate
@@ -5892,7 +5895,7 @@ class Dispatcher:
         self.loop = Loop(self.on_error)
         self.printer = Printer(options.print_period, plain=options.plain, group=options.group)
         self.errors = Output(sys.stderr)
-        on_disk = getattr(queue, "on_disk", True)  # a MemoryQueue writes no file
+        on_disk = queue.on_disk  # a MemoryQueue writes no file
         self.records = Records(options, queue.path if on_disk else None)
         self.pool = ConnectionPool(options, slots, self.loop, self.on_master)
         self.gate = QueueGate(queue, self.loop, self.schedule, journal, lambda: bool(self.runs))
@@ -6097,7 +6100,7 @@ class Dispatcher:
             run.agent, run.nonce = None, None
             self.start_session(run)
             return
-        if (was in ("starting", "busy") and not agent.run_started
+        if (was in ("starting", "busy") and not agent.job_started()
                 and not agent.session.master_lost and not run.agent_restarted):
             # Killed before it started the job (by an earlier job, say):
             # the job never ran, so a fresh agent gets it, once.
