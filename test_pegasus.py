@@ -4483,6 +4483,61 @@ def test_colors_and_wrapping_on_a_terminal_only(tmp_path):
     assert "\x1b" not in out.stdout + out.stderr
 
 
+def test_run_as_a_command_it_is_the_same_program_and_its_compiled_form_is_kept(tmp_path):
+    """`./pegasus.py` goes through sh's `exec python3 -c ...`: the arguments,
+    the exit status and the signals reach pegasus as from a script, a yaml.py
+    where it runs shadows nothing, and the second start uses the compiled
+    form Python kept beside the file (a copy of it, as a user curls it)."""
+    python_dir = os.path.dirname(sys.executable)
+    if not os.path.exists(os.path.join(python_dir, "python3")):
+        pytest.skip("no python3 beside %s" % sys.executable)
+    (tmp_path / "bin").mkdir()
+    copy = tmp_path / "bin" / "pegasus.py"
+    shutil.copy(PEGASUS, str(copy))
+    os.chmod(str(copy), 0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    write(work / "yaml.py", "raise SystemExit('the yaml.py of the working directory')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PATH"] = python_dir + os.pathsep + env["PATH"]
+    argv = [str(copy), "q", "-H", "localhost", 'printf "%s|" "$0" "a  b"; exit 3']
+    out = subprocess.run(argv, cwd=str(work), capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "[localhost] sh|a  b|" in out.stdout
+    assert "exit status 3" in out.stderr
+    cached = tmp_path / "bin" / "__pycache__" / (
+        "pegasus.%s.pyc" % sys.implementation.cache_tag)
+    assert cached.exists()
+    out = subprocess.run(argv, cwd=str(work), capture_output=True, text=True, timeout=60,
+                         env=dict(env, PYTHONVERBOSE="1"))
+    assert out.returncode == 1 and "[localhost] sh|a  b|" in out.stdout
+    assert "code object from '%s'" % cached in out.stderr
+    # Through a symlink: the compiled form is the real file's.
+    os.symlink(str(copy), str(work / "peg"))
+    out = subprocess.run([str(work / "peg"), "--version"], cwd=str(work), capture_output=True,
+                         text=True, timeout=60, env=dict(env, PYTHONVERBOSE="1"))
+    assert out.stdout.startswith("pegasus.py ") and "code object from '%s'" % cached in out.stderr
+    assert not (work / "__pycache__").exists()
+    # The user's PYTHONDONTWRITEBYTECODE is obeyed.
+    shutil.rmtree(str(cached.parent))
+    out = subprocess.run([str(copy), "--version"], capture_output=True, text=True, timeout=60,
+                         env=dict(env, PYTHONDONTWRITEBYTECODE="1"))
+    assert out.returncode == 0 and not cached.parent.exists()
+    # Ctrl-C reaches pegasus itself (sh has exec'd it): twice cancels the job.
+    proc = subprocess.Popen([str(copy), "q", "-H", "localhost", "echo started; sleep 60"],
+                            cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline() and "started" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if "Ctrl-C: no new jobs" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Ctrl-C: cancelling 1 running job" in err, err
+
+
 def test_missing_dependencies_say_how_to_install_them(tmp_path):
     write(tmp_path / "queue.yaml", "- echo {{x}}\n")
     # Outside a venv (-S: no site-packages, so no PyYAML): pip --user, uv, pipx.
