@@ -3979,7 +3979,7 @@ class Master:
     def read_rest(self):
         # The master may be found dead before the loop has read its last
         # words, and they are what says why.
-        pipe = self.proc.stderr
+        pipe = self.proc.stderr if self.proc is not None else None  # None: ssh never started
         if pipe is None or pipe.closed:
             return
         os.set_blocking(pipe.fileno(), False)

@@ -3626,6 +3626,26 @@ def test_more_hosts_than_handshakes_in_flight_all_connect(tmp_path):
     assert sorted(job_lines(out.stdout)) == sorted("[c%d] ok" % i for i in range(1, count + 1))
 
 
+def test_a_master_that_cannot_start_for_want_of_descriptors_is_a_failed_login(tmp_path):
+    # 60 descriptors: about 15 masters start, then ssh cannot be started.
+    many = alias_hosts(30, name="g")
+    try:
+        write(tmp_path / "hosts.yaml", "".join("- g%d\n" % i for i in range(1, 31)))
+        write(tmp_path / "queue.yaml", "- echo hi\n")
+        out = subprocess.run(
+            [sys.executable, PEGASUS, "q", "-F", many.config], cwd=str(tmp_path),
+            capture_output=True, text=True, timeout=120,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (60, 60)))
+    finally:
+        many.close()
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "cannot start ssh: Too many open files" in out.stderr
+    never = re.search(r"never reached: (.*)", out.stderr)
+    assert never, out.stderr
+    named = never.group(1).split(", ")
+    assert len(named) == 30 - out.stderr.count("connected to g")  # each one named
+
+
 def test_a_host_without_bash_runs_each_job_in_its_own_session(tmp_path):
     # PATH on this host has sh and what the wrapper needs, but no bash.
     bin_dir = tempfile.mkdtemp(prefix="pegasus-nobash-")
