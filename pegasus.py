@@ -228,9 +228,16 @@ RUN = (
 # inside it and hide it: bash's stdout is line-buffered, so a marker holds
 # no newline but its last byte.
 # While a job runs, the agent looks every second whether its runner (the
-# subshell that writes the end markers) is still there: a job that kills its
-# own process group (`kill -9 0`) or its parent takes the runner with it, and
-# the agent then reports the runner's death as the job's end (128+signal).
+# subshell that writes the end markers, in the job's process group) is still
+# there: a job that kills its own process group (`kill -9 0`) or its parent
+# takes the runner with it, and the agent then ends what is left of the group
+# (TERM, then KILL, as a cancel) and reports the runner's death as the job's
+# end (128+signal). Other signals a job sends its group (`kill -USR1 0`) the
+# runner traps (RUNNER_TRAPS), so that the job stays in pegasus's hands. A
+# cancelled job (its runner got TERM) ends once its process group is gone:
+# the runner hands the end markers to a watcher outside the group, which
+# waits for that (w(): KILL after CANCEL_GRACE), so the slot's next job never
+# runs beside what is left of it.
 # (A request cut by that second's timeout is kept: `read -t` leaves the part
 # it read in the variable.)
 # EOF on stdin (pegasus closed it, died, or the connection dropped) ends a
@@ -245,11 +252,17 @@ RUN = (
 # own stderr goes to /dev/null: job-control notices must not reach a job's
 # stream; the jobs get the real one (fd 4).
 AGENT_READY = "pegasus-agent-1"
+# The signals a job may send its own process group (`kill -USR1 0`) that
+# would otherwise end its runner, which is in that group: the runner traps
+# them and lives on (a trap, unlike an ignore, is not passed on to the job).
+RUNNER_TRAPS = ("HUP", "INT", "QUIT", "ABRT", "USR1", "USR2", "PIPE", "ALRM", "VTALRM", "PROF",
+                "XCPU", "XFSZ", "TSTP", "TTIN", "TTOU")
 AGENT = """[ "${BASH_VERSINFO[0]}" -ge 4 ] || { echo "pegasus's agent needs bash 4 or newer" >&2; exit 97; }
 exec 4>&2 2>/dev/null
 set -m
 g= n= r= p=
-w() { local i=0; while [ $i -lt @TICKS@ ] && kill -0 -"$g"; do
+w() { local i=0 e=$((SECONDS + @SECONDS@)); while [ $i -lt @TICKS@ ] && [ $SECONDS -lt $e ] &&
+  kill -0 -"$g"; do
   if sleep 0.1; then i=$((i+1)); else sleep 1; i=$((i+10)); fi; done; kill -KILL -"$g"; }
 printf '%s\\n' @READY@
 while :; do
@@ -259,7 +272,10 @@ while :; do
       p=$p$l
       if ! kill -0 "$g"; then
         wait "$g"; s=$?; r=
-        if [ $s -gt 128 ]; then printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4; fi
+        if [ $s -gt 128 ]; then
+          if kill -0 -"$g"; then kill -TERM -"$g"; w </dev/null >/dev/null; fi
+          printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4
+        fi
       fi
       continue
     fi
@@ -277,8 +293,11 @@ while :; do
     fi
     n=$m; printf -v c %b "${l#* }"
     printf '%s s\\n' "$n"; printf '%s s\\n' "$n" >&4
-    (trap : TERM; sh -c "$c" </dev/null 2>&4 4>&-; s=$?
-     printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4) &
+    (q=$BASHPID x=; trap x=1 TERM; trap : @SIGNALS@
+     sh -c "$c" </dev/null 2>&4 4>&-; s=$?
+     if [ -z "$x" ]; then printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4; exit; fi
+     set -m; (g=$q; w </dev/null >/dev/null; printf '%s e%d\\n' "$n" "$s"
+       printf '%s e\\n' "$n" >&4) &) &
     g=$! r=1 ;;
   k)
     kill -TERM -"$g"
@@ -287,7 +306,9 @@ while :; do
   esac
 done
 if [ -n "$g" ] && kill -0 "$g"; then kill -TERM -"$g"; w; fi
-""".replace("@READY@", AGENT_READY).replace("@TICKS@", str(int(CANCEL_GRACE * 10)))
+""".replace("@READY@", AGENT_READY).replace("@TICKS@", str(int(CANCEL_GRACE * 10))).replace(
+    "@SECONDS@", str(int(CANCEL_GRACE) + 1)).replace(
+    "@SIGNALS@", " ".join(RUNNER_TRAPS))
 # What the login shell runs: read the first line, decode it, run it. No
 # backslash, `!`, newline or single quote, as for RUN. Without bash this
 # fails (127) and the host gets one ssh session per job instead.

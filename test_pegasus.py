@@ -3579,6 +3579,49 @@ def test_a_job_that_kills_its_group_or_its_parent_still_ends(tmp_path, hosts):
     assert "=== done (exit status 130" in out.stdout
 
 
+def test_a_job_that_signals_its_group_or_kills_its_parent_leaves_nothing_running(
+        tmp_path, hosts):
+    # The runner that writes a job's end shares the job's process group. It
+    # lives through what the job sends that group (USR1 here), so a stop still
+    # reaches the job; a job that kills it (SIGKILL) ends, and its processes too.
+    tag = str(random.randrange(10 ** 6, 10 ** 7))
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    write(tmp_path / "queue.yaml", "- trap '' USR1; kill -USR1 0; echo still running; "
+                                   "sleep 6%s1; echo finished\n" % tag)
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    for line in proc.stdout:
+        if "still running" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if "Ctrl-C: no new jobs" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "finished" not in out and "=== done (cancelled" in out
+    assert subprocess.run(["pgrep", "-f", "^sleep 6%s1$" % tag]).returncode == 1
+    write(tmp_path / "queue.yaml", "- kill -9 $PPID; echo still here; sleep 6%s2\n"
+                                   "- echo next\n" % tag)
+    out = run_pegasus(tmp_path, "q", "-i", ssh_config=hosts.config, timeout=60)
+    assert job_lines(out.stdout) == ["[h1] still here", "[h1] next"], out.stderr
+    assert "=== done (exit status 137" in out.stdout
+    assert subprocess.run(["pgrep", "-f", "^sleep 6%s2$" % tag]).returncode == 1
+
+
+def test_a_cancelled_job_ends_once_its_processes_have_on_its_host(tmp_path, hosts):
+    # The job's sh dies on TERM at once, a child of it ignores TERM: the job
+    # ends at the KILL, not before, so the next job on the slot runs alone.
+    tag = str(random.randrange(10 ** 6, 10 ** 7))
+    write(tmp_path / "hosts.yaml", "- h1\n")
+    (tmp_path / "queue.yaml").write_text(yaml.safe_dump([
+        "sh -c 'trap \"\" TERM; sleep 7%s'; echo never" % tag,
+        "pgrep -f '^sleep 7%s$' || echo nothing left" % tag]))
+    out = run_pegasus(tmp_path, "q", "--timeout", "1", ssh_config=hosts.config, timeout=60)
+    assert job_lines(out.stdout) == ["[h1] nothing left"], out.stdout + out.stderr
+    assert "=== done (timed out, " in out.stdout and "its session ended" not in out.stdout
+
+
 def test_leftovers_hold_no_slot_and_print_as_their_own_job(tmp_path, hosts):
     # The first job leaves a process writing to its stdout; it writes only
     # once the second job runs, on the same one-job slot. Its line is the
