@@ -129,7 +129,9 @@ PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often (if any
 PUT_BACK_WAIT = 30.0   # at exit, how long to wait for the lock to put jobs back
 LOOKAHEAD = 1000       # jobs a backfill looks at past the head, at most
 CANCEL_GRACE = 5       # a cancelled job gets SIGTERM, then SIGKILL this many seconds later
-CANCEL_FORCE = 2.0     # ... and this long after that, pegasus ends its session itself
+CANCEL_FORCE = 3.0     # ... and this long after that, pegasus ends its session itself
+# (the agent's KILL may come up to a second late, by its clock in whole seconds, and it
+# looks for a runner the KILL took every second: 2 s left no margin under load)
 START_TRIES = 3        # a job that cannot be started goes back this many times, then fails
 ARGV_MAX = 16 * 1024   # a longer command travels on the session's stdin, not in argv
 OUTPUT_HIGH = 16 << 20  # unwritten output at which pegasus stops reading jobs' pipes ...
@@ -231,7 +233,8 @@ RUN = (
 # subshell that writes the end markers, in the job's process group) is still
 # there: a job that kills its own process group (`kill -9 0`) or its parent
 # takes the runner with it, and the agent then ends what is left of the group
-# (TERM, then KILL, as a cancel) and reports the runner's death as the job's
+# (TERM, then KILL, as a cancel, unless one is under way: a group just
+# killed may linger as zombies) and reports the runner's death as the job's
 # end (128+signal). Other signals a job sends its group (`kill -USR1 0`) the
 # runner traps (RUNNER_TRAPS), so that the job stays in pegasus's hands. A
 # cancelled job (its runner got TERM) ends once its process group is gone:
@@ -260,7 +263,7 @@ RUNNER_TRAPS = ("HUP", "INT", "QUIT", "ABRT", "USR1", "USR2", "PIPE", "ALRM", "V
 AGENT = """[ "${BASH_VERSINFO[0]}" -ge 4 ] || { echo "pegasus's agent needs bash 4 or newer" >&2; exit 97; }
 exec 4>&2 2>/dev/null
 set -m
-g= n= r= p=
+g= n= r= p= t=
 w() { local i=0 e=$((SECONDS + @SECONDS@)); while [ $i -lt @TICKS@ ] && [ $SECONDS -lt $e ] &&
   kill -0 -"$g"; do
   if sleep 0.1; then i=$((i+1)); else sleep 1; i=$((i+10)); fi; done; kill -KILL -"$g"; }
@@ -273,7 +276,7 @@ while :; do
       if ! kill -0 "$g"; then
         wait "$g"; s=$?; r=
         if [ $s -gt 128 ]; then
-          if kill -0 -"$g"; then kill -TERM -"$g"; w </dev/null >/dev/null; fi
+          if [ -z "$t" ] && kill -0 -"$g"; then kill -TERM -"$g"; w </dev/null >/dev/null; fi
           printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4
         fi
       fi
@@ -291,7 +294,7 @@ while :; do
       wait "$g"
       if kill -0 -"$g"; then printf '%s r\\n' "$m"; exit 0; fi
     fi
-    n=$m; printf -v c %b "${l#* }"
+    n=$m t=; printf -v c %b "${l#* }"
     printf '%s s\\n' "$n"; printf '%s s\\n' "$n" >&4
     (q=$BASHPID x=; trap x=1 TERM; trap : @SIGNALS@
      sh -c "$c" </dev/null 2>&4 4>&-; s=$?
@@ -300,7 +303,7 @@ while :; do
        printf '%s e\\n' "$n" >&4) &) &
     g=$! r=1 ;;
   k)
-    kill -TERM -"$g"
+    t=1; kill -TERM -"$g"
     w </dev/null >/dev/null & ;;
   q) exit 0 ;;
   esac
