@@ -7165,8 +7165,8 @@ def mode_stop(options):
         if options.now:
             note("asked pegasus (pid %s) to cancel its %s and exit" % (runner.pid, running))
         else:
-            note("asked pegasus (pid %s) to start no new job and exit when its %s finish"
-                 % (runner.pid, running))
+            note("asked pegasus (pid %s) to start no new job and exit when its %s %s"
+                 % (runner.pid, running, "finishes" if state["running"] == 1 else "finish"))
     return code
 
 

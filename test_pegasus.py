@@ -2849,7 +2849,9 @@ def test_an_idle_daemon_obeys_every_stop(tmp_path, how):
     proc = start_pegasus(tmp_path, "q", "-d")
     wait_for(lambda: state_file_of(tmp_path), what="the state file")
     if how.startswith("stop"):
-        assert run_pegasus(tmp_path, *how.split()).returncode == 0
+        asked = run_pegasus(tmp_path, *how.split())
+        assert asked.returncode == 0
+        assert ("exit when its 0 running jobs finish\n" in asked.stderr) == (how == "stop")
     else:
         proc.send_signal(getattr(signal, how))
     out, err = proc.communicate(timeout=5)  # the issue asks for 1 s; 5 s leaves room
