@@ -111,6 +111,8 @@ WIDE_READ = 1 << 18
 WIDE_PIPES = 16
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032 if sys.platform.startswith("linux") else None)
+# A read lease on a retired queue file says whether anyone writes it (Linux).
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024 if sys.platform.startswith("linux") else None)
 # The first byte of an agent's marker nonces: one that text hardly ever
 # holds, so that a read is searched for markers with memchr (find_mark).
 MARK_BYTE = b"\x1f"
@@ -2376,6 +2378,43 @@ def line_end(text, offset):
     return len(text) if newline < 0 else newline + 1
 
 
+def read_only(fd):
+    """The same file, open for reading only, and fd closed: on Linux a
+    retired queue file is watched through such an fd, so that a lease can
+    tell whether someone still has it open for writing (written_elsewhere)."""
+    if F_SETLEASE is None:
+        return fd
+    try:
+        again = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return fd
+    os.close(fd)
+    return again
+
+
+def written_elsewhere(fd):
+    """Whether some process has this file open for writing (Linux: a read
+    lease is refused then; it is released at once). A shell loop that
+    appends with `>>` as a whole (`for ...; done >> queue.yaml`) holds the
+    file it opened for as long as the loop runs, however often pegasus has
+    replaced it since: its jobs are carried over until it closes it. False
+    where it cannot be told (other systems, another user's file): the
+    RETIRED_WATCH window applies alone."""
+    if F_SETLEASE is None:
+        return False
+    # While the lease is held, an open for writing would send SIGIO, whose
+    # default ends a process: ignored for those two calls.
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+    finally:
+        signal.signal(signal.SIGIO, previous)
+    return False
+
+
 class QueueProblem(PegasusError):
     """A job that cannot be taken (it cannot be rendered): it stays in the
     file and the walk goes on. `job` and `line` say which it was."""
@@ -2742,7 +2781,7 @@ class QueueFile:
                 late = os.pread(self.source, size - accounted, accounted).strip()
                 if late and late in replaced_by:
                     accounted = size
-            self.retired.append([self.source, accounted, time.monotonic()])
+            self.retired.append([read_only(self.source), accounted, time.monotonic()])
             self.source = None
 
     def carry_over(self):
@@ -2760,13 +2799,14 @@ class QueueFile:
                 except OSError as e:
                     note("%s: cannot carry over %d bytes appended to it: %s\n%s"
                          % (self.path, len(late), e.strerror, late.decode("utf-8", "replace")))
-            if now - since < RETIRED_WATCH:
+            if now - since < RETIRED_WATCH or written_elsewhere(fd):
                 keep.append(item)
             else:
                 os.close(fd)
-        for fd, _, _ in keep[:-RETIRED_MAX]:
+        old = [item for item in keep[:-RETIRED_MAX] if not written_elsewhere(item[0])]
+        for fd, _, _ in old:
             os.close(fd)
-        self.retired = keep[-RETIRED_MAX:]
+        self.retired = [item for item in keep if item not in old]
 
     def rebase(self, text, current):
         """`text` was saved over the queue file by someone else, where we

@@ -1150,6 +1150,40 @@ def test_appends_to_a_replaced_queue_file_are_carried_over(tmp_path):
     assert [j.command for j in take(queue, 5)] == ["b", "late"]
 
 
+@pytest.mark.skipif(pegasus.F_SETLEASE is None, reason="leases are Linux's")
+def test_appends_through_a_file_held_open_are_carried_over_however_many_takes_since(tmp_path):
+    """A `>>` held open (a shell loop redirected as a whole) writes into the
+    file it opened, however many times pegasus has replaced it since."""
+    path = tmp_path / "queue.yaml"
+    count = pegasus.RETIRED_MAX + 8
+    write(path, "".join("- job%d\n" % i for i in range(count + 2)))
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+    late = open(str(path), "a")                            # opened before every take
+    for _ in range(count):
+        take(queue, 1)
+    late.write("- late\n")
+    late.flush()
+    assert [j.command for j in take(queue, 5)] == ["job%d" % count, "job%d" % (count + 1),
+                                                    "late"]
+    late.close()
+
+
+def test_a_shell_loop_appending_with_one_redirect_loses_no_job(tmp_path):
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 4\n")
+    write(tmp_path / "queue.yaml", "- sleep 0.08\n" * 300)
+    proc = start_pegasus(tmp_path, "q", "-d")
+    wait_for(lambda: os.path.exists(str(tmp_path / "consumed.yaml")), what="a first take")
+    subprocess.run(["sh", "-c", 'for i in $(seq 1 60); do echo "- echo $i >> ran.log"; '
+                                'sleep 0.03; done >> queue.yaml'], cwd=str(tmp_path), check=True)
+    ran = tmp_path / "ran.log"
+    wait_for(lambda: ran.exists() and len(read(ran).split()) >= 60, timeout=60,
+             what="the 60 appended jobs")
+    assert run_pegasus(tmp_path, "stop").returncode == 0
+    proc.communicate(timeout=60)
+    assert sorted(map(int, read(ran).split())) == list(range(1, 61))
+
+
 def test_appends_between_read_and_rename_are_kept(tmp_path):
     """The merge just before the rename: an append after the queue was read."""
     path = tmp_path / "queue.yaml"
