@@ -1,10 +1,4 @@
-#!/bin/sh
-# sh runs the line below; to Python it is a string, and does nothing. It starts
-# Python on this file as a module rather than as a script: Python keeps a
-# module's compiled form in __pycache__, where a script is compiled again on
-# every start (40 ms for this file, half of `--help`). `python3 pegasus.py`
-# still runs it as a script.
-"exec" "python3" "-c" "import os, sys, importlib.machinery as m, importlib.util as u; del sys.argv[0]; p = os.path.realpath(sys.argv[0]); sys.path[0] = os.path.dirname(p); s = u.spec_from_loader('__main__', m.SourceFileLoader('__main__', p)); g = sys.modules['__main__'] = u.module_from_spec(s); s.loader.exec_module(g)" "$0" "$@"
+#!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.8"
 # dependencies = ["pyyaml"]

@@ -67,15 +67,6 @@ def start_pegasus(cwd, *args, ssh_config=None):
                             stderr=subprocess.PIPE, text=True)
 
 
-def command_environment():
-    """The environment `./pegasus.py` runs in: python3 is this Python, and
-    Python may keep the compiled form (a setting of this machine's, not a
-    user's, may forbid it)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return env
-
-
 def job_lines(stdout, label=None):
     """Output lines of jobs, without the run/done headers."""
     lines = []
@@ -4164,9 +4155,8 @@ def test_readme_first_command_runs_in_a_fresh_copy(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "hello from" in out.stdout
-    # It wrote nothing but Python's compiled form of pegasus.py (see Files).
-    assert sorted(set(os.listdir(str(copy))) - {"__pycache__"}) == [
-        "LICENSE", "README.md", "pegasus.py", "test_pegasus.py"]
+    assert sorted(os.listdir(str(copy))) == ["LICENSE", "README.md", "pegasus.py",
+                                             "test_pegasus.py"]  # it wrote nothing
 
 
 def test_readme_one_liners_run_as_written(tmp_path):
@@ -4592,11 +4582,10 @@ def test_colors_and_wrapping_on_a_terminal_only(tmp_path):
     assert "\x1b" not in out.stdout + out.stderr
 
 
-def test_run_as_a_command_it_is_the_same_program_and_its_compiled_form_is_kept(tmp_path):
-    """`./pegasus.py` goes through sh's `exec python3 -c ...`: the arguments,
-    the exit status and the signals reach pegasus as from a script, a yaml.py
-    where it runs shadows nothing, and the second start uses the compiled
-    form Python kept beside the file (a copy of it, as a user curls it)."""
+def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
+    """`./pegasus.py`, a copy as a user curls it, through its #! line: the
+    arguments and the exit status are as given, a yaml.py where it runs
+    shadows nothing, and Ctrl-C reaches it."""
     python_dir = os.path.dirname(sys.executable)
     if not os.path.exists(os.path.join(python_dir, "python3")):
         pytest.skip("no python3 beside %s" % sys.executable)
@@ -4607,32 +4596,13 @@ def test_run_as_a_command_it_is_the_same_program_and_its_compiled_form_is_kept(t
     work = tmp_path / "work"
     work.mkdir()
     write(work / "yaml.py", "raise SystemExit('the yaml.py of the working directory')\n")
-    env = command_environment()
-    argv = [str(copy), "q", "-H", "localhost", 'printf "%s|" "$0" "a  b"; exit 3']
-    out = subprocess.run(argv, cwd=str(work), capture_output=True, text=True, env=env,
-                         timeout=60)
+    env = dict(os.environ, PATH=python_dir + os.pathsep + os.environ["PATH"])
+    out = subprocess.run([str(copy), "q", "-H", "localhost", 'printf "%s|" "$0" "a  b"; exit 3'],
+                         cwd=str(work), capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1, out.stderr
     assert "[localhost] sh|a  b|" in out.stdout
     assert "exit status 3" in out.stderr
-    cached = tmp_path / "bin" / "__pycache__" / (
-        "pegasus.%s.pyc" % sys.implementation.cache_tag)
-    assert cached.exists()
-    out = subprocess.run(argv, cwd=str(work), capture_output=True, text=True, timeout=60,
-                         env=dict(env, PYTHONVERBOSE="1"))
-    assert out.returncode == 1 and "[localhost] sh|a  b|" in out.stdout
-    assert "code object from '%s'" % cached in out.stderr
-    # Through a symlink: the compiled form is the real file's.
-    os.symlink(str(copy), str(work / "peg"))
-    out = subprocess.run([str(work / "peg"), "--version"], cwd=str(work), capture_output=True,
-                         text=True, timeout=60, env=dict(env, PYTHONVERBOSE="1"))
-    assert out.stdout.startswith("pegasus.py ") and "code object from '%s'" % cached in out.stderr
-    assert not (work / "__pycache__").exists()
-    # The user's PYTHONDONTWRITEBYTECODE is obeyed.
-    shutil.rmtree(str(cached.parent))
-    out = subprocess.run([str(copy), "--version"], capture_output=True, text=True, timeout=60,
-                         env=dict(env, PYTHONDONTWRITEBYTECODE="1"))
-    assert out.returncode == 0 and not cached.parent.exists()
-    # Ctrl-C reaches pegasus itself (sh has exec'd it): twice cancels the job.
+    # Ctrl-C twice cancels the job.
     proc = subprocess.Popen([str(copy), "q", "-H", "localhost", "echo started; sleep 60"],
                             cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -4734,24 +4704,19 @@ def bench_only(request):
 
 
 def probe(cwd, *args, stdout=subprocess.DEVNULL, timeout=600):
-    """Run pegasus as `./pegasus.py` does, from its compiled form (an import:
-    the wrapper measures it); (wall seconds, its own CPU seconds, its peak
-    RSS in MB, stderr)."""
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import pegasus"
-                    % HERE], env=command_environment(), check=True)  # compiled, kept
+    """Run pegasus; (wall seconds, its own CPU seconds, its peak RSS in MB, stderr)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=str(cwd), stdout=stdout,
-                          stderr=subprocess.PIPE, text=True, timeout=timeout,
-                          env=command_environment())
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = re.search(r"probe cpu=([\d.]+) maxrss_kb=(\d+)", proc.stderr)
     return wall, float(found.group(1)), int(found.group(2)) / 1024, proc.stderr
 
 
-def timed_shell(script, cwd, env=None, timeout=600):
+def timed_shell(script, cwd, timeout=600):
     start = time.perf_counter()
-    subprocess.run(["sh", "-c", script], cwd=str(cwd), check=True, timeout=timeout, env=env)
+    subprocess.run(["sh", "-c", script], cwd=str(cwd), check=True, timeout=timeout)
     return time.perf_counter() - start
 
 
@@ -4962,17 +4927,13 @@ def test_bench_w4_true_on_local_slots(tmp_path, bench_only):
 
 @pytest.mark.bench
 def test_bench_startup(tmp_path, bench_only):
-    """./pegasus.py --help (target <= 100 ms), and as a script (python3
-    pegasus.py: compiled on every start); baseline: python3 -c pass."""
-    env = command_environment()
-    ours, script, base = [], [], []
+    """pegasus.py --help (target <= 100 ms); baseline: python3 -c pass."""
+    ours, base = [], []
     for _ in range(10):
-        ours.append(timed_shell("%s --help > /dev/null" % PEGASUS, tmp_path, env) * 1000)
-        script.append(timed_shell("%s %s --help > /dev/null" % (sys.executable, PEGASUS),
-                                  tmp_path, dict(env, PYTHONDONTWRITEBYTECODE="1")) * 1000)
+        ours.append(timed_shell("%s %s --help > /dev/null" % (sys.executable, PEGASUS),
+                                tmp_path) * 1000)
         base.append(timed_shell("%s -c pass" % sys.executable, tmp_path) * 1000)
-    report("start-up: ./pegasus.py --help", ours, base, unit="ms")
-    report("start-up: python3 pegasus.py --help", script, base, unit="ms")
+    report("start-up: --help", ours, base, unit="ms")
 
 
 @pytest.mark.bench
