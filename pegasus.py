@@ -2783,7 +2783,7 @@ class QueueFile:
         it before, wrote after): append them to the current queue file."""
         now, keep = time.monotonic(), []
         for item in self.retired:
-            fd, accounted, since = item
+            fd, accounted, _ = item
             size = os.fstat(fd).st_size
             if size > accounted:
                 late = os.pread(fd, size - accounted, accounted)
@@ -2793,14 +2793,13 @@ class QueueFile:
                 except OSError as e:
                     note("%s: cannot carry over %d bytes appended to it: %s\n%s"
                          % (self.path, len(late), e.strerror, late.decode("utf-8", "replace")))
-            if now - since < RETIRED_WATCH or written_elsewhere(fd):
+        young = [item for item in self.retired if now - item[2] < RETIRED_WATCH][-RETIRED_MAX:]
+        for item in self.retired:
+            if item in young or written_elsewhere(item[0]):
                 keep.append(item)
             else:
-                os.close(fd)
-        old = [item for item in keep[:-RETIRED_MAX] if not written_elsewhere(item[0])]
-        for fd, _, _ in old:
-            os.close(fd)
-        self.retired = [item for item in keep if item not in old]
+                os.close(item[0])
+        self.retired = keep
 
     def rebase(self, text, current):
         """`text` was saved over the queue file by someone else, where we
