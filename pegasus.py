@@ -6765,7 +6765,11 @@ class QueueMode:
             note("cut short and %s %s: %s" % (
                 "not yet put back in" if d.gate.gave_up else "put back at the head of",
                 d.queue.path, ", ".join(shown(run.command) for run in self.cut_short)))
-        never = sorted({m.hostname for m in d.pool.masters if not m.ever_up and m.failures})
+        # Hosts whose logins failed, and those still logging in or waiting
+        # to at the end (a host that accepts connections and then says
+        # nothing, within CONNECT_WAIT), which close() ended quietly.
+        up = {m.hostname for m in d.pool.masters if m.ever_up}
+        never = sorted({m.hostname for m in d.pool.masters} - up)
         if never:
             note("never reached: %s" % ", ".join(never))
         if d.stop_level and d.queue.count:

@@ -3725,6 +3725,22 @@ def test_a_master_that_cannot_start_for_want_of_descriptors_is_a_failed_login(tm
     assert len(named) == 30 - out.stderr.count("connected to g")  # each one named
 
 
+def test_a_host_still_logging_in_at_the_end_is_named_never_reached(tmp_path):
+    # f1's sshd is stopped: the kernel accepts the connection, nothing answers.
+    hosts = SshHosts(["f1", "f2"], first_address=94)
+    try:
+        hosts.signal("f1", signal.SIGSTOP)
+        write(tmp_path / "hosts.yaml", "- f1\n- f2\n")
+        write(tmp_path / "queue.yaml", "- echo one\n- echo two\n")
+        out = run_pegasus(tmp_path, "q", ssh_config=hosts.config, timeout=60)
+    finally:
+        hosts.signal("f1", signal.SIGCONT)
+        hosts.close()
+    assert out.returncode == 0, out.stderr
+    assert sorted(job_lines(out.stdout)) == ["[f2] one", "[f2] two"]
+    assert "never reached: f1\n" in out.stderr
+
+
 def test_a_host_without_bash_runs_each_job_in_its_own_session(tmp_path):
     # PATH on this host has sh and what the wrapper needs, but no bash.
     bin_dir = tempfile.mkdtemp(prefix="pegasus-nobash-")
