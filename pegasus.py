@@ -6786,6 +6786,7 @@ class BroadcastMode:
         self.step_failed = []  # labels of the slots that failed this step
         self.step_job = None   # the job of this step
         self.cut_short = []    # this step's cancelled runs: the step goes back whole
+        self.missed = {}       # slot label -> the jobs it missed once its host was lost
 
     def stopping(self):
         pass  # nothing is taken ahead: a step starts once all slots are free
@@ -6809,6 +6810,9 @@ class BroadcastMode:
         if taken:
             commands, job = taken[0]
             self.step_job = job
+            for slot in d.slots:
+                if slot.ever_up and slot not in slots:
+                    self.missed.setdefault(slot.label, []).append(job.command)
             for slot, command in zip(slots, commands):
                 d.spawn(slot, job, command, list(range(slot.capacity)))
             return False
@@ -6864,11 +6868,17 @@ class BroadcastMode:
                 len(self.cut_short), plural(len(self.cut_short)),
                 "not yet put back in" if self.d.gate.gave_up else "put back at the head of",
                 self.d.queue.path, shown(self.cut_short[0].job.command)))
-        # Broadcast is for every host: one that never connected missed every job.
+        # Broadcast is for every host: one that never connected missed every
+        # job, one whose host was lost (with -i) every job after.
         for slot in self.d.slots:
             if not slot.ever_up:
                 note("not run on %s: unreachable" % slot.label)
                 self.d.failures.append((slot.label, "(every job)", "unreachable"))
+        for label, commands in self.missed.items():
+            note("not run on %s, whose host was lost: %s" % (
+                label, ", ".join(shown(command) for command in commands)))
+            self.d.failures.append((label, "(%d job%s after its host was lost)" % (
+                len(commands), plural(len(commands))), "host lost"))
 
 
 def short_temp_dir():

@@ -2623,6 +2623,20 @@ def test_broadcast_fails_the_step_of_a_host_that_dies(tmp_path, fault_hosts):
     assert read(tmp_path / "queue.yaml") == "- echo step2\n"
 
 
+def test_broadcast_with_i_names_the_steps_a_lost_host_missed(tmp_path, fault_hosts):
+    write(tmp_path / "hosts.yaml", "- f1\n- f2\n- f3\n")
+    write(tmp_path / "queue.yaml", "- sleep 2; echo step1\n- echo step2\n- echo step3\n")
+    proc = start_pegasus(tmp_path, "b", "-i", ssh_config=fault_hosts.config)
+    wait_for(lambda: len(pids_of("^sleep 2$")) >= 3, what="step 1 on every host")
+    fault_hosts.stop("f3")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert sorted(job_lines(out)) == ["[f1] step1", "[f1] step2", "[f1] step3",
+                                      "[f2] step1", "[f2] step2", "[f2] step3"]
+    assert "not run on [f3], whose host was lost: 'echo step2', 'echo step3'\n" in err
+    assert "failed: [f3] '(2 jobs after its host was lost)': host lost" in err
+
+
 def test_broadcast_to_a_host_down_at_start_is_a_failure(tmp_path, hosts):
     dead = tmp_path / "ssh_config"
     dead.write_text("Host dead\n  HostName 127.0.0.99\n" + read(hosts.config))
