@@ -6958,9 +6958,10 @@ def check_disk_space(queue_path):
         return
     free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
     if free < size + MIN_FREE_BYTES:
-        raise PegasusError("%s: no space left on the device (%d bytes free): pegasus "
-                           "rewrites the queue file beside itself; free some space"
-                           % (os.path.dirname(target), free))
+        raise PegasusError("%s: too little space left on the device (%d bytes free, %d "
+                           "needed): pegasus rewrites the queue file beside itself, and keeps "
+                           "consumed.yaml and its journal there; free some space"
+                           % (os.path.dirname(target), free, size + MIN_FREE_BYTES))
 
 
 def mode_run(options, policy):

@@ -1401,7 +1401,8 @@ def test_a_full_disk_at_start_is_one_line(small_disk, mode):
     fill(small_disk)
     out = run_pegasus(small_disk, *mode)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "no space left on the device" in out.stderr.splitlines()[-1]
+    assert re.search(r"too little space left on the device \(\d+ bytes free, \d+ needed\)",
+                     out.stderr.splitlines()[-1]), out.stderr
     assert read(small_disk / "queue.yaml") == "- echo a\n"
 
 
