@@ -3995,6 +3995,13 @@ def signal_group(proc, signum):
         pass
 
 
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
 class Master:
     """One ssh master connection that slots run jobs over; for a local host,
     a stand-in that is always up."""
@@ -4030,8 +4037,11 @@ class Master:
         lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
         if lines:
             return lines[-1]
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            return "its ssh process was killed (%s)" % signal_name(-code)
         return "ssh exited with status %s and said nothing (try: ssh -v %s true)" % (
-            self.proc.returncode, self.hostname)
+            code, self.hostname)
 
     def read_rest(self):
         # The master may be found dead before the loop has read its last
@@ -4920,10 +4930,7 @@ class Run:
         if self.host_lost:
             return "host lost"
         if code is not None and code < 0:
-            try:
-                return "signal %s" % signal.Signals(-code).name
-            except ValueError:
-                return "signal %d" % -code
+            return "signal %s" % signal_name(-code)
         return "exit status %s" % code
 
 

@@ -2624,6 +2624,21 @@ def test_broadcast_fails_the_step_of_a_host_that_dies(tmp_path, fault_hosts):
     assert read(tmp_path / "queue.yaml") == "- echo step2\n"
 
 
+def test_a_master_killed_here_is_said_so_and_its_job_runs_again(tmp_path, fault_hosts):
+    write(tmp_path / "hosts.yaml", "- f1\n")
+    write(tmp_path / "queue.yaml", "- sleep 1; echo done\n")
+    proc = start_pegasus(tmp_path, "q", ssh_config=fault_hosts.config)
+    pattern = "%s.*ControlMaster=yes.* -- f1 " % re.escape(fault_hosts.config)
+    wait_for(lambda: pids_of(pattern) and os.path.exists(str(tmp_path / "consumed.yaml")),
+             what="the job on f1's master")
+    for pid in pids_of(pattern):
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert "lost the connection to f1: its ssh process was killed (SIGKILL)" in err
+    assert job_lines(out) == ["[f1] done"]
+
+
 def test_broadcast_with_i_names_the_steps_a_lost_host_missed(tmp_path, fault_hosts):
     write(tmp_path / "hosts.yaml", "- f1\n- f2\n- f3\n")
     write(tmp_path / "queue.yaml", "- sleep 2; echo step1\n- echo step2\n- echo step3\n")
