@@ -2394,8 +2394,9 @@ def written_elsewhere(fd):
     replaced it since: its jobs are carried over until it closes it. False
     where it cannot be told (other systems, another user's file): the
     RETIRED_WATCH window applies alone."""
-    if F_SETLEASE is None:
-        return False
+    access = os.O_RDONLY | os.O_WRONLY | os.O_RDWR  # (O_ACCMODE)
+    if F_SETLEASE is None or fcntl.fcntl(fd, fcntl.F_GETFL) & access != os.O_RDONLY:
+        return False  # (our own write access would refuse the lease: read_only() failed)
     # While the lease is held, an open for writing would send SIGIO, whose
     # default ends a process: ignored for those two calls.
     previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
