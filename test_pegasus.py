@@ -67,6 +67,16 @@ def start_pegasus(cwd, *args, ssh_config=None):
                             stderr=subprocess.PIPE, text=True)
 
 
+def ctrl_c_twice(proc):
+    """Ctrl-C, then Ctrl-C again once pegasus has said it drains (the second
+    cancels the running jobs); proc's stderr is read up to that line."""
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if "Ctrl-C: no new jobs" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+
+
 def job_lines(stdout, label=None):
     """Output lines of jobs, without the run/done headers."""
     lines = []
@@ -3658,11 +3668,7 @@ def test_a_job_that_signals_its_group_or_kills_its_parent_leaves_nothing_running
     for line in proc.stdout:
         if "still running" in line:
             break
-    proc.send_signal(signal.SIGINT)
-    for line in proc.stderr:
-        if "Ctrl-C: no new jobs" in line:
-            break
-    proc.send_signal(signal.SIGINT)
+    ctrl_c_twice(proc)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "finished" not in out and "=== done (cancelled" in out
@@ -4653,11 +4659,7 @@ def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
                             cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     assert proc.stdout.readline() and "started" in proc.stdout.readline()
-    proc.send_signal(signal.SIGINT)
-    for line in proc.stderr:
-        if "Ctrl-C: no new jobs" in line:
-            break
-    proc.send_signal(signal.SIGINT)
+    ctrl_c_twice(proc)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Ctrl-C: cancelling 1 running job" in err, err
 
