@@ -347,7 +347,10 @@ class SshHosts:
         wait_for_port(self.addresses[name], self.port)
 
     def stop(self, name):
-        """Kill a host: its sshd and every session it serves."""
+        """Kill a host: its sshd and every session it serves, all at once, as
+        a machine dies. (Frozen first: killed one by one, a job's shell could
+        still report its killed child, and sshd pass that on.)"""
+        self.signal(name, signal.SIGSTOP)
         self.signal(name, signal.SIGKILL)
         self.servers.pop(name).wait()
 
