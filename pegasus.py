@@ -142,6 +142,8 @@ DRY_RUN_SHOWN = 1000   # jobs a dry run prints; it counts the rest
 HISTORY_TAKES = 64     # recent takes kept to undo a stale save of the queue file (rebase)
 RETIRED_WATCH = 10.0   # seconds to watch a replaced queue file for late `>>` appends
 RETIRED_MAX = 32       # ... and at most this many of them
+SETTLE = 1.0           # s a queue file must stay still before a last line without its
+#                        newline, or a rewrite in place, counts as written (QueueFile)
 AHEAD_WINDOW = 0.05    # s: jobs that end this fast are taken ahead of free slots...
 AHEAD_MAX = 16         # ... at most this many per slot, to save takes (QueueMode)
 AHEAD_HOLD = 0.5       # s: jobs taken ahead and not started by then go back to the queue
@@ -2410,6 +2412,15 @@ def written_elsewhere(fd):
     return False
 
 
+class QueueSettling(PegasusError):
+    """The queue file is being rewritten in place: take nothing until it has
+    been still for SETTLE seconds (QueueFile.settle_at says when)."""
+
+    def __init__(self, path):
+        super().__init__("%s is being rewritten; waiting until it has been still for %g s"
+                         % (path, SETTLE))
+
+
 class QueueProblem(PegasusError):
     """A job that cannot be taken (it cannot be rendered): it stays in the
     file and the walk goes on. `job` and `line` say which it was."""
@@ -2434,11 +2445,19 @@ class QueueFile:
       renaming its new version over it, pegasus reads what was appended since
       and keeps it; for RETIRED_WATCH seconds after, it watches the replaced
       file and carries bytes appended to it late over to the new one.
+    - A writer may write a line in pieces (a program's buffered output is
+      cut every few kB, anywhere): a last line without its newline is not
+      read, or carried over, until its newline comes or the file has been
+      still for SETTLE seconds (a file saved without a final newline).
     - A save that replaces the file (sed -i, editors) or rewrites it in place
       may start from a version read before pegasus took some jobs. Each take
       is kept as text edits (self.history); such a save is rebased: the
       version it most likely started from is found (the fewest lines apart),
-      and the takes made since are applied to it again.
+      and the takes made since are applied to it again. A rewrite in place
+      (`>`, many editors) empties the file and then writes it, perhaps in
+      pieces: it is read once the file has been still for SETTLE seconds.
+      One that lands on a file pegasus has just replaced is copied back
+      over queue.yaml then, and so rebased in turn (carry_over).
 
     on_commit(jobs, temp_path), when set, is called by commit() once the jobs
     are appended to consumed.yaml (fsynced) and temp_path holds the new queue
@@ -2467,24 +2486,34 @@ class QueueFile:
         self.source = None     # fd of the file self.raw came from (read or written)
         self.source_signature = None
         self.raw = b""
-        self.retired = []      # [fd, bytes accounted for, since]: files we renamed over
+        self.retired = []      # Retired: the files we renamed over, watched for appends
+        self.tail = b""        # a last line that waits for its newline (settled()): kept
+#                                at the end of the file, never parsed until it is whole
+        self.still = {}        # (dev, ino) -> ((size, mtime), first seen): see still_for()
+        self.settle_at = None  # when a file that is being written may have settled
         self.history = []      # per recent take, its edits [(old text, new text)]
         self.edits = []        # the edits of the take in progress
 
     def load(self):
         """Parse the file if it changed; raises PegasusError if it is broken.
         Hold the lock: a stale save is rebased (see the class docstring)."""
+        self.settle_at = None
         self.carry_over()
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             raise PegasusError("%s: no such file" % self.path) from None
-        if not self.stale and same_file(self.source, self.source_signature, st):
+        if (not self.stale and not self.tail
+                and same_file(self.source, self.source_signature, st)):
             return
         fd, raw = read_source(self.path)
         try:
+            st = os.fstat(fd)
             foreign = not self.continues(fd, raw)
-            text = decode_text(self.path, raw)
+            if foreign and self.in_place(st) and not self.still_for(st):
+                raise QueueSettling(self.path)
+            end = self.settled(raw, st)
+            text = decode_text(self.path, raw[:end])
             rebased = self.rebase(text, self.committed) if foreign else text
             entries, editable = parse_queue(self.path, rebased)
         except BaseException:
@@ -2494,6 +2523,7 @@ class QueueFile:
             raise
         self.forget_broken()
         self.adopt(fd, raw)
+        self.tail = raw[end:]
         self.stale = False
         self.text, self.entries, self.editable, self.shift = rebased, entries, editable, 0
         self.count = count_jobs(entries)
@@ -2501,9 +2531,12 @@ class QueueFile:
 
     def changed_on_disk(self):
         """True if the file is not what load() last looked at (parsed or
-        not), or a late append to a replaced one waits to be carried over:
-        someone wrote it since. Cheap: a few stats."""
-        if any(os.fstat(fd).st_size > size for fd, size, _ in self.retired):
+        not), or a late append to a replaced one waits to be carried over,
+        or a file being written may have settled: someone wrote it since.
+        Cheap: a few stats."""
+        if self.settle_at is not None and time.monotonic() >= self.settle_at:
+            return True
+        if any(os.fstat(old.fd).st_size != old.seen for old in self.retired):
             return True
         try:
             st = os.stat(self.path)
@@ -2660,7 +2693,7 @@ class QueueFile:
             self.shift, self.history[:] = 0, [[]]  # a whole rewrite: no edits to rebase
         target = queue_target(self.path)
         mode = file_mode(target)
-        data = self.text.encode("utf-8")
+        data = self.text.encode("utf-8") + self.tail
         fd, temp = new_file(os.path.dirname(target), os.path.basename(target), mode)
         try:
             # The new queue text first: a full disk fails here, before
@@ -2721,18 +2754,25 @@ class QueueFile:
                 return data
             new_fd, raw = read_source(self.path)
             try:
+                st = os.fstat(new_fd)
                 if self.continues(new_fd, raw):
-                    text = self.text + decode_text(self.path, raw[len(self.raw):])
+                    late = self.tail + raw[len(self.raw):]
+                    end = self.settled(late, st)
+                    text = self.text + decode_text(self.path, late[:end])
+                elif self.in_place(st) and not self.still_for(st):
+                    raise QueueSettling(self.path)
                 else:
-                    text = self.rebase(decode_text(self.path, raw), self.text)
+                    late = raw
+                    end = self.settled(raw, st)
+                    text = self.rebase(decode_text(self.path, raw[:end]), self.text)
                     parse_queue(self.path, text)  # never write a broken file
             except BaseException:
                 os.close(new_fd)
                 raise
             self.adopt(new_fd, raw)
-            self.text = text
+            self.text, self.tail = text, late[end:]
             self.stale = True  # parse the merged text at the next load
-            data = text.encode("utf-8")
+            data = text.encode("utf-8") + self.tail
             write_fd(fd, data)
         raise PegasusError("%s keeps changing; no job taken" % self.path)
 
@@ -2746,11 +2786,54 @@ class QueueFile:
                 or fd_signature(self.source) != self.source_signature)
 
     def continues(self, fd, raw):
-        """True if `raw`, read from fd, is our last version plus appends."""
+        """True if `raw`, read from fd, is our last version plus appends
+        (not when a last line we took as whole without its newline goes on:
+        see settled(); that is a rewrite)."""
         if self.source is None or not raw.startswith(self.raw):
+            return False
+        if (len(raw) > len(self.raw) and self.raw and not self.raw.endswith(b"\n")
+                and not self.tail):
             return False
         old, new = os.fstat(self.source), os.fstat(fd)
         return (old.st_dev, old.st_ino) == (new.st_dev, new.st_ino)
+
+    def in_place(self, st):
+        """Whether the file of stat st is our source: one that is not our
+        text plus appends is then being rewritten in place."""
+        if self.source is None:
+            return False
+        ours = os.fstat(self.source)
+        return (ours.st_dev, ours.st_ino) == (st.st_dev, st.st_ino)
+
+    def settled(self, raw, st):
+        """How much of raw, read from the file of stat st, counts as written:
+        all, unless its last line has no newline yet and the file has not
+        been still for SETTLE seconds; then up to that line."""
+        if not raw or raw.endswith(b"\n") or self.still_for(st):
+            return len(raw)
+        return raw.rfind(b"\n") + 1
+
+    def still_for(self, st):
+        """Whether the file of stat st has been still for SETTLE seconds: by
+        its mtime, or, where the clocks disagree (NFS), as seen from here.
+        If not, settle_at says when to look again."""
+        now = time.monotonic()
+        key, state = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+        seen = self.still.get(key)
+        if seen is None or seen[0] != state:
+            if len(self.still) > 4 * RETIRED_MAX:
+                self.still.clear()
+            seen = self.still[key] = (state, now)
+        waited = max(now - seen[1], time.time() - st.st_mtime_ns / 1e9)
+        if waited >= SETTLE:
+            return True
+        due = now + SETTLE - waited
+        self.settle_at = due if self.settle_at is None else min(self.settle_at, due)
+        return False
+
+    def settling(self):
+        """Something written to the queue file waits to settle: not done yet."""
+        return self.settle_at is not None
 
     def adopt(self, fd, raw):
         """fd, whose content is raw, is now the file we know."""
@@ -2770,37 +2853,86 @@ class QueueFile:
         save reads the file first, so what was appended before it read is in
         it already: carrying it over too would queue those jobs twice."""
         if self.source is not None:
-            accounted = len(self.raw)
+            known = self.raw
             size = os.fstat(self.source).st_size
-            if replaced_by is not None and size > accounted:
-                late = os.pread(self.source, size - accounted, accounted).strip()
-                if late and late in replaced_by:
-                    accounted = size
-            self.retired.append([read_only(self.source), accounted, time.monotonic()])
+            if replaced_by is not None and size > len(known):
+                late = os.pread(self.source, size - len(known), len(known))
+                if late.strip() and late.strip() in replaced_by:
+                    known += late
+            self.retired.append(Retired(read_only(self.source), known))
             self.source = None
 
     def carry_over(self):
         """Bytes appended to a queue file after it was replaced (`>>` opened
-        it before, wrote after): append them to the current queue file."""
+        it before, wrote after): append them to the current queue file,
+        whole lines only (see settled()). A replaced file rewritten in place
+        instead (a save that lost the race with our rename) is copied over
+        the queue file once still, for load() to rebase."""
         now, keep = time.monotonic(), []
-        for item in self.retired:
-            fd, accounted, _ = item
-            size = os.fstat(fd).st_size
-            if size > accounted:
-                late = os.pread(fd, size - accounted, accounted)
-                item[1] = size
-                try:
-                    append_after_newline(queue_target(self.path), late)
-                except OSError as e:
-                    note("%s: cannot carry over %d bytes appended to it: %s\n%s"
-                         % (self.path, len(late), e.strerror, late.decode("utf-8", "replace")))
-        young = [item for item in self.retired if now - item[2] < RETIRED_WATCH][-RETIRED_MAX:]
-        for item in self.retired:
-            if item in young or written_elsewhere(item[0]):
-                keep.append(item)
+        target = queue_target(self.path)
+        for old in self.retired:
+            st = os.fstat(old.fd)
+            old.seen = st.st_size
+            if st.st_size == old.accounted:
+                continue
+            if not old.unchanged(st.st_size):
+                if self.still_for(st):
+                    self.save_over(old, st.st_size)
+                continue
+            late = os.pread(old.fd, st.st_size - old.line, old.line)
+            end = self.settled(late, st)
+            pending = old.accounted - old.line  # a last line we had without its newline
+            if end <= pending:
+                continue
+            try:
+                ending, target_st = file_ending(target, pending)
+            except OSError:
+                ending, target_st = b"", None  # (the append says what is wrong, or makes it)
+            if pending and ending == late[:pending]:
+                data, own_line = late[pending:end], False  # the queue file ends with it too
+            elif ending[-1:] in (b"", b"\n") or self.still_for(target_st):
+                data, own_line = late[:end], True
+                if pending:
+                    note("%s: a last line taken as whole after %g s without its newline "
+                         "went on; queued again whole: %s" % (self.path, SETTLE, late[
+                             :end].decode("utf-8", "replace").strip()))
             else:
-                os.close(item[0])
+                continue  # the queue file's own last line is being written: not in it
+            try:
+                append_after_newline(target, data, own_line)
+            except OSError as e:
+                note("%s: cannot carry over %d bytes appended to it: %s\n%s"
+                     % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
+            old.account(old.line, late[:end])
+        young = [old for old in self.retired if now - old.since < RETIRED_WATCH][-RETIRED_MAX:]
+        for old in self.retired:
+            if old in young or old.seen > old.accounted or written_elsewhere(old.fd):
+                keep.append(old)
+            else:
+                os.close(old.fd)
         self.retired = keep
+
+    def save_over(self, old, size):
+        """A replaced file was rewritten in place, and is still now: someone
+        saved over it as we renamed. Copy it over the queue file; load()
+        rebases it as any save (and takes the new file as a save of its own)."""
+        data = os.pread(old.fd, size, 0)
+        target = queue_target(self.path)
+        fd, temp = new_file(os.path.dirname(target), os.path.basename(target),
+                            file_mode(target))
+        try:
+            write_fd(fd, data)
+            os.replace(temp, target)
+        except OSError as e:
+            note("%s: a save that landed on a replaced copy could not be copied back "
+                 "(%s); it is in:\n%s" % (self.path, e.strerror,
+                                            data.decode("utf-8", "replace")))
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        finally:
+            os.close(fd)
+        old.reset(data)
+        self.stale = True
 
     def rebase(self, text, current):
         """`text` was saved over the queue file by someone else, where we
@@ -2845,6 +2977,40 @@ class QueueFile:
         append_after_newline(queue_target(self.path), text.encode("utf-8"))
 
 
+class Retired:
+    """A queue file pegasus renamed a new one over, watched for appends that
+    land late (QueueFile.carry_over)."""
+
+    __slots__ = ("fd", "since", "seen", "accounted", "line", "head", "tail")
+    SAMPLE = 512  # bytes compared at each end of the part accounted for
+
+    def __init__(self, fd, known):
+        self.fd, self.since = fd, time.monotonic()
+        self.reset(known)
+
+    def reset(self, known):
+        """The file holds `known` and we have it all."""
+        self.head, self.tail = known[:self.SAMPLE], known[-self.SAMPLE:]
+        self.accounted = self.seen = len(known)
+        self.line = known.rfind(b"\n") + 1  # where the line holding `accounted` starts
+
+    def account(self, start, data):
+        """The file's bytes from offset `start`, `data`, are carried over."""
+        self.accounted = start + len(data)
+        if b"\n" in data:
+            self.line = start + data.rfind(b"\n") + 1
+        size = min(self.SAMPLE, self.accounted)
+        self.tail = os.pread(self.fd, size, self.accounted - size)
+
+    def unchanged(self, size):
+        """Whether the part accounted for still holds what it did: a file
+        rewritten in place (`>`, an editor) no longer does."""
+        return (size >= self.accounted
+                and os.pread(self.fd, len(self.head), 0) == self.head
+                and os.pread(self.fd, len(self.tail), self.accounted - len(self.tail))
+                == self.tail)
+
+
 def read_source(path):
     """(an open fd, its bytes) of the queue file; errors name it."""
     try:
@@ -2865,12 +3031,24 @@ def read_source(path):
         raise PegasusError("%s: is a directory, not a YAML file" % path) from None
 
 
-def append_after_newline(path, data):
-    """Append, starting a new line if the file does not end with one."""
+def file_ending(path, count):
+    """The last `count` bytes of a file (at least 1), and its stat."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        count = min(max(count, 1), st.st_size)
+        return os.pread(fd, count, st.st_size - count), st
+    finally:
+        os.close(fd)
+
+
+def append_after_newline(path, data, own_line=True):
+    """Append, starting a new line if the file does not end with one (unless
+    own_line is false: data finishes the file's last line)."""
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
+        if own_line and size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data
         try:
             while data:
@@ -2893,11 +3071,17 @@ def apply_edit(text, old, new):
             new = "\n" + new
         return text[:position] + new + text[position:]
     position = text.find(old)
-    while position > 0 and text[position - 1] != "\n":
+    while position >= 0 and not whole_lines(text, position, position + len(old)):
         position = text.find(old, position + 1)
     if position < 0:
         return text
     return text[:position] + new + text[position + len(old):]
+
+
+def whole_lines(text, start, end):
+    """Whether text[start:end] begins and ends at line boundaries."""
+    return ((start == 0 or text[start - 1] == "\n")
+            and (end == len(text) or text[end - 1] == "\n" or text[end] == "\n"))
 
 
 class MemoryQueue:
@@ -2921,6 +3105,9 @@ class MemoryQueue:
         pass  # nobody else can change it
 
     def changed_on_disk(self):
+        return False
+
+    def settling(self):
         return False
 
     def take(self, choose, before_rename=None, starts=None):
@@ -5777,6 +5964,9 @@ class QueueGate:
                 taken, problems = self.queue.take(choose, before_rename, starts)
         except QueueWriteError as e:
             self.block("%s; no job taken, trying again" % e, WRITE_RETRY, until_changed=False)
+        except QueueSettling:
+            self.blocked = True  # (quietly: a save in place settles within SETTLE)
+            self.retry_later(SETTLE / 4, until_changed=True)
         except PegasusError as e:
             error = e
         except BaseException:
@@ -6564,7 +6754,7 @@ class QueueMode:
         if d.gate.blocked:
             return False  # the retry asks for fill() again
         if (not self.waiting and not d.runs and not self.retries and not d.gate.pending
-                and not self.ahead and not d.options.daemon):
+                and not self.ahead and not d.queue.settling() and not d.options.daemon):
             return True   # however many hosts are still connecting
         if any(free.values()):
             d.gate.watch()
@@ -6826,7 +7016,7 @@ class BroadcastMode:
             return False
         if d.gate.blocked:
             return False
-        if d.options.daemon:
+        if d.options.daemon or d.queue.settling():
             d.gate.watch()
             return False
         return True
@@ -6942,6 +7132,9 @@ def open_queue_file(options):
         raise PegasusError("%s: no such file (write one job per line as '- command', name "
                            "another with --queue-file, or give commands as arguments)" % path)
     queue.load()
+    while queue.settling():  # a last line still being written: wait for it
+        time.sleep(max(0.0, queue.settle_at - time.monotonic()) + 0.01)
+        queue.load()
     if options.dry_run:
         return queue
     directory = os.path.dirname(os.path.abspath(path))

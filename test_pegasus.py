@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1063,7 +1064,7 @@ def append_race_round(tmp_path, appends, edit, added):
     try:
         wait_for(lambda: not jobs_in(read(tmp_path / "queue.yaml")), timeout=60,
                  what="the queue to empty")
-    except AssertionError:
+    except Exception:  # (a timeout, or a queue file left broken)
         proc.kill()
         raise AssertionError("queue.yaml: %r\nstderr: %s" % (
             read(tmp_path / "queue.yaml")[:2000], proc.communicate()[1][-3000:]))
@@ -1186,6 +1187,109 @@ def test_a_shell_loop_appending_with_one_redirect_loses_no_job(tmp_path):
     assert run_pegasus(tmp_path, "stop").returncode == 0
     proc.communicate(timeout=60)
     assert sorted(map(int, read(ran).split())) == list(range(1, 61))
+
+
+def pieces(text, seed):
+    """text cut anywhere into pieces of 1 to 40 bytes, as a program's
+    buffered output reaches a file."""
+    rng, out = random.Random(seed), []
+    while text:
+        size = rng.randint(1, 40)
+        out.append(text[:size])
+        text = text[size:]
+    return out
+
+
+@pytest.mark.parametrize("held_open", [False, True], ids=["reopened", "held-open"])
+def test_appends_written_in_pieces_run_whole_and_once(tmp_path, held_open):
+    """A writer may cut a line anywhere (`python gen.py >> queue.yaml`
+    flushes every few kB): a take between two pieces used to keep the half
+    line, run it cut short, or leave a queue file pegasus itself had broken."""
+    chunks = pieces("".join("- echo piece-%d\n" % i for i in range(100)), 7)
+    held = open(str(tmp_path / "queue.yaml"), "a") if held_open else None
+
+    def append(i):
+        if held is not None:
+            held.write(chunks[i])
+            held.flush()
+        else:
+            with open(str(tmp_path / "queue.yaml"), "a") as f:
+                f.write(chunks[i])
+    try:
+        # (held open: opened before the run's first take, so every piece
+        # lands in a file pegasus has replaced, and is carried over)
+        ran, left, err = append_race_round(tmp_path, range(len(chunks)), append, 100)
+    finally:
+        if held is not None:
+            held.close()
+    expected = ["job-%d" % i for i in range(400)] + ["piece-%d" % i for i in range(100)]
+    assert left == []
+    assert [job for job in expected if ran[job] == 0] == [], err  # lost
+    assert [job for job, count in ran.items() if count > 1] == []  # ran twice
+    assert sorted(ran) == sorted(expected)  # nothing cut short: no 'piece-1' for 'piece-12'
+    assert "not valid YAML" not in err and "went on" not in err
+
+
+def test_a_last_line_without_its_newline_waits_for_it(tmp_path):
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n- echo hel")
+    queue = pegasus.QueueFile(str(path), "q")
+    assert [j.command for j in take(queue, 5)] == ["a", "b"]
+    assert queue.settling()
+    assert read(path) == "- echo hel"                      # the half line stays
+    with open(str(path), "a") as f:
+        f.write("lo\n- c\n")
+    assert [j.command for j in take(queue, 5)] == ["echo hello", "c"]
+    assert not queue.settling()
+
+
+def test_a_last_line_without_its_newline_counts_once_the_file_is_still(tmp_path):
+    """A file saved without a final newline: its last job runs all the same."""
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b")
+    queue = pegasus.QueueFile(str(path), "q")
+    assert [j.command for j in take(queue, 5)] == ["a"]
+    wait_for(lambda: queue.changed_on_disk(), what="the file to count as still")
+    assert [j.command for j in take(queue, 5)] == ["b"]
+    old = time.time() - 2 * pegasus.SETTLE                 # written long before
+    write(path, "- c\n- d")
+    os.utime(str(path), (old, old))
+    assert [j.command for j in take(queue, 5)] == ["c", "d"]
+
+
+def test_a_half_line_written_to_a_replaced_file_is_carried_over_whole(tmp_path):
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+    late = open(str(path), "a")                            # opened before the take
+    late.write("- echo hel")
+    late.flush()
+    assert [j.command for j in take(queue, 1)] == ["a"]    # the file is replaced
+    assert [j.command for j in take(queue, 5)] == ["b"]
+    late.write("lo\n")
+    late.close()
+    assert [j.command for j in take(queue, 5)] == ["echo hello"]
+    assert read(path) == ""
+
+
+def test_a_queue_started_just_after_a_line_without_newline_runs_it(tmp_path):
+    """`printf -- '- echo a\\n- echo b' > queue.yaml && ./pegasus.py`: not
+    'queue empty' because the last line was not counted yet."""
+    subprocess.run(["sh", "-c", "printf -- '- echo a\\n- echo b' > queue.yaml && %s %s q"
+                    % (shlex.quote(sys.executable), shlex.quote(PEGASUS))],
+                   cwd=str(tmp_path), check=True, stdout=open(str(tmp_path / "out"), "w"),
+                   timeout=60)
+    assert sorted(job_lines(read(tmp_path / "out"))) == ["[localhost] a", "[localhost] b"]
+
+
+def test_a_take_removes_only_whole_lines_from_a_save():
+    """A taken entry that was a last line without its newline is not found
+    inside a longer line of a save (which then keeps it)."""
+    assert pegasus.apply_edit("- echo helloworld\n- b\n", "- echo hello", "") == \
+        "- echo helloworld\n- b\n"
+    assert pegasus.apply_edit("- b\n- echo hello", "- echo hello", "") == "- b\n"
+    assert pegasus.apply_edit("- x- a\n- a\n", "- a\n", "") == "- x- a\n"
 
 
 def test_appends_between_read_and_rename_are_kept(tmp_path):
