@@ -2708,7 +2708,9 @@ class QueueFile:
                     self.on_commit(jobs, temp)
                 data = self.merge(fd, data, target)
                 signature = fd_signature(fd)
-                os.replace(temp, target)
+                swapped = exchange(temp, target)
+                if not swapped:
+                    os.replace(temp, target)
             except BaseException:
                 if mark is not None:
                     truncate_back(self.consumed_path, mark)
@@ -2718,10 +2720,35 @@ class QueueFile:
             if os.path.exists(temp):
                 os.unlink(temp)
             raise
+        # Swapped, temp names the file we replaced: ours, or a save that
+        # came after merge() looked (sed -i, an editor), which is kept.
+        replaced = self.swapped_out(temp) if swapped else None
         self.retire()
         self.source, self.source_signature, self.raw = fd, signature, data
         self.committed, self.dirty = self.text, False
+        if replaced is not None:
+            self.put_save(replaced)
         self.carry_over()
+
+    def swapped_out(self, temp):
+        """The bytes of the file exchange() put at temp, if it is not our
+        source (someone saved over it just now); temp is removed. Never
+        raises: the write is done."""
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            os.unlink(temp)
+            st = os.fstat(fd)
+            ours = os.fstat(self.source) if self.source is not None else None
+            if ours is not None and (ours.st_dev, ours.st_ino) == (st.st_dev, st.st_ino):
+                return None
+            return os.pread(fd, st.st_size, 0)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def append_consumed(self, jobs, mode):
         if not jobs:
@@ -2914,9 +2941,14 @@ class QueueFile:
 
     def save_over(self, old, size):
         """A replaced file was rewritten in place, and is still now: someone
-        saved over it as we renamed. Copy it over the queue file; load()
-        rebases it as any save (and takes the new file as a save of its own)."""
+        saved over it as we renamed."""
         data = os.pread(old.fd, size, 0)
+        self.put_save(data)
+        old.reset(data)
+
+    def put_save(self, data):
+        """Someone's save that missed the queue file: copy it over the queue
+        file, and load() rebases it as any save."""
         target = queue_target(self.path)
         fd, temp = new_file(os.path.dirname(target), os.path.basename(target),
                             file_mode(target))
@@ -2924,14 +2956,12 @@ class QueueFile:
             write_fd(fd, data)
             os.replace(temp, target)
         except OSError as e:
-            note("%s: a save that landed on a replaced copy could not be copied back "
-                 "(%s); it is in:\n%s" % (self.path, e.strerror,
-                                            data.decode("utf-8", "replace")))
+            note("%s: a save that missed it could not be copied back (%s); it was:\n%s"
+                 % (self.path, e.strerror, data.decode("utf-8", "replace")))
             with contextlib.suppress(OSError):
                 os.unlink(temp)
         finally:
             os.close(fd)
-        old.reset(data)
         self.stale = True
 
     def rebase(self, text, current):
@@ -3059,6 +3089,57 @@ def append_after_newline(path, data, own_line=True):
             raise
     finally:
         os.close(fd)
+
+
+def exchange(a, b):
+    """Swap the files at paths a and b in one step: renameat2 with
+    RENAME_EXCHANGE (Linux 3.15), renamex_np with RENAME_SWAP (macOS). A
+    rename over the queue file would drop, unseen, a save that landed since
+    merge() looked; swapped, it is at `a` to be kept. False where the
+    system or the file system cannot (NFS, old libc): then rename."""
+    if not _EXCHANGE:
+        _EXCHANGE.append(exchange_call())
+    call = _EXCHANGE[0]
+    if call is None:
+        return False
+    if call(os.fsencode(a), os.fsencode(b)) == 0:
+        return True
+    error = ctypes_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        _EXCHANGE[0] = None  # not here: rename from now on
+        return False
+    if error == errno.ENOENT:
+        return False  # (the queue file is gone: the rename says so, or makes it)
+    raise OSError(error, os.strerror(error), b)
+
+
+_EXCHANGE = []  # the system's call for exchange(), looked up at the first use
+
+
+def exchange_call():
+    """A function (path_a, path_b) -> 0 or -1 that swaps two paths, or None."""
+    try:
+        import ctypes
+    except ImportError:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        return lambda a, b: libc.renamex_np(a, b, ctypes.c_uint(0x2))  # RENAME_SWAP
+    if not sys.platform.startswith("linux"):
+        return None
+    at_cwd, swap = ctypes.c_int(-100), ctypes.c_uint(0x2)  # AT_FDCWD, RENAME_EXCHANGE
+    if hasattr(libc, "renameat2"):  # glibc 2.28
+        return lambda a, b: libc.renameat2(at_cwd, a, at_cwd, b, swap)
+    number = {"x86_64": 316, "aarch64": 276}.get(os.uname().machine)
+    if number is None:
+        return None
+    return lambda a, b: libc.syscall(ctypes.c_long(number), ctypes.c_long(-100), a,
+                                     ctypes.c_long(-100), b, ctypes.c_long(0x2))
+
+
+def ctypes_errno():
+    import ctypes
+    return ctypes.get_errno()
 
 
 def apply_edit(text, old, new):
@@ -3258,9 +3339,10 @@ class Journal:
     is a dead runner's. Its first line says whose it is and which hosts it
     runs jobs on (its claim); then one line per event, in JSON:
 
-        + [n, temp, job]  job n taken by the queue-file write through `temp`
-                          (null: a record rewritten by compact(); taken)
-        - [n, temp]       job n put back by the write through `temp`
+        + [n, temp, job, inode]  job n taken by the queue-file write through
+                          `temp`, the file of that inode (temp null: a record
+                          rewritten by compact(); taken)
+        - [n, temp, inode]  job n put back by the write through `temp`
         - [n]             job n ended: succeeded, or failed for good
         ! temp            the write through `temp` failed: it never happened
 
@@ -3268,7 +3350,8 @@ class Journal:
     temporary file and before that file is renamed over the queue file (see
     QueueFile.write_text). After a crash, then, `temp` still there means the write
     never happened (its jobs are still in the queue file, or still taken),
-    and `temp` gone means it did: recovery puts back exactly the jobs taken
+    and `temp` gone, or another file (the one exchange() swapped out), means
+    it did: recovery puts back exactly the jobs taken
     and not ended or put back, none twice. "+" records are fsynced: losing
     one to a power cut would lose its jobs. The others are not: a kill -9
     keeps what was written, and losing a "-" to a power cut only runs a job
@@ -3322,12 +3405,13 @@ class Journal:
         done = []
 
         def hook(temp, jobs):
+            inode = file_inode(temp)
             if kind == "+":
                 numbered = [(next(self.numbers), job) for job in jobs]
-                records = [("+", [n, temp, job_record(job)]) for n, job in numbered]
+                records = [("+", [n, temp, job_record(job), inode]) for n, job in numbered]
             else:
                 numbered = [self.open[id(job)] for job in jobs if id(job) in self.open]
-                records = [("-", [n, temp]) for n, _ in numbered]
+                records = [("-", [n, temp, inode]) for n, _ in numbered]
             done[:] = [temp, numbered]  # first: the append may fail half done
             self.append("".join("%s %s\n" % (k, json.dumps(r)) for k, r in records),
                         sync=kind == "+")
@@ -3432,10 +3516,19 @@ def remove_file(path):
         pass
 
 
-def replay(path, lines, exists=os.path.exists):
+def file_inode(path):
+    """The inode number of the file at path; None if there is none."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def replay(path, lines, inode=file_inode):
     """What a dead runner's journal leaves to do: [(n, job)] for the jobs it
     took and did not end or put back, in the order it took them, and the
-    temporary files of writes that never happened (to delete)."""
+    temporary files to delete: of writes that never happened, and the old
+    queue files that exchange() swapped out to them."""
     records = []
     for number, line in enumerate(lines, 2):
         try:
@@ -3447,20 +3540,20 @@ def replay(path, lines, exists=os.path.exists):
     failed = {data for kind, data in records if kind == "! "}
     stale = set()
 
-    def happened(temp):
+    def happened(temp, written):
         if temp is None:
             return True
-        if temp in failed or exists(temp):
-            stale.add(temp)
-            return False
-        return True
+        stale.add(temp)
+        found = inode(temp)
+        # (written None: a journal of an older pegasus, which only renamed)
+        return temp not in failed and (found is None or written is not None and found != written)
     taken = {}
     for kind, data in records:
-        if kind == "+ " and happened(data[1]):
+        if kind == "+ " and happened(data[1], (data[3:] or [None])[0]):
             taken[data[0]] = Job(data[2][0], data[2][1], data[2][2])
-        elif kind == "- " and (len(data) == 1 or happened(data[1])):
+        elif kind == "- " and (len(data) == 1 or happened(data[1], (data[2:] or [None])[0])):
             taken.pop(data[0], None)
-    return list(taken.items()), {temp for temp in stale if exists(temp)}
+    return list(taken.items()), {temp for temp in stale if inode(temp) is not None}
 
 
 class OtherRunner:
@@ -3576,8 +3669,10 @@ def recover(queue, dead):
         # Should this runner die before it deletes the dead journals, the
         # next one must not put these jobs back a second time.
         written.append(temp)
+        inode = file_inode(temp)
         for runner, numbered, _ in found:
-            runner.append("".join("- %s\n" % json.dumps([n, temp]) for n, _ in numbered))
+            runner.append("".join("- %s\n" % json.dumps([n, temp, inode])
+                                  for n, _ in numbered))
     if jobs:
         try:
             queue.put_back(jobs, hook)
