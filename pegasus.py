@@ -2896,7 +2896,6 @@ class QueueFile:
         instead (a save that lost the race with our rename) is copied over
         the queue file once still, for load() to rebase."""
         now, keep = time.monotonic(), []
-        target = queue_target(self.path)
         for old in self.retired:
             st = os.fstat(old.fd)
             old.seen = st.st_size
@@ -2905,39 +2904,44 @@ class QueueFile:
             if not old.unchanged(st.st_size):
                 if self.still_for(st):
                     self.save_over(old, st.st_size)
-                continue
-            late = os.pread(old.fd, st.st_size - old.line, old.line)
-            end = self.settled(late, st)
-            pending = old.accounted - old.line  # a last line we had without its newline
-            if end <= pending:
-                continue
-            try:
-                ending, target_st = file_ending(target, pending)
-            except OSError:
-                ending, target_st = b"", None  # (the append says what is wrong, or makes it)
-            if pending and ending == late[:pending]:
-                data, own_line = late[pending:end], False  # the queue file ends with it too
-            elif ending[-1:] in (b"", b"\n") or self.still_for(target_st):
-                data, own_line = late[:end], True
-                if pending:
-                    note("%s: a last line taken as whole after %g s without its newline "
-                         "went on; queued again whole: %s" % (self.path, SETTLE, late[
-                             :end].decode("utf-8", "replace").strip()))
             else:
-                continue  # the queue file's own last line is being written: not in it
-            try:
-                append_after_newline(target, data, own_line)
-            except OSError as e:
-                note("%s: cannot carry over %d bytes appended to it: %s\n%s"
-                     % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
-            old.account(old.line, late[:end])
+                self.carry(old, st)
         young = [old for old in self.retired if now - old.since < RETIRED_WATCH][-RETIRED_MAX:]
         for old in self.retired:
-            if old in young or old.seen > old.accounted or written_elsewhere(old.fd):
+            if old in young or old.seen != old.accounted or written_elsewhere(old.fd):
                 keep.append(old)
             else:
                 os.close(old.fd)
         self.retired = keep
+
+    def carry(self, old, st):
+        """Carry over the whole lines appended to a replaced file."""
+        late = os.pread(old.fd, st.st_size - old.line, old.line)
+        end = self.settled(late, st)
+        pending = old.accounted - old.line  # a last line we had without its newline
+        if end <= pending:
+            return
+        target = queue_target(self.path)
+        try:
+            ending, target_st = file_ending(target, pending)
+        except OSError:
+            ending, target_st = b"", None  # (the append says what is wrong, or makes it)
+        if pending and ending == late[:pending]:
+            data, own_line = late[pending:end], False  # the queue file ends with it too
+        elif ending[-1:] in (b"", b"\n") or self.still_for(target_st):
+            data, own_line = late[:end], True
+            if pending:
+                note("%s: a last line taken as whole after %g s without its newline went on; "
+                     "queued again whole: %s"
+                     % (self.path, SETTLE, late[:end].decode("utf-8", "replace").strip()))
+        else:
+            return  # the queue file's own last line is being written: not in it
+        try:
+            append_after_newline(target, data, own_line)
+        except OSError as e:
+            note("%s: cannot carry over %d bytes appended to it: %s\n%s"
+                 % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
+        old.account(old.line, late[:end])
 
     def save_over(self, old, size):
         """A replaced file was rewritten in place, and is still now: someone
