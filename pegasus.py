@@ -139,7 +139,8 @@ MAX_ENTRY_JOBS = 10 ** 9  # combinations in one queue entry; more is surely a mi
 MAX_SLOTS = 100000     # slots in a hosts file, all expanded in memory
 MAX_NESTING_HINT = 1000  # above this rough depth, parse with the Python parser (see compose_list)
 DRY_RUN_SHOWN = 1000   # jobs a dry run prints; it counts the rest
-HISTORY_TAKES = 64     # recent takes kept to undo a stale save of the queue file (rebase)
+HISTORY_TAKES = 4096   # recent takes kept to undo a stale save of the queue file (rebase),
+HISTORY_BYTES = 16 << 20  # ... as long as their edits hold no more text than this
 RETIRED_WATCH = 10.0   # seconds to watch a replaced queue file for late `>>` appends
 RETIRED_MAX = 32       # ... and at most this many of them
 SETTLE = 1.0           # s a queue file must stay still before a last line without its
@@ -2491,7 +2492,8 @@ class QueueFile:
 #                                at the end of the file, never parsed until it is whole
         self.still = {}        # (dev, ino) -> ((size, mtime), first seen): see still_for()
         self.settle_at = None  # when a file that is being written may have settled
-        self.history = []      # per recent take, its edits [(old text, new text)]
+        self.history = []      # per recent take, its edits [(old text, new text, job keys)]
+        self.history_bytes = 0  # the text those edits hold
         self.edits = []        # the edits of the take in progress
 
     def load(self):
@@ -2574,7 +2576,7 @@ class QueueFile:
             seen += looked
             if picked:
                 left = remainder(entry.spec, picked)
-                self.replace_entry(index, left)
+                self.replace_entry(index, left, [job.key() for _, job in taken[-len(picked):]])
                 index += len(left)
             else:
                 index += 1
@@ -2601,17 +2603,18 @@ class QueueFile:
                 taken.append((choice, job))
         return picked, looked, False
 
-    def replace_entry(self, index, specs):
-        """Cut an entry's text out; put `specs` (its leftovers) in its place."""
+    def replace_entry(self, index, specs, keys=()):
+        """Cut an entry's text out; put `specs` (its leftovers) in its place.
+        keys: those of the jobs taken from it, for rebase()."""
         entry = self.entries.pop(index)
         if not self.editable:
             self.entries[index:index] = [Entry(0, 0, spec, entry.line) for spec in specs]
             return
         start, end = entry.start + self.shift, entry.end + self.shift
         indent = len(self.text[start:end]) - len(self.text[start:end].lstrip(" "))
-        self.insert(start, end, specs, indent, entry.line, index)
+        self.insert(start, end, specs, indent, entry.line, index, keys)
 
-    def insert(self, start, end, specs, indent, line, index=0):
+    def insert(self, start, end, specs, indent, line, index=0, keys=()):
         """Replace text[start:end] with entries for `specs`, which become
         entries[index:index]; fix up the offsets of the entries after them.
 
@@ -2629,7 +2632,7 @@ class QueueFile:
         if replacement and start > 0 and self.text[start - 1] != "\n":
             replacement = "\n" + replacement
             new_entries = [(s + 1, e + 1, spec) for s, e, spec in new_entries]
-        self.edits.append((self.text[start:end], replacement))
+        self.edits.append((self.text[start:end], replacement, keys))
         self.text = self.text[:start] + replacement + self.text[end:]
         delta = len(replacement) - (end - start)
         if index == 0:
@@ -2669,11 +2672,12 @@ class QueueFile:
         first; `returned` are jobs put back, for the hook. On failure nothing
         has changed, on disk or here."""
         self.history.append(self.edits)
+        self.history_bytes += sum(len(old) + len(new) for old, new, _ in self.edits)
         self.edits = []
         try:
             self.write_text(jobs, returned, before_rename, started)
         except BaseException as e:
-            self.history.pop()
+            self.history_bytes -= sum(len(old) + len(new) for old, new, _ in self.history.pop())
             if self.stale and self.source is not None:
                 os.close(self.source)  # merge() read a save: rebase it again at load()
                 self.source = None
@@ -2684,13 +2688,14 @@ class QueueFile:
                 raise QueueWriteError("cannot write %s: %s" % (
                     getattr(e, "pegasus_path", self.path), e.strerror)) from None
             raise
-        del self.history[:-HISTORY_TAKES]
+        while len(self.history) > HISTORY_TAKES or self.history_bytes > HISTORY_BYTES:
+            self.history_bytes -= sum(len(old) + len(new) for old, new, _ in self.history.pop(0))
 
     def write_text(self, jobs, returned=(), before_rename=None, started=None):
         if not self.editable:
             self.text = "".join(dump_entry(spec_canonical(e.spec)) for e in self.entries)
             self.entries, self.editable = parse_queue(self.path, self.text)
-            self.shift, self.history[:] = 0, [[]]  # a whole rewrite: no edits to rebase
+            self.shift, self.history[:], self.history_bytes = 0, [[]], 0  # (nothing to rebase)
         target = queue_target(self.path)
         mode = file_mode(target)
         data = self.text.encode("utf-8") + self.tail
@@ -2974,30 +2979,56 @@ class QueueFile:
         likely started from, so a save that raced with a take does not bring
         taken jobs back."""
         for edits in self.history[self.likely_base(text, current):]:
-            for old, new in edits:
-                text = apply_edit(text, old, new)
+            for old, new, keys in edits:
+                edited = apply_edit(text, old, new)
+                text = take_from_save(self.path, text, keys) if edited is None else edited
         return text
 
     def likely_base(self, text, current):
         """The index in self.history of the first take made after the
         version `text` was edited from (len(history): the current one):
-        the version with the fewest lines apart from it, the newest if tied.
-        Versions are rebuilt backwards from the current text, take by take."""
+        the version with the fewest lines and jobs apart from it, the newest
+        if tied. (Jobs, too: a sweep's one line of values differs in every
+        version.) Versions are rebuilt backwards from the current text,
+        take by take."""
         delta = collections.Counter(text.splitlines(True))
         delta.subtract(collections.Counter(current.splitlines(True)))
-        score = sum(abs(count) for count in delta.values())
+        jobs = self.job_delta(text, current)
+        score = sum(map(abs, delta.values())) + sum(map(abs, jobs.values()))
         best, best_score = len(self.history), score
         for index in range(len(self.history) - 1, -1, -1):
-            for old, new in self.history[index]:
+            for old, new, keys in self.history[index]:
                 for line in new.splitlines(True):
                     score += abs(delta[line] + 1) - abs(delta[line])
                     delta[line] += 1
                 for line in old.splitlines(True):
                     score += abs(delta[line] - 1) - abs(delta[line])
                     delta[line] -= 1
+                for key in keys:  # before the take, the version held this job
+                    score += abs(jobs[key] - 1) - abs(jobs[key])
+                    jobs[key] -= 1
             if score < best_score:
                 best, best_score = index, score
         return best
+
+    def job_delta(self, text, current):
+        """For each job taken in the history: how many more of it `text`
+        holds than `current` (entries expanded up to LOOKAHEAD jobs each)."""
+        taken = {key for edits in self.history for _, _, keys in edits for key in keys}
+        commands = {key[0] for key in taken}
+        delta = collections.Counter()
+        for sign, version in ((1, text), (-1, current)):
+            try:
+                entries, _ = parse_queue(self.path, version)
+            except PegasusError:
+                return collections.Counter()
+            for entry in entries:
+                if commands.isdisjoint(entry.spec["command"]):
+                    continue
+                for job in itertools.islice(expand_jobs(entry.spec), LOOKAHEAD):
+                    if job.key() in taken:
+                        delta[job.key()] += sign
+        return delta
 
     def append(self, text):
         """Append entries (add mode; must hold the lock): as `>>` does, so
@@ -3148,7 +3179,7 @@ def ctypes_errno():
 
 def apply_edit(text, old, new):
     """One edit of a take, on a text that may have moved things around:
-    `old` as a whole entry anywhere ("" is the head); gone, the save wins."""
+    `old` as a whole entry anywhere ("" is the head); None if it is gone."""
     if not old:
         head = re.search(r"^[ \t]*-(?:[ \t]|$)", text, re.M)
         position = head.start() if head else len(text)
@@ -3159,8 +3190,37 @@ def apply_edit(text, old, new):
     while position >= 0 and not whole_lines(text, position, position + len(old)):
         position = text.find(old, position + 1)
     if position < 0:
-        return text
+        return None
     return text[:position] + new + text[position + len(old):]
+
+
+def take_from_save(path, text, keys):
+    """A taken entry's text is not in a save: its writer changed that entry
+    (added values to its sweep, say). Take the jobs with these keys from the
+    first entry of the save that still holds them all, rewritten as a take
+    writes it; none does (the entry was deleted or its jobs changed): the
+    save wins."""
+    if not keys:
+        return text
+    try:
+        entries, editable = parse_queue(path, text)
+    except PegasusError:
+        return text
+    for entry in entries if editable else ():
+        needed, positions = collections.Counter(keys), []
+        if all(command not in entry.spec["command"] for command, _, _ in needed):
+            continue
+        for position, job in enumerate(itertools.islice(expand_jobs(entry.spec), LOOKAHEAD)):
+            if needed[job.key()] > 0:
+                needed[job.key()] -= 1
+                positions.append(position)
+        if not +needed:
+            piece = text[entry.start:entry.end]
+            indent = len(piece) - len(piece.lstrip(" "))
+            left = "".join(dump_entry(spec_canonical(spec), indent)
+                           for spec in remainder(entry.spec, positions))
+            return text[:entry.start] + left + text[entry.end:]
+    return text
 
 
 def whole_lines(text, start, end):

@@ -1360,10 +1360,28 @@ def test_a_queue_started_just_after_a_line_without_newline_runs_it(tmp_path):
 def test_a_take_removes_only_whole_lines_from_a_save():
     """A taken entry that was a last line without its newline is not found
     inside a longer line of a save (which then keeps it)."""
-    assert pegasus.apply_edit("- echo helloworld\n- b\n", "- echo hello", "") == \
-        "- echo helloworld\n- b\n"
+    assert pegasus.apply_edit("- echo helloworld\n- b\n", "- echo hello", "") is None
     assert pegasus.apply_edit("- b\n- echo hello", "- echo hello", "") == "- b\n"
     assert pegasus.apply_edit("- x- a\n- a\n", "- a\n", "") == "- x- a\n"
+
+
+def test_a_stale_save_that_extends_a_sweep_keeps_its_taken_values_taken(tmp_path):
+    """Adding values to a running sweep in an editor: the entry's text is
+    not what was taken from, yet the values taken since stay taken (all of
+    them used to run again)."""
+    path = tmp_path / "queue.yaml"
+    write(path, "# sweep\n- command: train --n {{n}} --lr {{lr}}\n  n: [1, 2, 3]\n"
+                "  lr: [a, b]\n- echo b\n")
+    before = read(path)
+    queue = pegasus.QueueFile(str(path), "q")
+    assert [j.params for j in take(queue, 3)] == [{"n": "1", "lr": "a"}, {"n": "1", "lr": "b"},
+                                                   {"n": "2", "lr": "a"}]
+    stale = before.replace("n: [1, 2, 3]", "n: [1, 2, 3, 4]")
+    (tmp_path / "stale").write_text(stale)
+    os.rename(str(tmp_path / "stale"), str(path))
+    left = [(j.params["n"], j.params["lr"]) if j.params else j.command for j in take(queue, 20)]
+    assert left == [("2", "b"), ("3", "a"), ("3", "b"), ("4", "a"), ("4", "b"), "echo b"]
+    assert read(path).startswith("# sweep\n")
 
 
 def test_appends_between_read_and_rename_are_kept(tmp_path):
