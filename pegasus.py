@@ -2948,6 +2948,26 @@ class QueueFile:
                  % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
         old.account(old.line, late[:end])
 
+    def last_look(self):
+        """At exit: carry over what was appended to replaced files so far,
+        and name the writers that still hold one open: no runner will read
+        what they write next."""
+        try:
+            locked = self.lock.try_acquire()
+        except PegasusError:
+            locked = False
+        if locked:
+            try:
+                self.carry_over()
+            except OSError as e:
+                note("%s: cannot carry over appends at exit: %s" % (self.path, e.strerror))
+            finally:
+                self.lock.release()
+        if any(written_elsewhere(old.fd) for old in self.retired):
+            note("%s: a process still has a copy pegasus replaced open for writing (a "
+                 "`for ...; done >> %s` loop?): what it writes from now on reaches no queue "
+                 "file; let it finish, then add its jobs again" % (self.path, self.path))
+
     def save_over(self, old, size):
         """A replaced file was rewritten in place, and is still now: someone
         saved over it as we renamed."""
@@ -7351,7 +7371,10 @@ def run_queue(options, policy, slots, queue, journal):
         kind, count_jobs(queue.entries), plural(count_jobs(queue.entries)),
         sum(s.capacity for s in slots), plural(sum(s.capacity for s in slots)),
         len({s.hostname for s in slots}), plural(len({s.hostname for s in slots}))))
-    return Dispatcher(options, slots, queue, policy, journal).run()
+    status = Dispatcher(options, slots, queue, policy, journal).run()
+    if queue.on_disk:
+        queue.last_look()
+    return status
 
 
 def dry_run(slots, queue, broadcast):
