@@ -3341,10 +3341,12 @@ def test_hosts_that_never_answer_are_given_up(tmp_path, hosts):
         assert out.returncode == 0, out.stderr
         assert sorted(job_lines(out.stdout)) == ["[h1] %d" % n for n in range(1, 6)]
         assert "Traceback" not in out.stderr
-        # Broadcast waits for every host to answer or fail: CONNECT_WAIT at most.
+        # Broadcast waits for every host to answer or fail: CONNECT_WAIT at most
+        # (the user's ConnectTimeout, here shorter than pegasus's, comes first).
         write(tmp_path / "hosts.yaml", "- h1\n- hang-1\n")
         write(tmp_path / "queue.yaml", "- echo step\n")
-        out = run_pegasus(tmp_path, "b", ssh_config=config, timeout=60)
+        out = run_pegasus(tmp_path, "b", "--ssh-option", "ConnectTimeout=3",
+                          ssh_config=config, timeout=60)
     assert out.returncode == 1
     # ssh's own ConnectTimeout ends a silent banner; CONNECT_WAIT, any later hang.
     assert re.search(r"cannot connect to hang-1: .*(timed out|no answer within)", out.stderr)
