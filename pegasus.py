@@ -2488,8 +2488,7 @@ class QueueFile:
         self.source_signature = None
         self.raw = b""
         self.retired = []      # Retired: the files we renamed over, watched for appends
-        self.tail = b""        # a last line that waits for its newline (settled()): kept
-#                                at the end of the file, never parsed until it is whole
+        self.tail = b""        # a last line waiting for its newline: kept, not parsed
         self.still = {}        # (dev, ino) -> ((size, mtime), first seen): see still_for()
         self.settle_at = None  # when a file that is being written may have settled
         self.history = []      # per recent take, its edits [(old text, new text, job keys)]
@@ -2998,11 +2997,15 @@ class QueueFile:
         had `current`. Apply to it the takes made since the version it most
         likely started from, so a save that raced with a take does not bring
         taken jobs back."""
+        missing = []  # the jobs of takes whose entry the save changed
         for edits in self.history[self.likely_base(text, current):]:
             for old, new, keys in edits:
                 edited = apply_edit(text, old, new)
-                text = take_from_save(self.path, text, keys) if edited is None else edited
-        return text
+                if edited is None:
+                    missing += keys
+                else:
+                    text = edited
+        return take_from_save(self.path, text, missing)
 
     def likely_base(self, text, current):
         """The index in self.history of the first take made after the
@@ -3215,31 +3218,32 @@ def apply_edit(text, old, new):
 
 
 def take_from_save(path, text, keys):
-    """A taken entry's text is not in a save: its writer changed that entry
-    (added values to its sweep, say). Take the jobs with these keys from the
-    first entry of the save that still holds them all, rewritten as a take
-    writes it; none does (the entry was deleted or its jobs changed): the
-    save wins."""
-    if not keys:
-        return text
+    """The entries of some takes are not in a save as they were: its writer
+    changed them (added values to a sweep, say). Take the jobs with these
+    keys from the entries of the save that hold them, each rewritten as a
+    take writes it. Jobs no entry holds (deleted, changed): the save wins."""
+    needed = collections.Counter(keys)
     try:
-        entries, editable = parse_queue(path, text)
+        entries, editable = parse_queue(path, text) if needed else ([], False)
     except PegasusError:
         return text
+    cuts = []
     for entry in entries if editable else ():
-        needed, positions = collections.Counter(keys), []
-        if all(command not in entry.spec["command"] for command, _, _ in needed):
+        if all(key[0] not in entry.spec["command"] for key in +needed):
             continue
+        positions = []
         for position, job in enumerate(itertools.islice(expand_jobs(entry.spec), LOOKAHEAD)):
             if needed[job.key()] > 0:
                 needed[job.key()] -= 1
                 positions.append(position)
-        if not +needed:
-            piece = text[entry.start:entry.end]
-            indent = len(piece) - len(piece.lstrip(" "))
-            left = "".join(dump_entry(spec_canonical(spec), indent)
-                           for spec in remainder(entry.spec, positions))
-            return text[:entry.start] + left + text[entry.end:]
+        if positions:
+            cuts.append((entry, positions))
+    for entry, positions in reversed(cuts):  # from the end: earlier offsets hold
+        piece = text[entry.start:entry.end]
+        indent = len(piece) - len(piece.lstrip(" "))
+        left = "".join(dump_entry(spec_canonical(spec), indent)
+                       for spec in remainder(entry.spec, positions))
+        text = text[:entry.start] + left + text[entry.end:]
     return text
 
 
@@ -3434,9 +3438,9 @@ class Journal:
     temporary file and before that file is renamed over the queue file (see
     QueueFile.write_text). After a crash, then, `temp` still there means the write
     never happened (its jobs are still in the queue file, or still taken),
-    and `temp` gone, or another file (the one exchange() swapped out), means
-    it did: recovery puts back exactly the jobs taken
-    and not ended or put back, none twice. "+" records are fsynced: losing
+    and `temp` gone, or another file there (the one exchange() swapped out),
+    means it did: recovery puts back exactly the jobs taken and not ended or
+    put back, none twice. "+" records are fsynced: losing
     one to a power cut would lose its jobs. The others are not: a kill -9
     keeps what was written, and losing a "-" to a power cut only runs a job
     again.
