@@ -7315,10 +7315,11 @@ def open_queue_file(options):
         raise PegasusError("%s: no such file (write one job per line as '- command', name "
                            "another with --queue-file, or give commands as arguments)" % path)
     queue.load()
-    while queue.settling():  # a last line still being written: wait for it
-        time.sleep(max(0.0, queue.settle_at - time.monotonic()) + 0.01)
-        queue.load()
     if options.dry_run:
+        deadline = time.monotonic() + 4 * SETTLE
+        while queue.settling() and time.monotonic() < deadline:  # a last line being written
+            time.sleep(max(0.0, min(queue.settle_at, deadline) - time.monotonic()) + 0.01)
+            queue.load()
         return queue
     directory = os.path.dirname(os.path.abspath(path))
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -7367,7 +7368,7 @@ def mode_run(options, policy):
 
 
 def run_queue(options, policy, slots, queue, journal):
-    if not queue.entries and not options.daemon:
+    if not queue.entries and not options.daemon and not queue.settling():
         note("%s is empty: nothing to do" % queue.path)
         return EXIT_OK
     kind = "queue" if policy is QueueMode else "broadcast"

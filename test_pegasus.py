@@ -1357,6 +1357,38 @@ def test_a_queue_started_just_after_a_line_without_newline_runs_it(tmp_path):
     assert sorted(job_lines(read(tmp_path / "out"))) == ["[localhost] a", "[localhost] b"]
 
 
+def test_a_runner_started_while_a_writer_trickles_in_runs_what_is_whole(tmp_path):
+    """Pegasus started while a program writes the queue in pieces, never
+    done: the whole lines run at once (it used to wait at start for a file
+    that never stood still)."""
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import itertools, time
+        with open("queue.yaml", "a") as f:  # each line ends with the next write
+            for n in itertools.count():
+                for piece in ("\\n- echo w-%d" % n)[n == 0:], " >> ran.log":
+                    f.write(piece)
+                    f.flush()
+                    time.sleep(0.02)
+        """)], cwd=str(tmp_path))
+    proc = None
+    try:
+        wait_for(lambda: os.path.exists(str(tmp_path / "queue.yaml")), what="the writer")
+        proc = start_pegasus(tmp_path, "q", "-d")
+        ran = tmp_path / "ran.log"
+        wait_for(lambda: ran.exists() and len(read(ran).split()) >= 5, timeout=30,
+                 what="jobs run while the writer goes on")
+        assert run_pegasus(tmp_path, "stop").returncode == 0
+        proc.communicate(timeout=60)
+    finally:
+        writer.kill()
+        writer.wait()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert all(re.match(r"w-\d+$", line) for line in read(ran).split())
+
+
 def test_a_take_removes_only_whole_lines_from_a_save():
     """A taken entry that was a last line without its newline is not found
     inside a longer line of a save (which then keeps it)."""
