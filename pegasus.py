@@ -3011,13 +3011,14 @@ class QueueFile:
         """The index in self.history of the first take made after the
         version `text` was edited from (len(history): the current one):
         the version with the fewest lines and jobs apart from it, the newest
-        if tied. (Jobs, too: a sweep's one line of values differs in every
-        version.) Versions are rebuilt backwards from the current text,
-        take by take."""
+        if tied. Jobs count twice: a sweep's one line of values differs in
+        every version, and a save that re-quotes or re-indents the file
+        differs from every version in every line; the jobs tell them apart.
+        Versions are rebuilt backwards from the current text, take by take."""
         delta = collections.Counter(text.splitlines(True))
         delta.subtract(collections.Counter(current.splitlines(True)))
         jobs = self.job_delta(text, current)
-        score = sum(map(abs, delta.values())) + sum(map(abs, jobs.values()))
+        score = sum(map(abs, delta.values())) + 2 * sum(map(abs, jobs.values()))
         best, best_score = len(self.history), score
         for index in range(len(self.history) - 1, -1, -1):
             for old, new, keys in self.history[index]:
@@ -3028,7 +3029,7 @@ class QueueFile:
                     score += abs(delta[line] - 1) - abs(delta[line])
                     delta[line] -= 1
                 for key in keys:  # before the take, the version held this job
-                    score += abs(jobs[key] - 1) - abs(jobs[key])
+                    score += 2 * (abs(jobs[key] - 1) - abs(jobs[key]))
                     jobs[key] -= 1
             if score < best_score:
                 best, best_score = index, score

@@ -1357,6 +1357,25 @@ def test_a_queue_started_just_after_a_line_without_newline_runs_it(tmp_path):
     assert sorted(job_lines(read(tmp_path / "out"))) == ["[localhost] a", "[localhost] b"]
 
 
+@pytest.mark.parametrize("reformat", [lambda line: '- "%s"' % line[2:], lambda line: "-   " + line[2:],
+                                      lambda line: line + "\r"], ids=["quoted", "indented", "crlf"])
+def test_a_stale_save_that_only_reformats_brings_no_taken_job_back(tmp_path, reformat):
+    """Every line of such a save differs from every version of the file:
+    only its jobs tell which version it started from (all the jobs taken
+    since came back, a hostile run found)."""
+    path = tmp_path / "queue.yaml"
+    write(path, "".join("- echo %d\n" % i for i in range(20)))
+    before = read(path)
+    queue = pegasus.QueueFile(str(path), "q")
+    for _ in range(5):
+        take(queue, 1)
+    stale = "".join(reformat(line) + "\n" for line in before.splitlines()) + "- echo new\n"
+    (tmp_path / "stale").write_bytes(stale.encode())
+    os.rename(str(tmp_path / "stale"), str(path))
+    assert [j.command for j in take(queue, 30)] == ["echo %d" % i for i in range(5, 20)] + \
+        ["echo new"]
+
+
 def test_a_runner_started_while_a_writer_trickles_in_runs_what_is_whole(tmp_path):
     """Pegasus started while a program writes the queue in pieces, never
     done: the whole lines run at once (it used to wait at start for a file
