@@ -2503,11 +2503,16 @@ class QueueFile:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            self.stale = True  # read it again when it is back, even unchanged
             raise PegasusError("%s: no such file" % self.path) from None
         if (not self.stale and not self.tail
                 and same_file(self.source, self.source_signature, st)):
             return
-        fd, raw = read_source(self.path)
+        try:
+            fd, raw = read_source(self.path)
+        except PegasusError:
+            self.stale = True  # (a directory for now, say)
+            raise
         try:
             st = os.fstat(fd)
             foreign = not self.continues(fd, raw)
@@ -2935,9 +2940,10 @@ class QueueFile:
         elif ending[-1:] in (b"", b"\n") or self.still_for(target_st):
             data, own_line = late[:end], True
             if pending:
+                line = late[:late.find(b"\n", pending) + 1 or end]
                 note("%s: a last line taken as whole after %g s without its newline went on; "
                      "queued again whole: %s"
-                     % (self.path, SETTLE, late[:end].decode("utf-8", "replace").strip()))
+                     % (self.path, SETTLE, line.decode("utf-8", "replace").strip()))
         else:
             return  # the queue file's own last line is being written: not in it
         try:
@@ -3063,7 +3069,14 @@ class QueueFile:
             self.entries += entries
             self.write()
             return
-        append_after_newline(queue_target(self.path), text.encode("utf-8"))
+        target = queue_target(self.path)
+        deadline = time.monotonic() + 10 * SETTLE
+        while time.monotonic() < deadline:  # someone's last line is on its way: after it
+            ending, st = file_ending(target, 1)
+            if ending in (b"", b"\n") or self.still_for(st):
+                break
+            time.sleep(0.05)
+        append_after_newline(target, text.encode("utf-8"))
 
 
 class Retired:

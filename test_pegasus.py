@@ -1570,11 +1570,43 @@ def test_lock_mode_editor_with_spaces_and_a_failing_editor(tmp_path):
     "it's 'quoted'", "tab\there", "ünï ☃", "5", "yes", "* glob", "&anchor", "a: b",
 ])
 def test_add_appends_commands_exactly_as_written(tmp_path, command):
-    write(tmp_path / "queue.yaml", "# my notes\n- echo first")  # no final newline
+    write(tmp_path / "queue.yaml", "# my notes\n- echo first")  # no final newline,
+    old = time.time() - 60                                    # saved a while ago
+    os.utime(str(tmp_path / "queue.yaml"), (old, old))
     out = run_pegasus(tmp_path, "add", "--", command)
     assert out.returncode == 0, out.stderr
     assert queued_commands(tmp_path / "queue.yaml") == ["echo first", command]
     assert read(tmp_path / "queue.yaml").startswith("# my notes\n- echo first\n")
+
+
+def test_add_waits_for_a_last_line_being_written(tmp_path):
+    """`add` while another writer is half way through a line: after it, not
+    in it (it used to cut the line in two and leave invalid YAML)."""
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- echo hel")
+    adding = subprocess.Popen([sys.executable, PEGASUS, "add", "echo x"], cwd=str(tmp_path),
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the other writer's pause, mid-line
+    with open(str(path), "a") as f:
+        f.write("lo\n")
+    assert adding.wait(timeout=60) == 0, adding.stderr.read()
+    adding.stderr.close()
+    assert read(path) == "- a\n- echo hello\n- echo x\n"
+
+
+def test_a_queue_file_moved_away_and_back_is_read_again(tmp_path):
+    """Back with the same inode, size and time, it looked unchanged, and a
+    runner that had found it missing waited for a change for good."""
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    assert [j.command for j in take(queue, 1)] == ["a"]
+    os.rename(str(path), str(tmp_path / "away"))
+    with pytest.raises(pegasus.PegasusError, match="no such file"):
+        take(queue, 1)
+    os.rename(str(tmp_path / "away"), str(path))
+    assert queue.changed_on_disk()
+    assert [j.command for j in take(queue, 1)] == ["b"]
 
 
 def test_add_from_stdin_and_other_queue_files(tmp_path):
