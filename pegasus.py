@@ -7329,11 +7329,14 @@ def open_queue_file(options):
         raise PegasusError("%s: no such file (write one job per line as '- command', name "
                            "another with --queue-file, or give commands as arguments)" % path)
     queue.load()
+    # A last line without its newline, just written: wait a moment for it, so
+    # that a file saved so is read whole (and, broken, is an error at start),
+    # but not for a writer that goes on and on: the run reads what is whole.
+    deadline = time.monotonic() + 2 * SETTLE
+    while queue.settling() and time.monotonic() < deadline:
+        time.sleep(max(0.0, min(queue.settle_at, deadline) - time.monotonic()) + 0.01)
+        queue.load()
     if options.dry_run:
-        deadline = time.monotonic() + 4 * SETTLE
-        while queue.settling() and time.monotonic() < deadline:  # a last line being written
-            time.sleep(max(0.0, min(queue.settle_at, deadline) - time.monotonic()) + 0.01)
-            queue.load()
         return queue
     directory = os.path.dirname(os.path.abspath(path))
     if not os.access(directory, os.W_OK | os.X_OK):
