@@ -149,6 +149,8 @@ AHEAD_WINDOW = 0.05    # s: jobs that end this fast are taken ahead of free slot
 AHEAD_MAX = 16         # ... at most this many per slot, to save takes (QueueMode)
 AHEAD_HOLD = 0.5       # s: jobs taken ahead and not started by then go back to the queue
 MIN_FREE_BYTES = 1 << 16  # free disk, beyond the queue file's size, needed to start
+TEMP_MARK = "pegasus-"  # in the names of the queue file's temporary files ...
+STALE_TEMP_AGE = 600.0  # ... removed at start when a crash left them this long ago
 
 # Options for every ssh we start. They come after the user's own -o options
 # because ssh keeps the first value it sees for each option.
@@ -2240,8 +2242,9 @@ def queue_target(path):
 
 
 def new_file(directory, name, mode):
-    """An open temporary file in `directory` with `mode` (not the umask's)."""
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".%s." % name)
+    """An open temporary file in `directory` with `mode` (not the umask's),
+    named so that remove_stale_temps() knows it for one of ours."""
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".%s.%s" % (name, TEMP_MARK))
     os.fchmod(fd, mode)
     return fd, temp
 
@@ -3755,9 +3758,24 @@ def start_journal(queue, slots):
             for runner in others:
                 runner.close()
         journal.create(sorted({claim_name(slot, journal.node) for slot in slots}))
+        remove_stale_temps(queue_target(queue.path))
     finally:
         lock.release()
     return journal, slots
+
+
+def remove_stale_temps(target):
+    """Remove what crashes left of the queue file's temporary files: those
+    that no journal names (created just before one, or put back by a
+    swap), long unchanged. A live runner holds one for milliseconds."""
+    pattern = os.path.join(glob.escape(os.path.dirname(target)),
+                           ".%s.%s*" % (glob.escape(os.path.basename(target)), TEMP_MARK))
+    for path in glob.glob(pattern):
+        try:
+            if time.time() - os.lstat(path).st_mtime > STALE_TEMP_AGE:
+                os.unlink(path)
+        except OSError:
+            pass  # (gone already, or not ours to remove)
 
 
 def recover(queue, dead):
