@@ -2753,10 +2753,7 @@ class QueueFile:
         try:
             os.unlink(temp)
             st = os.fstat(fd)
-            ours = os.fstat(self.source) if self.source is not None else None
-            if ours is not None and (ours.st_dev, ours.st_ino) == (st.st_dev, st.st_ino):
-                return None
-            return os.pread(fd, st.st_size, 0)
+            return None if self.in_place(st) else os.pread(fd, st.st_size, 0)
         except OSError:
             return None
         finally:
@@ -2833,12 +2830,11 @@ class QueueFile:
         if (len(raw) > len(self.raw) and self.raw and not self.raw.endswith(b"\n")
                 and not self.tail):
             return False
-        old, new = os.fstat(self.source), os.fstat(fd)
-        return (old.st_dev, old.st_ino) == (new.st_dev, new.st_ino)
+        return self.in_place(os.fstat(fd))
 
     def in_place(self, st):
-        """Whether the file of stat st is our source: one that is not our
-        text plus appends is then being rewritten in place."""
+        """Whether the file of stat st is our source (one that is not our
+        text plus appends is then being rewritten in place)."""
         if self.source is None:
             return False
         ours = os.fstat(self.source)
