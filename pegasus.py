@@ -2788,7 +2788,11 @@ class QueueFile:
         for _ in range(10):
             if not self.changed(target):
                 return data
-            new_fd, raw = read_source(self.path)
+            try:
+                new_fd, raw = read_source(self.path)
+            except PegasusError:
+                self.stale = True  # (a directory for now, say)
+                raise
             try:
                 st = os.fstat(new_fd)
                 if self.continues(new_fd, raw):
@@ -2816,6 +2820,7 @@ class QueueFile:
         try:
             path = os.stat(target)
         except FileNotFoundError:
+            self.stale = True  # read it again when it is back, even unchanged
             raise PegasusError("%s: no such file (removed while running)" % self.path) from None
         ours = os.fstat(self.source)
         return ((path.st_dev, path.st_ino) != (ours.st_dev, ours.st_ino)
@@ -3070,11 +3075,15 @@ class QueueFile:
             return
         target = queue_target(self.path)
         deadline = time.monotonic() + 10 * SETTLE
-        while time.monotonic() < deadline:  # someone's last line is on its way: after it
+        while True:  # someone's last line is on its way: after it, never inside
             ending, st = file_ending(target, 1)
             if ending in (b"", b"\n") or self.still_for(st):
                 break
-            time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise PegasusError("%s: another writer has been half way through a line for "
+                                   "%g s; nothing added (try again once it is done)"
+                                   % (self.path, 10 * SETTLE))
+            time.sleep(0.01)
         append_after_newline(target, text.encode("utf-8"))
 
 

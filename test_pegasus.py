@@ -1609,6 +1609,50 @@ def test_a_queue_file_moved_away_and_back_is_read_again(tmp_path):
     assert [j.command for j in take(queue, 1)] == ["b"]
 
 
+def test_add_never_cuts_a_line_that_stays_unfinished(tmp_path, monkeypatch):
+    """A writer whose line is always unfinished when add looks: add gives up
+    with a message, and the file is as the writer left it (it used to put
+    its entry inside the writer's line after the wait)."""
+    monkeypatch.setattr(pegasus, "SETTLE", 0.1)  # the wait is 10 x SETTLE
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- echo ")
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import time
+        while True:
+            with open("queue.yaml", "a") as f:
+                f.write("x")
+            time.sleep(0.02)
+        """)], cwd=str(tmp_path))
+    try:
+        queue = pegasus.QueueFile(str(path), "q")
+        with pytest.raises(pegasus.PegasusError, match="half way through a line"):
+            queue.append("- added\n")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert "added" not in read(path) and read(path).startswith("- a\n- echo x")
+
+
+def test_a_queue_file_gone_during_a_take_is_read_again_when_back(tmp_path):
+    """Gone between the read and the write (a move away and back): the take
+    fails, and the file that comes back, unchanged, is read again."""
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+
+    def choose(job):
+        if os.path.exists(str(path)):
+            os.rename(str(path), str(tmp_path / "away"))
+            return "go"
+        raise pegasus.StopScan
+    with pytest.raises(pegasus.PegasusError, match="no such file"):
+        queue.take(choose)
+    os.rename(str(tmp_path / "away"), str(path))
+    assert queue.changed_on_disk()
+    assert [j.command for j in take(queue, 1)] == ["a"]
+
+
 def test_add_from_stdin_and_other_queue_files(tmp_path):
     proc = subprocess.run([sys.executable, PEGASUS, "add", "--queue-file", "jobs.yaml", "-"],
                           cwd=str(tmp_path), input="echo one\n\necho 'two: 2'\n",
