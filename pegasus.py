@@ -2511,11 +2511,7 @@ class QueueFile:
         if (not self.stale and not self.tail
                 and same_file(self.source, self.source_signature, st)):
             return
-        try:
-            fd, raw = read_source(self.path)
-        except PegasusError:
-            self.stale = True  # (a directory for now, say)
-            raise
+        fd, raw = self.read_current()
         try:
             st = os.fstat(fd)
             foreign = not self.continues(fd, raw)
@@ -2537,6 +2533,15 @@ class QueueFile:
         self.text, self.entries, self.editable, self.shift = rebased, entries, editable, 0
         self.count = count_jobs(entries)
         self.committed, self.dirty = rebased, rebased != text
+
+    def read_current(self):
+        """(fd, bytes) of the queue file. If it cannot be read (gone, a
+        directory for now), it is read again once it is back, even unchanged."""
+        try:
+            return read_source(self.path)
+        except PegasusError:
+            self.stale = True
+            raise
 
     def changed_on_disk(self):
         """True if the file is not what load() last looked at (parsed or
@@ -2788,11 +2793,7 @@ class QueueFile:
         for _ in range(10):
             if not self.changed(target):
                 return data
-            try:
-                new_fd, raw = read_source(self.path)
-            except PegasusError:
-                self.stale = True  # (a directory for now, say)
-                raise
+            new_fd, raw = self.read_current()
             try:
                 st = os.fstat(new_fd)
                 if self.continues(new_fd, raw):
