@@ -1304,7 +1304,8 @@ def test_a_journal_tells_a_swapped_out_file_from_a_write_that_never_happened(tmp
     assert [j.command for _, j in pegasus.replay("j", old_style)[0]] == ["a"]
 
 
-def test_a_last_line_without_its_newline_waits_for_it(tmp_path):
+def test_a_last_line_without_its_newline_waits_for_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
     path = tmp_path / "queue.yaml"
     write(path, "- a\n- b\n- echo hel")
     queue = pegasus.QueueFile(str(path), "q")
@@ -1331,7 +1332,8 @@ def test_a_last_line_without_its_newline_counts_once_the_file_is_still(tmp_path)
     assert [j.command for j in take(queue, 5)] == ["c", "d"]
 
 
-def test_a_half_line_written_to_a_replaced_file_is_carried_over_whole(tmp_path):
+def test_a_half_line_written_to_a_replaced_file_is_carried_over_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
     path = tmp_path / "queue.yaml"
     write(path, "- a\n- b\n")
     queue = pegasus.QueueFile(str(path), "q")
@@ -1584,6 +1586,8 @@ def test_add_waits_for_a_last_line_being_written(tmp_path):
     in it (it used to cut the line in two and leave invalid YAML)."""
     path = tmp_path / "queue.yaml"
     write(path, "- a\n- echo hel")
+    future = time.time() + 600  # a clock ahead: add counts the second from its own first look
+    os.utime(str(path), (future, future))
     adding = subprocess.Popen([sys.executable, PEGASUS, "add", "echo x"], cwd=str(tmp_path),
                               stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # the other writer's pause, mid-line
