@@ -320,6 +320,10 @@ AGENT_BOOT = "exec bash -c 'IFS= read -r a;printf -v a %b \"$a\";eval \"$a\"'"
 
 MASTER_MALLOC = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=8388608"
 
+# What a queue file's appended bytes begin with when they start an entry
+# (or a comment) of their own: see QueueFile.join().
+NEW_ENTRY = re.compile(rb"[ \t]*(?:-(?:[ \t\r\n]|$)|#)")
+
 # Bytes that may stand as themselves in the encoded command: safe inside
 # single quotes in every shell above. All others become \0NNN.
 SAFE_BYTES = frozenset(
@@ -2937,6 +2941,7 @@ class QueueFile:
         end = self.settled(late, st)
         pending = old.accounted - old.line  # a last line we had without its newline
         if end <= pending:
+            self.join(old, old.line + pending, late[pending:])
             return
         target = queue_target(self.path)
         try:
@@ -2959,7 +2964,37 @@ class QueueFile:
         except OSError as e:
             note("%s: cannot carry over %d bytes appended to it: %s\n%s"
                  % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
-        old.account(old.line, late[:end])
+        start = old.line
+        old.account(start, late[:end])
+        self.join(old, start + end, late[end:])
+
+    def join(self, old, start, piece):
+        """`piece`, at offset `start` of a replaced file, begins a line that
+        is not finished there. If the queue file has grown meanwhile, and not
+        by a new entry, its writer opened the file anew for the rest (`>>`
+        once per piece) and the rest landed in our new file: put the piece
+        back in front of it (a rewrite), rather than leave two broken halves."""
+        if not piece or self.source is None or self.tail:
+            return  # (with a tail of our own, what the file grew by goes on from that)
+        try:
+            size = os.fstat(self.source).st_size
+            if size <= len(self.raw) or not self.in_place(os.stat(queue_target(self.path))):
+                return
+            rest = os.pread(self.source, min(size - len(self.raw), 64), len(self.raw))
+        except OSError:
+            return
+        if NEW_ENTRY.match(rest):
+            return  # someone else's entry: the piece waits for its own rest, or stillness
+        saved = (old.accounted, old.line, old.tail)
+        old.account(start, piece)
+        self.tail += piece  # merge() puts the queue file's new bytes after it
+        try:
+            self.write()
+        except PegasusError as e:
+            self.tail = self.tail[:-len(piece)]
+            old.accounted, old.line, old.tail = saved
+            note("%s: cannot join a line begun in a replaced copy to its rest: %s" % (
+                self.path, e))
 
     def last_look(self):
         """At exit: carry over what was appended to replaced files so far,

@@ -1349,6 +1349,42 @@ def test_a_half_line_written_to_a_replaced_file_is_carried_over_whole(tmp_path, 
     assert read(path) == ""
 
 
+@pytest.mark.parametrize("rest", ["lo\n", "lo\n- c\n", "lo", "\n- c\n"])
+def test_a_line_begun_in_the_replaced_file_and_ended_in_the_new_one_is_joined(
+        tmp_path, monkeypatch, rest):
+    """A writer that opens the file anew for each piece of a line (`printf`
+    after `printf`, each with `>>`): its first piece lands in the file
+    pegasus is just replacing, after pegasus's last look at it; the next
+    one in the new file. The line was cut in two: broken YAML, a lost
+    piece (1 in 60 to 120 kill cycles, a hostile run found)."""
+    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+    real = pegasus.exchange
+
+    def racing(a, b):
+        with open(str(path), "a") as f:                     # after the last look
+            f.write("- echo hel")
+        return real(a, b)
+    monkeypatch.setattr(pegasus, "exchange", racing)
+    assert [j.command for j in take(queue, 1)] == ["a"]
+    monkeypatch.undo()
+    monkeypatch.setattr(pegasus, "SETTLE", 60.0)
+    with open(str(path), "a") as f:                         # reopened: the new file
+        f.write(rest)
+    expected = {"lo\n": ["b", "echo hello"], "lo\n- c\n": ["b", "echo hello", "c"],
+                "lo": ["b"], "\n- c\n": ["b", "echo hel", "c"]}[rest]
+    assert [j.command for j in take(queue, 5)] == expected
+    left = {"lo\n": "", "lo\n- c\n": "", "lo": "- echo hello", "\n- c\n": ""}[rest]
+    assert read(path) == left
+    if rest == "lo":                                         # and the rest of it
+        with open(str(path), "a") as f:
+            f.write(" there\n")
+        assert [j.command for j in take(queue, 5)] == ["echo hello there"]
+
+
 def test_a_queue_started_just_after_a_line_without_newline_runs_it(tmp_path):
     """`printf -- '- echo a\\n- echo b' > queue.yaml && ./pegasus.py`: not
     'queue empty' because the last line was not counted yet."""
