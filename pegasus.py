@@ -2916,7 +2916,7 @@ class QueueFile:
         whole lines only (see settled()). A replaced file rewritten in place
         instead (a save that lost the race with our rename) is copied over
         the queue file once still, for load() to rebase."""
-        now, keep = time.monotonic(), []
+        now, keep, halves = time.monotonic(), [], []
         for old in self.retired:
             st = os.fstat(old.fd)
             old.seen = st.st_size
@@ -2926,7 +2926,7 @@ class QueueFile:
                 if self.still_for(st):
                     self.save_over(old, st.st_size)
             else:
-                self.carry(old, st)
+                halves.append(self.carry(old, st))
         young = [old for old in self.retired if now - old.since < RETIRED_WATCH][-RETIRED_MAX:]
         for old in self.retired:
             if old in young or old.seen != old.accounted or written_elsewhere(old.fd):
@@ -2934,15 +2934,18 @@ class QueueFile:
             else:
                 os.close(old.fd)
         self.retired = keep
+        for half in halves:  # (last: join() rewrites the file, which retires ours)
+            if half is not None:
+                self.join(*half)
 
     def carry(self, old, st):
-        """Carry over the whole lines appended to a replaced file."""
+        """Carry over the whole lines appended to a replaced file; the
+        unfinished line after them, if any: (old, its offset, its bytes)."""
         late = os.pread(old.fd, st.st_size - old.line, old.line)
         end = self.settled(late, st)
         pending = old.accounted - old.line  # a last line we had without its newline
         if end <= pending:
-            self.join(old, old.line + pending, late[pending:])
-            return
+            return old, old.line + pending, late[pending:]
         target = queue_target(self.path)
         try:
             ending, target_st = file_ending(target, pending)
@@ -2958,7 +2961,7 @@ class QueueFile:
                      "queued again whole: %s"
                      % (self.path, SETTLE, line.decode("utf-8", "replace").strip()))
         else:
-            return  # the queue file's own last line is being written: not in it
+            return None  # the queue file's own last line is being written: not in it
         try:
             append_after_newline(target, data, own_line)
         except OSError as e:
@@ -2966,7 +2969,7 @@ class QueueFile:
                  % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
         start = old.line
         old.account(start, late[:end])
-        self.join(old, start + end, late[end:])
+        return old, start + end, late[end:]
 
     def join(self, old, start, piece):
         """`piece`, at offset `start` of a replaced file, begins a line that
@@ -3894,7 +3897,6 @@ def unclaimed(queue, slots, live, node):
 def encode_command(command):
     """The command as printf %b input: safe bytes as they are, others as \\0NNN."""
     return "".join(map(ENCODED_BYTES.__getitem__, command.encode("utf-8", "surrogateescape")))
-
 
 
 def wrapped_command(command):
