@@ -2916,17 +2916,18 @@ class QueueFile:
         whole lines only (see settled()). A replaced file rewritten in place
         instead (a save that lost the race with our rename) is copied over
         the queue file once still, for load() to rebase."""
-        now, keep, halves = time.monotonic(), [], []
-        for old in self.retired:
+        now, keep, half = time.monotonic(), [], []
+        for old in self.retired:  # oldest first: a line's pieces land in that order
             st = os.fstat(old.fd)
             old.seen = st.st_size
             if st.st_size == old.accounted:
                 continue
             if not old.unchanged(st.st_size):
+                half = []
                 if self.still_for(st):
                     self.save_over(old, st.st_size)
             else:
-                halves.append(self.carry(old, st))
+                half = self.carry(old, st, half)
         young = [old for old in self.retired if now - old.since < RETIRED_WATCH][-RETIRED_MAX:]
         for old in self.retired:
             if old in young or old.seen != old.accounted or written_elsewhere(old.fd):
@@ -2934,18 +2935,24 @@ class QueueFile:
             else:
                 os.close(old.fd)
         self.retired = keep
-        for half in halves:  # (last: join() rewrites the file, which retires ours)
-            if half is not None:
-                self.join(*half)
+        if half:  # (last: join() rewrites the file, which retires ours)
+            self.join(half)
 
-    def carry(self, old, st):
-        """Carry over the whole lines appended to a replaced file; the
-        unfinished line after them, if any: (old, its offset, its bytes)."""
+    def carry(self, old, st, half):
+        """Carry over the whole lines appended to a replaced file. `half`,
+        the pieces [(file, offset, bytes)] of a line left unfinished in older
+        ones, goes in front of them if they go on from it (not a new entry):
+        its writer opened the file anew for the rest, which landed here.
+        Returns the pieces of the line left unfinished now."""
         late = os.pread(old.fd, st.st_size - old.line, old.line)
         end = self.settled(late, st)
         pending = old.accounted - old.line  # a last line we had without its newline
-        if end <= pending:
-            return old, old.line + pending, late[pending:]
+        goes_on = bool(half) and not pending and not NEW_ENTRY.match(late)
+        if goes_on and not end:
+            return half + [(old, old.line, late)]
+        if not goes_on and end <= pending:
+            return [(old, old.line + pending, late[pending:])] if len(late) > pending else half
+        head = b"".join(piece for _, _, piece in half) if goes_on else b""
         target = queue_target(self.path)
         try:
             ending, target_st = file_ending(target, pending)
@@ -2954,30 +2961,34 @@ class QueueFile:
         if pending and ending == late[:pending]:
             data, own_line = late[pending:end], False  # the queue file ends with it too
         elif ending[-1:] in (b"", b"\n") or self.still_for(target_st):
-            data, own_line = late[:end], True
+            data, own_line = head + late[:end], True
             if pending:
                 line = late[:late.find(b"\n", pending) + 1 or end]
                 note("%s: a last line taken as whole after %g s without its newline went on; "
                      "queued again whole: %s"
                      % (self.path, SETTLE, line.decode("utf-8", "replace").strip()))
         else:
-            return None  # the queue file's own last line is being written: not in it
+            return []  # the queue file's own last line is being written: not in it
         try:
             append_after_newline(target, data, own_line)
         except OSError as e:
             note("%s: cannot carry over %d bytes appended to it: %s\n%s"
                  % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
+        for older, offset, piece in (half if goes_on else []):
+            older.account(offset, piece)
         start = old.line
         old.account(start, late[:end])
-        return old, start + end, late[end:]
+        if end < len(late):
+            return [(old, start + end, late[end:])]
+        return [] if goes_on else half
 
-    def join(self, old, start, piece):
-        """`piece`, at offset `start` of a replaced file, begins a line that
-        is not finished there. If the queue file has grown meanwhile, and not
-        by a new entry, its writer opened the file anew for the rest (`>>`
-        once per piece) and the rest landed in our new file: put the piece
-        back in front of it (a rewrite), rather than leave two broken halves."""
-        if not piece or self.source is None or self.tail:
+    def join(self, half):
+        """`half`, the pieces [(file, offset, bytes)] of a line left
+        unfinished in replaced files: if the queue file has grown meanwhile,
+        and not by a new entry, its writer opened the file anew for the rest
+        (`>>` once per piece), which landed in our new file: put the pieces
+        back in front of it (a rewrite), rather than leave a broken line."""
+        if self.source is None or self.tail:
             return  # (with a tail of our own, what the file grew by goes on from that)
         try:
             size = os.fstat(self.source).st_size
@@ -2987,15 +2998,18 @@ class QueueFile:
         except OSError:
             return
         if NEW_ENTRY.match(rest):
-            return  # someone else's entry: the piece waits for its own rest, or stillness
-        saved = (old.accounted, old.line, old.tail)
-        old.account(start, piece)
+            return  # someone else's entry: the pieces wait for their rest, or stillness
+        saved = [(older, older.accounted, older.line, older.tail) for older, _, _ in half]
+        piece = b"".join(piece for _, _, piece in half)
+        for older, offset, part in half:
+            older.account(offset, part)
         self.tail += piece  # merge() puts the queue file's new bytes after it
         try:
             self.write()
         except PegasusError as e:
             self.tail = self.tail[:-len(piece)]
-            old.accounted, old.line, old.tail = saved
+            for older, accounted, line, tail in reversed(saved):
+                older.accounted, older.line, older.tail = accounted, line, tail
             note("%s: cannot join a line begun in a replaced copy to its rest: %s" % (
                 self.path, e))
 

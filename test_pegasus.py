@@ -1385,6 +1385,35 @@ def test_a_line_begun_in_the_replaced_file_and_ended_in_the_new_one_is_joined(
         assert [j.command for j in take(queue, 5)] == ["echo hello there"]
 
 
+def test_a_line_in_pieces_across_three_copies_is_joined(tmp_path, monkeypatch):
+    """A busy run replaces the file every few milliseconds, as often as such
+    a writer writes a piece: one line's pieces land in three copies (the
+    second in one replaced after the writer opened it). A hostile run saw
+    jobs `sl`, `sle`, `sleep-` run, and the rest of their lines fail."""
+    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
+    path = tmp_path / "queue.yaml"
+    write(path, "- a\n- b\n- c\n")
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+    real = pegasus.exchange
+
+    def racing(a, b):
+        with open(str(path), "a") as f:                     # after the last look
+            f.write("- echo hel")
+        return real(a, b)
+    monkeypatch.setattr(pegasus, "exchange", racing)
+    assert [j.command for j in take(queue, 1)] == ["a"]
+    monkeypatch.setattr(pegasus, "exchange", real)
+    second = open(str(path), "a")                           # opened, then replaced
+    assert [j.command for j in take(queue, 1)] == ["b"]
+    second.write("lo wor")
+    second.close()
+    with open(str(path), "a") as f:
+        f.write("ld\n- d\n")
+    assert [j.command for j in take(queue, 5)] == ["c", "echo hello world", "d"]
+    assert read(path) == ""
+
+
 def test_a_queue_started_just_after_a_line_without_newline_runs_it(tmp_path):
     """`printf -- '- echo a\\n- echo b' > queue.yaml && ./pegasus.py`: not
     'queue empty' because the last line was not counted yet."""
