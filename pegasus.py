@@ -2910,7 +2910,7 @@ class QueueFile:
             self.retired.append(Retired(read_only(self.source), known))
             self.source = None
 
-    def carry_over(self):
+    def carry_over(self, at_exit=False):
         """Bytes appended to a queue file after it was replaced (`>>` opened
         it before, wrote after): append them to the current queue file,
         whole lines only (see settled()). A replaced file rewritten in place
@@ -2936,7 +2936,7 @@ class QueueFile:
                 os.close(old.fd)
         self.retired = keep
         if half:  # (last: join() rewrites the file, which retires ours)
-            self.join(half)
+            self.join(half, at_exit)
 
     def carry(self, old, st, half):
         """Carry over the whole lines appended to a replaced file. `half`,
@@ -2982,23 +2982,26 @@ class QueueFile:
             return [(old, start + end, late[end:])]
         return [] if goes_on else half
 
-    def join(self, half):
+    def join(self, half, at_exit=False):
         """`half`, the pieces [(file, offset, bytes)] of a line left
         unfinished in replaced files: if the queue file has grown meanwhile,
         and not by a new entry, its writer opened the file anew for the rest
         (`>>` once per piece), which landed in our new file: put the pieces
-        back in front of it (a rewrite), rather than leave a broken line."""
+        back in front of it (a rewrite), rather than leave a broken line.
+        At exit, they go at the end of the queue file in any case: the
+        replaced files go with pegasus, and a rest yet to come lands there."""
         if self.source is None or self.tail:
             return  # (with a tail of our own, what the file grew by goes on from that)
         try:
             size = os.fstat(self.source).st_size
-            if size <= len(self.raw) or not self.in_place(os.stat(queue_target(self.path))):
-                return
-            rest = os.pread(self.source, min(size - len(self.raw), 64), len(self.raw))
+            here = self.in_place(os.stat(queue_target(self.path)))
+            rest = os.pread(self.source, min(max(size - len(self.raw), 0), 64), len(self.raw))
         except OSError:
             return
-        if NEW_ENTRY.match(rest):
-            return  # someone else's entry: the pieces wait for their rest, or stillness
+        if not here or not rest or NEW_ENTRY.match(rest):
+            if at_exit:
+                self.hand_over(half)
+            return  # else someone else's entry: the pieces wait for their rest, or stillness
         saved = [(older, older.accounted, older.line, older.tail) for older, _, _ in half]
         piece = b"".join(piece for _, _, piece in half)
         for older, offset, part in half:
@@ -3013,6 +3016,21 @@ class QueueFile:
             note("%s: cannot join a line begun in a replaced copy to its rest: %s" % (
                 self.path, e))
 
+    def hand_over(self, half):
+        """Append the pieces of an unfinished line to the queue file as they
+        are, on a line of their own (at exit: see join())."""
+        if any(written_elsewhere(older.fd) for older, _, _ in half):
+            return  # its writer holds the copy: the rest goes there (last_look() says so)
+        piece = b"".join(piece for _, _, piece in half)
+        try:
+            append_after_newline(queue_target(self.path), piece)
+        except OSError as e:
+            note("%s: cannot carry over a line begun in a replaced copy: %s\n%s"
+                 % (self.path, e.strerror, piece.decode("utf-8", "replace")))
+            return
+        for older, offset, part in half:
+            older.account(offset, part)
+
     def last_look(self):
         """At exit: carry over what was appended to replaced files so far,
         and name the writers that still hold one open: no runner will read
@@ -3023,7 +3041,7 @@ class QueueFile:
             locked = False
         if locked:
             try:
-                self.carry_over()
+                self.carry_over(at_exit=True)
             except OSError as e:
                 note("%s: cannot carry over appends at exit: %s" % (self.path, e.strerror))
             finally:
@@ -7410,14 +7428,15 @@ def open_queue_file(options):
     if not os.path.exists(path):
         raise PegasusError("%s: no such file (write one job per line as '- command', name "
                            "another with --queue-file, or give commands as arguments)" % path)
-    queue.load()
     # A last line without its newline, just written: wait a moment for it, so
     # that a file saved so is read whole (and, broken, is an error at start),
     # but not for a writer that goes on and on: the run reads what is whole.
-    deadline = time.monotonic() + 2 * SETTLE
-    while queue.settling() and time.monotonic() < deadline:
-        time.sleep(max(0.0, min(queue.settle_at, deadline) - time.monotonic()) + 0.01)
+    with stoppable():
         queue.load()
+        deadline = time.monotonic() + 2 * SETTLE
+        while queue.settling() and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(queue.settle_at, deadline) - time.monotonic()) + 0.01)
+            queue.load()
     if options.dry_run:
         return queue
     directory = os.path.dirname(os.path.abspath(path))
@@ -7429,6 +7448,21 @@ def open_queue_file(options):
             raise PegasusError("%s: not writable" % name)
     check_disk_space(path)
     return queue
+
+
+@contextlib.contextmanager
+def stoppable():
+    """While pegasus waits before its loop runs (for a last line to settle,
+    for the lock): SIGTERM and SIGHUP stop it as Ctrl-C does, exit status
+    130, rather than kill it with no word (their default action)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def check_disk_space(queue_path):
@@ -7598,11 +7632,12 @@ def wait_editor(editor):
 def wait_for_lock(queue_path, mode):
     lock = QueueLock(queue_path, mode)
     told = False
-    while not lock.try_acquire():
-        if not told:
-            note("waiting for %s, held by %s" % (lock.path, lock.holder()))
-            told = True
-        time.sleep(LOCK_RETRY)
+    with stoppable():
+        while not lock.try_acquire():
+            if not told:
+                note("waiting for %s, held by %s" % (lock.path, lock.holder()))
+                told = True
+            time.sleep(LOCK_RETRY)
     return lock
 
 
@@ -7889,6 +7924,7 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
     except KeyboardInterrupt:
+        note("stopped")
         return EXIT_INTERRUPTED
 
 
