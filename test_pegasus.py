@@ -1349,6 +1349,27 @@ def test_a_half_line_written_to_a_replaced_file_is_carried_over_whole(tmp_path, 
     assert read(path) == ""
 
 
+def piece_after_last_look(tmp_path, monkeypatch, text):
+    """A queue file of `text`, and a take of its first job during which a
+    writer appends "- echo hel" to it after pegasus's last look: the piece
+    lands in the copy pegasus replaces. (queue, path); SETTLE is 60 s."""
+    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
+    path = tmp_path / "queue.yaml"
+    write(path, text)
+    queue = pegasus.QueueFile(str(path), "q")
+    queue.load()
+    real = pegasus.exchange
+
+    def racing(a, b):
+        with open(str(path), "a") as f:
+            f.write("- echo hel")
+        return real(a, b)
+    monkeypatch.setattr(pegasus, "exchange", racing)
+    assert [j.command for j in take(queue, 1)] == ["a"]
+    monkeypatch.setattr(pegasus, "exchange", real)
+    return queue, path
+
+
 @pytest.mark.parametrize("rest", ["lo\n", "lo\n- c\n", "lo", "\n- c\n"])
 def test_a_line_begun_in_the_replaced_file_and_ended_in_the_new_one_is_joined(
         tmp_path, monkeypatch, rest):
@@ -1357,21 +1378,7 @@ def test_a_line_begun_in_the_replaced_file_and_ended_in_the_new_one_is_joined(
     pegasus is just replacing, after pegasus's last look at it; the next
     one in the new file. The line was cut in two: broken YAML, a lost
     piece (1 in 60 to 120 kill cycles, a hostile run found)."""
-    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
-    path = tmp_path / "queue.yaml"
-    write(path, "- a\n- b\n")
-    queue = pegasus.QueueFile(str(path), "q")
-    queue.load()
-    real = pegasus.exchange
-
-    def racing(a, b):
-        with open(str(path), "a") as f:                     # after the last look
-            f.write("- echo hel")
-        return real(a, b)
-    monkeypatch.setattr(pegasus, "exchange", racing)
-    assert [j.command for j in take(queue, 1)] == ["a"]
-    monkeypatch.undo()
-    monkeypatch.setattr(pegasus, "SETTLE", 60.0)
+    queue, path = piece_after_last_look(tmp_path, monkeypatch, "- a\n- b\n")
     with open(str(path), "a") as f:                         # reopened: the new file
         f.write(rest)
     expected = {"lo\n": ["b", "echo hello"], "lo\n- c\n": ["b", "echo hello", "c"],
@@ -1390,20 +1397,7 @@ def test_a_line_in_pieces_across_three_copies_is_joined(tmp_path, monkeypatch):
     a writer writes a piece: one line's pieces land in three copies (the
     second in one replaced after the writer opened it). A hostile run saw
     jobs `sl`, `sle`, `sleep-` run, and the rest of their lines fail."""
-    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
-    path = tmp_path / "queue.yaml"
-    write(path, "- a\n- b\n- c\n")
-    queue = pegasus.QueueFile(str(path), "q")
-    queue.load()
-    real = pegasus.exchange
-
-    def racing(a, b):
-        with open(str(path), "a") as f:                     # after the last look
-            f.write("- echo hel")
-        return real(a, b)
-    monkeypatch.setattr(pegasus, "exchange", racing)
-    assert [j.command for j in take(queue, 1)] == ["a"]
-    monkeypatch.setattr(pegasus, "exchange", real)
+    queue, path = piece_after_last_look(tmp_path, monkeypatch, "- a\n- b\n- c\n")
     second = open(str(path), "a")                           # opened, then replaced
     assert [j.command for j in take(queue, 1)] == ["b"]
     second.write("lo wor")
@@ -1446,20 +1440,7 @@ def test_a_line_begun_in_a_replaced_copy_is_handed_over_at_exit(tmp_path, monkey
     with pegasus, so the piece goes to the queue file, where the rest will
     land (a hostile run's clean stop left `-eep 0.05; ...`: the file broken
     for every later start, 871 jobs stuck)."""
-    monkeypatch.setattr(pegasus, "SETTLE", 60.0)  # however slow this machine is now
-    path = tmp_path / "queue.yaml"
-    write(path, "- a\n- b\n")
-    queue = pegasus.QueueFile(str(path), "q")
-    queue.load()
-    real = pegasus.exchange
-
-    def racing(a, b):
-        with open(str(path), "a") as f:                     # after the last look
-            f.write("- echo hel")
-        return real(a, b)
-    monkeypatch.setattr(pegasus, "exchange", racing)
-    assert [j.command for j in take(queue, 1)] == ["a"]
-    monkeypatch.setattr(pegasus, "exchange", real)
+    queue, path = piece_after_last_look(tmp_path, monkeypatch, "- a\n- b\n")
     queue.last_look()
     assert read(path) == "- b\n- echo hel"
     with open(str(path), "a") as f:
