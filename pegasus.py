@@ -2691,12 +2691,12 @@ class QueueFile:
         first; `returned` are jobs put back, for the hook. On failure nothing
         has changed, on disk or here."""
         self.history.append(self.edits)
-        self.history_bytes += sum(len(old) + len(new) for old, new, _ in self.edits)
+        self.history_bytes += edits_size(self.edits)
         self.edits = []
         try:
             self.write_text(jobs, returned, before_rename, started)
         except BaseException as e:
-            self.history_bytes -= sum(len(old) + len(new) for old, new, _ in self.history.pop())
+            self.history_bytes -= edits_size(self.history.pop())
             if self.stale and self.source is not None:
                 os.close(self.source)  # merge() read a save: rebase it again at load()
                 self.source = None
@@ -2708,7 +2708,7 @@ class QueueFile:
                     getattr(e, "pegasus_path", self.path), e.strerror)) from None
             raise
         while len(self.history) > HISTORY_TAKES or self.history_bytes > HISTORY_BYTES:
-            self.history_bytes -= sum(len(old) + len(new) for old, new, _ in self.history.pop(0))
+            self.history_bytes -= edits_size(self.history.pop(0))
 
     def write_text(self, jobs, returned=(), before_rename=None, started=None):
         if not self.editable:
@@ -2952,7 +2952,7 @@ class QueueFile:
             return half + [(old, old.line, late)]
         if not goes_on and end <= pending:
             return [(old, old.line + pending, late[pending:])] if len(late) > pending else half
-        head = b"".join(piece for _, _, piece in half) if goes_on else b""
+        head = pieces_text(half) if goes_on else b""
         target = queue_target(self.path)
         try:
             ending, target_st = file_ending(target, pending)
@@ -2974,8 +2974,8 @@ class QueueFile:
         except OSError as e:
             note("%s: cannot carry over %d bytes appended to it: %s\n%s"
                  % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
-        for older, offset, piece in (half if goes_on else []):
-            older.account(offset, piece)
+        if goes_on:
+            account_pieces(half)
         start = old.line
         old.account(start, late[:end])
         if end < len(late):
@@ -3003,9 +3003,8 @@ class QueueFile:
                 self.hand_over(half)
             return  # else someone else's entry: the pieces wait for their rest, or stillness
         saved = [(older, older.accounted, older.line, older.tail) for older, _, _ in half]
-        piece = b"".join(piece for _, _, piece in half)
-        for older, offset, part in half:
-            older.account(offset, part)
+        piece = pieces_text(half)
+        account_pieces(half)
         self.tail += piece  # merge() puts the queue file's new bytes after it
         try:
             self.write()
@@ -3021,15 +3020,14 @@ class QueueFile:
         are, on a line of their own (at exit: see join())."""
         if any(written_elsewhere(older.fd) for older, _, _ in half):
             return  # its writer holds the copy: the rest goes there (last_look() says so)
-        piece = b"".join(piece for _, _, piece in half)
+        piece = pieces_text(half)
         try:
             append_after_newline(queue_target(self.path), piece)
         except OSError as e:
             note("%s: cannot carry over a line begun in a replaced copy: %s\n%s"
                  % (self.path, e.strerror, piece.decode("utf-8", "replace")))
             return
-        for older, offset, part in half:
-            older.account(offset, part)
+        account_pieces(half)
 
     def last_look(self):
         """At exit: carry over what was appended to replaced files so far,
@@ -3193,6 +3191,22 @@ class Retired:
                 and os.pread(self.fd, len(self.head), 0) == self.head
                 and os.pread(self.fd, len(self.tail), self.accounted - len(self.tail))
                 == self.tail)
+
+
+def edits_size(edits):
+    """The text a take's edits hold (QueueFile.history_bytes)."""
+    return sum(len(old) + len(new) for old, new, _ in edits)
+
+
+def pieces_text(half):
+    """The bytes of a line's pieces [(Retired, offset, bytes)], in order."""
+    return b"".join(piece for _, _, piece in half)
+
+
+def account_pieces(half):
+    """The pieces of a line are carried over: each file has them accounted for."""
+    for older, offset, piece in half:
+        older.account(offset, piece)
 
 
 def read_source(path):
