@@ -1628,6 +1628,33 @@ def test_lock_mode_killed_keeps_the_lock_while_its_editor_lives(tmp_path):
     assert "waiting for queue.yaml.lock" in err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_while_add_waits_for_the_lock_is_obeyed(tmp_path, signum):
+    """`add` waits while lock mode holds the lock: a stop then ends it with
+    130 and adds nothing, rather than kill it with no word."""
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    editor = editor_script(tmp_path, "while [ ! -e go ]; do sleep 0.05; done\n")
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
+    adding = None
+    try:
+        wait_for(lambda: "(editor" in lock_holder(tmp_path), what="the editor")
+        adding = start_pegasus(tmp_path, "add", "echo b")
+        for line in adding.stderr:  # it says so once it waits
+            if "waiting for queue.yaml.lock" in line:
+                break
+        adding.send_signal(signum)
+        _, err = adding.communicate(timeout=60)
+        assert adding.returncode == 130, err
+        assert "stopped" in err
+    finally:
+        (tmp_path / "go").write_text("")
+        lock_mode.communicate(timeout=60)
+        if adding is not None and adding.poll() is None:
+            adding.kill()
+            adding.communicate()
+    assert read(tmp_path / "queue.yaml") == "- echo a\n"  # nothing added
+
+
 def test_no_lock_file_is_left_after_a_run_or_an_edit(tmp_path):
     write(tmp_path / "queue.yaml", "- echo a\n")
     assert run_pegasus(tmp_path, "q").returncode == 0
