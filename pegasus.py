@@ -7945,5 +7945,18 @@ def main(argv=None):
         return EXIT_INTERRUPTED
 
 
+def leave(code):
+    """Exit without Python's teardown of the heap and modules: 13 ms at the
+    end of every run (W3), of no use once main() has closed its files and
+    reaped its children. Only a flush that fails takes the usual way out,
+    so that Python reports it as it always does."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

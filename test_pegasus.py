@@ -5246,12 +5246,13 @@ def pytest_configure(config):
 
 ROUNDS = 3
 
-# Runs pegasus's main() as the CLI does, then reports the runner's own CPU
-# time and peak memory (RUSAGE_SELF: without its jobs and ssh processes).
+# Runs pegasus's main() and leaves as the CLI does, reporting the runner's
+# own CPU time and peak memory between (RUSAGE_SELF: without its jobs and
+# ssh processes).
 PROBE = ("import resource, sys; sys.path.insert(0, %r); import pegasus; code = pegasus.main("
          "sys.argv[1:]); r = resource.getrusage(resource.RUSAGE_SELF); sys.stderr.write("
          "'probe cpu=%%f maxrss_kb=%%d\\n' %% (r.ru_utime + r.ru_stime, r.ru_maxrss)); "
-         "sys.exit(code)") % HERE
+         "pegasus.leave(code)") % HERE
 
 
 @pytest.fixture
