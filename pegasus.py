@@ -6508,6 +6508,8 @@ class Dispatcher:
             if self.exit_code is None:
                 self.exit_code = EXIT_USAGE
             self.stop(DRAIN, "no host can be reached")
+        if master.state == "up":
+            self.open_agents(master)
         self.schedule()
 
     def on_child(self, signum):
@@ -6626,10 +6628,10 @@ class Dispatcher:
 
     # -- agents -------------------------------------------------------------------
 
-    def agent_for(self, master):
+    def agent_for(self, master, new=False):
         """An agent of `master` with no run, or a new one."""
         for agent in master.agents:
-            if agent.run is None and agent.state in ("idle", "starting"):
+            if agent.run is None and agent.state in ("idle", "starting") and not new:
                 return agent
         agent = Agent(self, master)
         agent.open()
@@ -6638,6 +6640,23 @@ class Dispatcher:
         if self.paused:
             agent.listen(False)
         return agent
+
+    def open_agents(self, master):
+        """A master has just come up: open the agents its jobs will want now,
+        so that they start while the take writes the queue file (its syncs
+        take milliseconds) rather than after it."""
+        if (master.socket is None or master.agent_ok is False or self.stop_level
+                or getattr(self.options, "session_per_job", False)):
+            return
+        free = sum(len(slot.free) for slot in self.slots if master in slot.connections)
+        idle = sum(1 for agent in master.agents
+                   if agent.run is None and agent.state in ("idle", "starting"))
+        wanted = min(free, self.queue.count, SESSIONS_PER_MASTER - master.sessions) - idle
+        for _ in range(wanted):
+            try:
+                self.agent_for(master, new=True)
+            except OSError:
+                return  # out of fds: a job's start will say so
 
     def agent_refused(self, run):
         """The agent saw leftovers of its last job and retired: a fresh one.
