@@ -6509,7 +6509,7 @@ class Dispatcher:
                 self.exit_code = EXIT_USAGE
             self.stop(DRAIN, "no host can be reached")
         if master.state == "up":
-            self.open_agents(master)
+            self.open_agent(master)
         self.schedule()
 
     def on_child(self, signum):
@@ -6628,10 +6628,10 @@ class Dispatcher:
 
     # -- agents -------------------------------------------------------------------
 
-    def agent_for(self, master, new=False):
+    def agent_for(self, master):
         """An agent of `master` with no run, or a new one."""
         for agent in master.agents:
-            if agent.run is None and agent.state in ("idle", "starting") and not new:
+            if agent.run is None and agent.state in ("idle", "starting"):
                 return agent
         agent = Agent(self, master)
         agent.open()
@@ -6641,22 +6641,24 @@ class Dispatcher:
             agent.listen(False)
         return agent
 
-    def open_agents(self, master):
-        """A master has just come up: open the agents its jobs will want now,
-        so that they start while the take writes the queue file (its syncs
-        take milliseconds) rather than after it."""
+    def open_agent(self, master):
+        """A master has just come up: open the agent its first job will want
+        now, so that it boots on the host while the take writes the queue
+        file (its syncs take milliseconds) rather than after it. One a
+        master, and no more idle agents in all than queued jobs: a job may
+        need several slots, a broadcast step takes a host whole, the jobs
+        may go to other hosts, and each agent holds three descriptors."""
         if (master.socket is None or master.agent_ok is False or self.stop_level
-                or getattr(self.options, "session_per_job", False)):
+                or master.agents or getattr(self.options, "session_per_job", False)
+                or not any(slot.free for slot in self.slots if master in slot.connections)):
             return
-        free = sum(len(slot.free) for slot in self.slots if master in slot.connections)
-        idle = sum(1 for agent in master.agents
+        idle = sum(1 for agent in self.agents
                    if agent.run is None and agent.state in ("idle", "starting"))
-        wanted = min(free, self.queue.count, SESSIONS_PER_MASTER - master.sessions) - idle
-        for _ in range(wanted):
+        if idle < self.queue.count:
             try:
-                self.agent_for(master, new=True)
+                self.agent_for(master)
             except OSError:
-                return  # out of fds: a job's start will say so
+                pass  # out of fds: a job's start will say so
 
     def agent_refused(self, run):
         """The agent saw leftovers of its last job and retired: a fresh one.

@@ -143,6 +143,11 @@ def session_processes():
 SSHD_PIDS = set()  # the listening sshd servers this session started
 
 
+def parent_of(pid):
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
 def descendants(pid):
     children = collections.defaultdict(set)
     for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
@@ -4074,6 +4079,25 @@ def test_jobs_on_a_slot_share_one_agent(tmp_path, hosts, path):
         assert {name for name, _ in found} == {"bash"} and len(set(found)) == 1
     else:
         assert {name for name, _ in found} == {"sshd"}
+
+
+def test_agents_are_opened_for_the_jobs_that_run(tmp_path, hosts):
+    """A master that comes up opens an agent at once, but not one per free
+    slot: a broadcast step takes a host whole, and each idle agent would
+    hold three descriptors to the end (found under a low fd limit)."""
+    write(tmp_path / "hosts.yaml", "- hostname: [h1, h2, h3]\n  slots: 4\n")
+    write(tmp_path / "queue.yaml", "- touch %s/started-{{hostname}}; sleep 60\n- true\n- true\n"
+                                   "- true\n" % tmp_path)
+    proc = start_pegasus(tmp_path, "b", ssh_config=hosts.config)
+    try:
+        wait_for(lambda: all(os.path.exists(tmp_path / ("started-h%d" % i)) for i in (1, 2, 3)),
+                 timeout=30, what="the first step on every host")
+        # An agent's bash, not the subshell that runs its job (same command line).
+        booted = {pid for pid, _, c in session_processes() if c.startswith("bash -c IFS= read")}
+        assert len([pid for pid in booted if parent_of(pid) not in booted]) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
 
 
 def test_a_job_cannot_fake_its_end_over_the_agent(tmp_path, hosts):
