@@ -7944,7 +7944,25 @@ def check_options(parser, options):
     options.queue_file = options.queue_file or "queue.yaml"
 
 
+def open_standard_streams():
+    """A stdin, stdout or stderr closed at start (`>&-`) is /dev/null to us:
+    else the next file opened takes its number, and what is meant for the
+    terminal lands in it (a lock file, a journal), or Python has no stream
+    for it (None) and a run fails where it first prints."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, encoding="utf-8", errors="replace"))
+
+
 def main(argv=None):
+    open_standard_streams()
     parser = build_parser()
     # Intermixed: commands may come after options (q -H a,b 'cmd one' 'cmd two').
     options = parser.parse_intermixed_args(argv)

@@ -4483,6 +4483,23 @@ def test_huge_lines_binary_output_and_closed_stdout_do_not_break_the_runner(tmp_
     assert lines[-2:] == ["[localhost] last", lines[-1]] and done_count(out.stdout) == 4
 
 
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_runner_started_with_a_standard_stream_closed_runs_its_queue(tmp_path, closed):
+    """`./pegasus.py q >&-`: the closed stream is /dev/null, and no file the
+    runner opens takes its number (the journal would get the jobs' output)."""
+    write(tmp_path / "queue.yaml", "- echo one\n- echo two\n")
+    fd = {"stdout": 1, "stderr": 2}[closed]
+    out = subprocess.run(["sh", "-c", 'exec "$@" %d>&-' % fd, "sh", sys.executable, PEGASUS, "q"],
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert read(tmp_path / "consumed.yaml").count("echo") == 2
+    assert read(tmp_path / "queue.yaml").strip() == ""
+    if closed != "stdout":
+        assert "[localhost] one" in out.stdout and "[localhost] two" in out.stdout
+    if closed != "stderr":
+        assert "2 succeeded, 0 failed" in out.stderr
+
+
 # ----------------------------------------------------------------------------
 # GPU slots: hosts with `slots: N`, jobs with `slots: K`
 # ----------------------------------------------------------------------------
