@@ -1086,7 +1086,14 @@ def append_race_round(tmp_path, appends, edit, added):
             read(tmp_path / "queue.yaml")[:2000], proc.communicate()[1][-3000:]))
     wait_for(lambda: read(tmp_path / "consumed.yaml").count("\n") >= 400 + added,
              timeout=90, what="every job taken")
-    time.sleep(0.5)  # let the last jobs finish before asking it to stop
+    # Jobs taken last may not have started yet (taken ahead of free slots),
+    # and a stop puts them back: wait for every one to end. A job that never
+    # does is for the checks below to name.
+    try:
+        wait_for(lambda: done_count(read(tmp_path / "out.txt")) >= 400 + added, timeout=60,
+                 what="every job to end")
+    except AssertionError:
+        pass
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     out_file.close()
