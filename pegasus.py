@@ -2514,6 +2514,22 @@ class QueueFile:
         self.settle_at = None
         self.carry_over()
         try:
+            self.parse_current()
+        except PegasusError:
+            if not self.pieces_waiting():
+                raise
+            # The rest of a line begun in a replaced copy landed in the file
+            # after carry_over() looked: join them, and read it again.
+            self.carry_over()
+            self.parse_current()
+
+    def pieces_waiting(self):
+        """Bytes appended to a replaced copy wait to be carried over: a line's
+        first pieces, say."""
+        return any(old.seen != old.accounted for old in self.retired)
+
+    def parse_current(self):
+        try:
             st = os.stat(self.path)
         except FileNotFoundError:
             self.stale = True  # read it again when it is back, even unchanged
@@ -2962,7 +2978,11 @@ class QueueFile:
         except OSError:
             ending, target_st = b"", None  # (the append says what is wrong, or makes it)
         if pending and ending == late[:pending]:
-            data, own_line = late[pending:end], False  # the queue file ends with it too
+            # The queue file ends with that line too (our tail): what follows
+            # goes on there, a next line's unfinished start as well, so that
+            # the writer's next piece, landing in the queue file, finishes it.
+            end = len(late)
+            data, own_line = late[pending:], False
         elif ending[-1:] in (b"", b"\n") or self.still_for(target_st):
             data, own_line = head + late[:end], True
             if pending:
@@ -2993,7 +3013,7 @@ class QueueFile:
         back in front of it (a rewrite), rather than leave a broken line.
         At exit, they go at the end of the queue file in any case: the
         replaced files go with pegasus, and a rest yet to come lands there."""
-        if self.source is None or self.tail:
+        if self.source is None or (self.tail and not self.goes_on_tail(half)):
             return  # (with a tail of our own, what the file grew by goes on from that)
         try:
             size = os.fstat(self.source).st_size
@@ -3017,6 +3037,14 @@ class QueueFile:
                 older.accounted, older.line, older.tail = accounted, line, tail
             note("%s: cannot join a line begun in a replaced copy to its rest: %s" % (
                 self.path, e))
+
+    def goes_on_tail(self, half):
+        """Whether the pieces go on from our own unfinished last line: the
+        copy they were appended to ended with it, as the queue file does
+        (see carry()). Then they go after it, and what the file grew by
+        after them."""
+        older, offset, _ = half[0]
+        return os.pread(older.fd, offset - older.line, older.line) == self.tail
 
     def hand_over(self, half):
         """Append the pieces of an unfinished line to the queue file as they
