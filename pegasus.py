@@ -2529,6 +2529,7 @@ class QueueFile:
         return any(old.seen != old.accounted for old in self.retired)
 
     def parse_current(self):
+        """Read and parse the queue file, unless it is what we have (load())."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
