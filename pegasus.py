@@ -7993,10 +7993,10 @@ def open_standard_streams():
 def main(argv=None):
     open_standard_streams()
     parser = build_parser()
-    # Intermixed: commands may come after options (q -H a,b 'cmd one' 'cmd two').
-    options = parser.parse_intermixed_args(argv)
-    check_options(parser, options)
     try:
+        # Intermixed: commands may come after options (q -H a,b 'cmd one' 'cmd two').
+        options = parser.parse_intermixed_args(argv)  # (--version prints here)
+        check_options(parser, options)
         code = MODES[options.mode](options)
         sys.stdout.flush()  # here, so that a closed pipe is caught below
         return code
@@ -8008,6 +8008,14 @@ def main(argv=None):
         # at /dev/null so that the flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        # stdout on a full disk (`s > /dev/full`): said in one line, and what
+        # is left in its buffer dropped, so that the flush at exit succeeds.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("pegasus: error: cannot write the output: %s" % e.strerror, file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         note("stopped")
         return EXIT_INTERRUPTED

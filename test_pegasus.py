@@ -4552,6 +4552,19 @@ def test_huge_lines_binary_output_and_closed_stdout_do_not_break_the_runner(tmp_
     assert lines[-2:] == ["[localhost] last", lines[-1]] and done_count(out.stdout) == 4
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--version"], ["q", "-n"]])
+def test_output_to_a_full_disk_is_one_line_of_error(tmp_path, args):
+    """`--version > /dev/full` ended in a traceback (a hostile run found it)."""
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, PEGASUS, *args], cwd=str(tmp_path), stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "pegasus: error: cannot write the output: No space left on device" in out.stderr
+
+
 @pytest.mark.parametrize("closed", ["stdout", "stderr"])
 def test_a_runner_started_with_a_standard_stream_closed_runs_its_queue(tmp_path, closed):
     """`./pegasus.py q >&-`: the closed stream is /dev/null, and no file the
