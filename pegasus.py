@@ -5693,6 +5693,10 @@ class Agent:
                 data = re.sub(re.escape(self.last.nonce) + b" [^\n]*\n", b"", data)
             self.last.take_lines(self.stream[fd], data)
 
+    def free(self):
+        """It can take a job: it has none, and is starting or idle."""
+        return self.run is None and self.state in ("idle", "starting")
+
     def job_started(self):
         """The run's start marker has come (on either stream)."""
         return any(self.in_job.values()) or bool(self.ended)
@@ -6598,8 +6602,7 @@ class Dispatcher:
             # process) of its own: an agent or a spawner passes it in one
             # argument, which the kernel bounds.
             per_job = getattr(self.options, "session_per_job", False)
-            if (master.socket is not None and master.agent_ok is not False
-                    and len(run.command) <= ARGV_MAX and not per_job):
+            if self.uses_agents(master) and len(run.command) <= ARGV_MAX:
                 self.agent_for(master).start(run)
                 return True
             if (master.socket is None and not per_job and _posix_spawn_setsid
@@ -6657,10 +6660,15 @@ class Dispatcher:
 
     # -- agents -------------------------------------------------------------------
 
+    def uses_agents(self, master):
+        """Whether jobs over `master` go to agents (else a session each)."""
+        return (master.socket is not None and master.agent_ok is not False
+                and not getattr(self.options, "session_per_job", False))
+
     def agent_for(self, master):
         """An agent of `master` with no run, or a new one."""
         for agent in master.agents:
-            if agent.run is None and agent.state in ("idle", "starting"):
+            if agent.free():
                 return agent
         agent = Agent(self, master)
         agent.open()
@@ -6677,13 +6685,10 @@ class Dispatcher:
         master, and no more idle agents in all than queued jobs: a job may
         need several slots, a broadcast step takes a host whole, the jobs
         may go to other hosts, and each agent holds three descriptors."""
-        if (master.socket is None or master.agent_ok is False or self.stop_level
-                or master.agents or getattr(self.options, "session_per_job", False)
+        if (not self.uses_agents(master) or self.stop_level or master.agents
                 or not any(slot.free for slot in self.slots if master in slot.connections)):
             return
-        idle = sum(1 for agent in self.agents
-                   if agent.run is None and agent.state in ("idle", "starting"))
-        if idle < self.queue.count:
+        if sum(1 for agent in self.agents if agent.free()) < self.queue.count:
             try:
                 self.agent_for(master)
             except OSError:
@@ -8004,21 +8009,25 @@ def main(argv=None):
         print("pegasus: error: %s" % e, file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
-        # `pegasus.py s | head -1`: the reader has all it wants. Point stdout
-        # at /dev/null so that the flush at exit cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_stdout()  # `pegasus.py s | head -1`: the reader has all it wants
         return EXIT_PIPE
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
             raise
-        # stdout on a full disk (`s > /dev/full`): said in one line, and what
-        # is left in its buffer dropped, so that the flush at exit succeeds.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_stdout()  # stdout on a full disk (`s > /dev/full`): said in one line
         print("pegasus: error: cannot write the output: %s" % e.strerror, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         note("stopped")
         return EXIT_INTERRUPTED
+
+
+def drop_stdout():
+    """Point stdout at /dev/null: what is left in its buffer goes nowhere,
+    so that the flush at exit cannot fail again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 def leave(code):
