@@ -5313,6 +5313,15 @@ def widen(fd):
     return True
 
 
+def joined(data, head, stop):
+    """The lines that on_lines() is handed (see Run.take_lines) as one
+    bytes: for what is not the common case (a terminal, -p N, output that
+    is not ASCII, --output-dir)."""
+    if not head and stop == len(data):
+        return data
+    return b"".join((head, memoryview(data)[:stop]))
+
+
 class Run:
     """One job on one slot, from spawn to exit: its process, its pipes and
     their partial lines, and how it ended. Owned by the Dispatcher."""
@@ -5333,7 +5342,7 @@ class Run:
         self.open_fds = {}        # fd -> stdout or stderr pipe, until EOF
         self.partial = {}         # fd -> bytes of an unfinished line
         self.skip_newline = {}    # fd -> the last chunk ended in "\r"
-        self.on_lines = None      # on_lines(run, fd, block): each read's complete lines
+        self.on_lines = None      # on_lines(run, fd, data, head, stop): see take_lines
         self.unsent = b""         # a long command, still to be written to stdin
         self.cancelled = False    # pegasus ended it (Ctrl-C, stop --now)
         self.timed_out = False    # pegasus ended it: it ran past --timeout
@@ -5381,18 +5390,20 @@ class Run:
         self.skip_newline.pop(fd, None)
         rest = self.partial.pop(fd, b"")
         if rest:
-            self.on_lines(self, fd, rest + b"\n")
+            self.on_lines(self, fd, rest + b"\n", b"", len(rest) + 1)
 
     def end_streams(self):
         for fd in list(self.partial):
             self.end_stream(fd)
 
     def take_lines(self, fd, chunk):
-        """Hand on a read's complete lines as one block, each ending in "\n".
-        Whole-read bytes operations in C, never a Python step per line: the
-        output volume a runner can carry is bound by this (W3). "\r" ends a
-        line too (progress bars), and "\r\n" is one line end, even when a
-        read splits it."""
+        """Hand on a read's complete lines, each ending in "\n", as
+        on_lines(run, fd, data, head, stop): the line begun in an earlier
+        read (head), then data[:stop]. The read is handed on as it is, never
+        copied to join it to head: whole-read bytes operations in C, and no
+        Python step per line, since the output volume a runner can carry is
+        bound by this (W3). "\r" ends a line too (progress bars), and "\r\n"
+        is one line end, even when a read splits it."""
         if self.skip_newline.pop(fd, False) and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         if b"\r" in chunk:  # (a partial line has none left)
@@ -5401,12 +5412,15 @@ class Run:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         partial = self.partial.pop(fd, b"")
         end = chunk.rfind(b"\n") + 1
-        if not end:
+        if end and len(chunk) - end <= MAX_LINE:
+            if end < len(chunk):
+                self.partial[fd] = chunk[end:]
+            self.on_lines(self, fd, chunk, partial, end)
+            return
+        if end:  # (a read longer than MAX_LINE past its last line end)
+            block, rest = joined(chunk, partial, end), chunk[end:]
+        else:
             block, rest = b"", partial + chunk
-        else:  # the line begun before and the read's lines, in one copy at most
-            whole = not partial and end == len(chunk)
-            block = chunk if whole else b"".join((partial, memoryview(chunk)[:end]))
-            rest = chunk[end:]
         if len(rest) > MAX_LINE:
             cut = len(rest) - (len(rest) % MAX_LINE or MAX_LINE)
             block += b"".join(rest[i:i + MAX_LINE] + b"\n" for i in range(0, cut, MAX_LINE))
@@ -5414,7 +5428,7 @@ class Run:
         if rest:
             self.partial[fd] = rest
         if block:
-            self.on_lines(self, fd, block)
+            self.on_lines(self, fd, block, b"", len(block))
 
     def send(self):
         """Write more of a long command; True when all of it is written."""
@@ -5952,13 +5966,18 @@ class Printer:
             cached = self.prefixes[run.label] = label.encode("utf-8", "replace") + b" "
         return cached
 
-    def lines(self, run, fd, block):
-        """Print a read's complete lines (a block of them, each ending in
-        "\n"). The common case (every line, not a terminal, ASCII or valid
-        UTF-8) is one replace in C for the whole read: W3's output volume is
-        bound by this. -p N counts each stream apart."""
+    def lines(self, run, fd, data, head, stop):
+        """Print a read's complete lines: head, then data[:stop] (see
+        Run.take_lines). The common case (every line, not a terminal,
+        ASCII) is one replace in C over the read as it came: W3's output
+        volume is bound by this. -p N counts each stream apart."""
         if self.print_period == 0:
             return
+        if (self.print_period == 1 and (self.width is None or self.plain) and
+                data.isascii() and head.isascii()):
+            self.target(run).extend(self.prefixed(run, data, head, stop))
+            return
+        block = joined(data, head, stop)
         if self.print_period > 1:
             seen = self.counts.get((run, fd), 0)
             lines = block.split(b"\n")[:-1]
@@ -5985,16 +6004,19 @@ class Printer:
             return
         self.buffer.extend(self.prefixed(run, block.decode("utf-8", "replace").encode("utf-8")))
 
-    def prefixed(self, run, block):
-        """Every line of a block (each ending in "\n") with the run's prefix,
-        as pieces for writev: one replace in C for the whole block, and no
-        other copy of it (the replace leaves a prefix after the last line,
-        which a view leaves out)."""
+    def prefixed(self, run, data, head=b"", stop=None):
+        """The lines head + data[:stop] (each ending in "\n"), with the
+        run's prefix, as pieces for writev: one replace in C over data, and
+        no other copy of it. The replace leaves a prefix after the last line
+        end, and data's unfinished last line after that: a view leaves both
+        out (that line has no "\n", so its length is unchanged)."""
+        if stop is None:
+            stop = len(data)
         prefix = self.prefix(run)
         if not prefix:
-            return [block]
-        body = block.replace(b"\n", b"\n" + prefix)
-        return [prefix, memoryview(body)[:len(body) - len(prefix)]]
+            return [head, memoryview(data)[:stop]]
+        body = data.replace(b"\n", b"\n" + prefix)
+        return [prefix, head, memoryview(body)[:len(body) - (len(data) - stop) - len(prefix)]]
 
     def target(self, run):
         """Where a run's lines wait: its group (--group), or this round's buffer."""
@@ -6158,12 +6180,12 @@ class Records:
             note_once(("output", e.errno), "cannot keep job output in %s: %s (the jobs go on)"
                       % (self.output_dir, e.strerror))
 
-    def lines(self, run, block):
+    def lines(self, run, data, head, stop):
         if run.output is not None:
             try:
-                view = memoryview(block)
-                while view:  # unbuffered: a full disk is told now, not lost at close
-                    view = view[run.output.write(view):]
+                for view in (memoryview(head), memoryview(data)[:stop]):
+                    while view:  # unbuffered: a full disk is told now, not lost at close
+                        view = view[run.output.write(view):]
             except OSError as e:
                 note_once(("output", e.errno), "cannot keep job output in %s: %s (the jobs "
                           "go on)" % (self.output_dir, e.strerror))
@@ -6742,8 +6764,8 @@ class Dispatcher:
         run.host_lost = agent.session.master_lost  # known for sure: no timing guess
         self.check_exit(run)
 
-    def on_leftover(self, run, fd, block):
-        self.printer.leftover(run, block)
+    def on_leftover(self, run, fd, data, head, stop):
+        self.printer.leftover(run, joined(data, head, stop))
 
     def listen(self, run):
         for fd in run.open_fds:
@@ -6753,9 +6775,9 @@ class Dispatcher:
         if run.cancelled or run.send():
             self.loop.remove(fd)
 
-    def on_lines(self, run, fd, block):
-        self.printer.lines(run, fd, block)
-        self.records.lines(run, block)
+    def on_lines(self, run, fd, data, head, stop):
+        self.printer.lines(run, fd, data, head, stop)
+        self.records.lines(run, data, head, stop)
 
     def read(self, run, fd):
         if run.read(fd):

@@ -2703,7 +2703,7 @@ def split_by_reads(data, rng, cuts=30, must=()):
     """The lines Run.take_lines hands on when `data` arrives in random reads."""
     run = pegasus.Run.__new__(pegasus.Run)  # the splitter alone, no process
     run.partial, run.skip_newline, got = {}, {}, []
-    run.on_lines = lambda _, fd, block: got.extend(block.split(b"\n")[:-1])
+    run.on_lines = lambda _, fd, *lines: got.extend(pegasus.joined(*lines).split(b"\n")[:-1])
     cuts = sorted(set(rng.sample(range(1, len(data)), rng.randint(1, cuts)) + list(must)))
     for start, end in zip([0] + cuts, cuts + [len(data)]):
         run.take_lines(3, data[start:end])
@@ -2729,7 +2729,7 @@ def test_lines_over_the_cap_are_cut_and_no_byte_is_lost_however_split():
     for trial in range(20):
         run = pegasus.Run.__new__(pegasus.Run)
         run.partial, run.skip_newline, got = {}, {}, []
-        run.on_lines = lambda _, fd, block: got.extend(block.split(b"\n")[:-1])
+        run.on_lines = lambda _, fd, *lines: got.extend(pegasus.joined(*lines).split(b"\n")[:-1])
         start = 0
         while start < len(data):
             end = start + rng.randint(1, pegasus.WIDE_READ)
@@ -2740,6 +2740,30 @@ def test_lines_over_the_cap_are_cut_and_no_byte_is_lost_however_split():
         assert max(map(len, got)) <= cap + pegasus.WIDE_READ
         assert b"".join(got) == data.replace(b"\n", b"").replace(b"\r", b"")
         assert len(got) >= 7  # y: 2 pieces, z: 1 or 2, w: 4
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_printed_lines_are_the_jobs_lines_prefixed_however_the_reads_split_them(plain):
+    # The printer is handed each read as it came, with the line begun in
+    # the read before: what it prints must not depend on where reads fall.
+    data = b"".join(b"line %d %s\n" % (i, b"x" * (i * 7 % 300)) for i in range(3000))
+    data += b"caf\xc3\xa9 \377\n\nlast, no newline"
+    rng = random.Random(11)
+    with open(os.devnull, "w") as devnull:
+        printer = pegasus.Printer(1, stream=devnull, plain=plain)
+        run = pegasus.Run(pegasus.Slot(0, "h", {}), None, "cmd", [0], 1, None)
+        prefix = printer.prefix(run)
+        assert bool(prefix) is not plain
+        expected = b"".join(prefix + line.decode("utf-8", "replace").encode("utf-8") + b"\n"
+                            for line in data.split(b"\n"))
+        for trial in range(60):
+            run.partial, run.skip_newline, printer.buffer = {}, {}, []
+            run.on_lines = printer.lines
+            cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 200)))
+            for start, end in zip([0] + cuts, cuts + [len(data)]):
+                run.take_lines(3, data[start:end])
+            run.end_stream(3)
+            assert b"".join(printer.buffer) == expected, cuts
 
 
 def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
@@ -2755,7 +2779,8 @@ def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
         run = pegasus.Run.__new__(pegasus.Run)
         run.slot, run.label = pegasus.Slot(0, "h", {}), "[h]"
         size = 3 * pegasus.WIDE_PIPE
-        printer.lines(run, 5, b"z" * size + b"\nend\n")
+        block = b"z" * size + b"\nend\n"
+        printer.lines(run, 5, block, b"", len(block))
         printer.flush()  # returns at once, though nobody reads yet
         assert printer.output.pending() > size - pegasus.WIDE_PIPE
         got = bytearray()
@@ -3985,7 +4010,7 @@ class _AgentSink:
     def check_exit(self, run):
         self.ended.append(run)
 
-    def on_leftover(self, run, fd, block):
+    def on_leftover(self, run, fd, *lines):
         pass
 
 
@@ -4011,7 +4036,7 @@ def test_agent_streams_split_at_every_byte_give_the_same_lines(output):
         agent.state = "busy"
         run = pegasus.Run(pegasus.Slot(0, "h", {}), None, "cmd", [0], 1, None)
         got = []
-        run.on_lines = lambda run, fd, block: got.append(block)
+        run.on_lines = lambda run, fd, *lines: got.append(pegasus.joined(*lines))
         agent.run, run.nonce = run, nonce
         agent.marker(8, run, b"s")
         agent.marker(8, run, b"e")  # stderr: over at once
@@ -4026,7 +4051,7 @@ def test_agent_streams_split_at_every_byte_give_the_same_lines(output):
     assert expected == (lines + b"\n" if lines and not lines.endswith(b"\n") else lines)
     # A whole line is handed on as it comes, not when the job ends.
     agent.state, agent.run, agent.in_job[7] = "busy", run, False
-    run.on_lines = lambda run, fd, block: got.append(block)
+    run.on_lines = lambda run, fd, *lines: got.append(pegasus.joined(*lines))
     got.clear()
     agent.take(7, nonce + b" s\n" + b"up\n")
     assert got == [b"up\n"]
@@ -4088,7 +4113,7 @@ def busy_agent(nonce):
     agent.in_job = {7: False, 8: False}
     run = pegasus.Run(pegasus.Slot(0, "h", {}), None, "cmd", [0], 1, None)
     got = []
-    run.on_lines = lambda run, fd, block: got.append((fd, block))
+    run.on_lines = lambda run, fd, *lines: got.append((fd, pegasus.joined(*lines)))
     agent.start(run)
     agent.state, run.nonce = "busy", nonce
     return agent, run, got
