@@ -4548,6 +4548,8 @@ class Master:
         self.deadline = None     # the timer that gives up on a login
         self.agents = []         # its Agents, busy, idle or retired
         self.agent_ok = None     # an agent ran there (True), or cannot (False)
+        self.session_cap = None  # agents the host lets it open (sshd's MaxSessions), once known
+        self.waiting = collections.deque()  # runs that wait for one of those
         self.accept_new = None   # log in with StrictHostKeyChecking=accept-new; None: not asked
 
     def error(self):
@@ -5747,6 +5749,7 @@ class Agent:
         if self.state == "busy":
             self.state = "idle"
         self.loop.call_later(0, lambda: self.dispatcher.check_exit(run), owner=run)
+        self.dispatcher.serve_waiting(self.master)
 
     # -- the end ----------------------------------------------------------------------
 
@@ -6565,6 +6568,10 @@ class Dispatcher:
             self.stop(DRAIN, "no host can be reached")
         if master.state == "up":
             self.open_agent(master)
+        else:
+            for run in list(master.waiting):
+                run.host_lost = True
+                self.unwait(run, 255)
         self.schedule()
 
     def on_child(self, signum):
@@ -6608,12 +6615,16 @@ class Dispatcher:
         self.records.started(run)
         self.printer.started(run)
         self.monitor.dirty = True
-        if not self.start_session(run):
-            return run
+        if self.start_session(run) and run not in master.waiting:
+            self.start_timeout(run)
+        return run
+
+    def start_timeout(self, run):
+        """--timeout counts from the start (a run that waits for a session
+        has not started)."""
         if self.options.timeout:
             run.timers.append(self.loop.call_later(self.options.timeout,
                                                    lambda: self.time_out(run), owner=run))
-        return run
 
     def start_session(self, run):
         """Start a run over an agent where its host has one (or may), else
@@ -6625,7 +6636,11 @@ class Dispatcher:
             # argument, which the kernel bounds.
             per_job = getattr(self.options, "session_per_job", False)
             if self.uses_agents(master) and len(run.command) <= ARGV_MAX:
-                self.agent_for(master).start(run)
+                agent = self.agent_for(master)
+                if agent is None:
+                    self.wait_for_session(run)
+                else:
+                    agent.start(run)
                 return True
             if (master.socket is None and not per_job and _posix_spawn_setsid
                     and len(run.command) <= ARGV_MAX):
@@ -6688,10 +6703,13 @@ class Dispatcher:
                 and not getattr(self.options, "session_per_job", False))
 
     def agent_for(self, master):
-        """An agent of `master` with no run, or a new one."""
+        """An agent of `master` with no run, or a new one; None when the
+        host allows it no more sessions (see session_refused)."""
         for agent in master.agents:
             if agent.free():
                 return agent
+        if master.session_cap is not None and len(master.agents) >= master.session_cap:
+            return None
         agent = Agent(self, master)
         agent.open()
         master.agents.append(agent)
@@ -6733,12 +6751,74 @@ class Dispatcher:
         run.nonce = None
         self.start_session(run)
 
+    def wait_for_session(self, run):
+        """The run waits for an agent of its master to be free (the host
+        allows no more sessions on that connection); it holds its slot, and
+        it has not started: a stop or a lost host ends it as an agent's run
+        that never started (its nonce is set, its agent is None)."""
+        master = run.master
+        if not master.session_cap and not master.agents:
+            run.error = "could not start: %s refuses every session on its connection" % (
+                master.hostname)
+            self.loop.call_later(0, lambda: self.end(run), owner=run)
+            return
+        run.agent, run.nonce = None, b""
+        for timer in run.timers:  # (its --timeout: it starts again with the run)
+            self.loop.cancel(timer)
+        run.timers = []
+        master.waiting.append(run)
+
+    def serve_waiting(self, master):
+        """Runs waiting for a session of `master` take its free agents, or
+        new ones while the host allows them."""
+        while master.waiting and master.alive():
+            try:
+                agent = self.agent_for(master)
+            except OSError:
+                return  # out of fds: a later end makes room
+            if agent is None:
+                return
+            run = master.waiting.popleft()
+            agent.start(run)
+            self.start_timeout(run)
+
+    def unwait(self, run, code):
+        """End a run that waits for a session (see wait_for_session) with
+        `code` as its exit status; False if it does not wait."""
+        if run not in run.master.waiting:
+            return False
+        run.master.waiting.remove(run)
+        run.agent_code = code
+        self.check_exit(run)
+        return True
+
+    def session_refused(self, agent, was):
+        """Whether the host refused the agent's session, its connection
+        having as many as sshd allows (MaxSessions, 10 by default): the
+        master then opens no more agents than it has now. (Some of those
+        may still be opening, and be refused in turn: each refusal lowers
+        the count to what is left.)"""
+        master = agent.master
+        if was != "starting" or not agent.failure or "refused" not in agent.failure or (
+                agent.session.master_lost or not master.alive()):
+            return False
+        master.session_cap = len(master.agents)
+        note_once(("sessions", master.hostname), "%s refuses more sessions on one connection "
+                  "(sshd's MaxSessions): jobs there wait for a free one" % master.hostname)
+        return True
+
     def agent_closed(self, agent, was):
         master, run = agent.master, agent.run
         master.agents.remove(agent)
         self.agents.discard(agent)
         self.close_pool()
         agent.run = None
+        if self.session_refused(agent, was):
+            if run is not None and run.agent_code is None:
+                self.wait_for_session(run)
+            self.serve_waiting(master)
+            return
+        self.serve_waiting(master)  # (a session is free now)
         code = agent.exit_status()
         if agent.session.fallback or (was == "starting" and code != 255
                                       and master.agent_ok is None):
@@ -6822,6 +6902,8 @@ class Dispatcher:
             self.loop.cancel(timer)
         self.runs.discard(run)
         self.exiting.discard(run)
+        if run in run.master.waiting:
+            run.master.waiting.remove(run)
         run.master.sessions -= 1
         if isinstance(run.proc, SpawnedProcess):
             run.proc.spawner.run = None  # free for the next job: no signal is for this one now
@@ -6851,6 +6933,8 @@ class Dispatcher:
         wrapper's watcher does it when its stdin closes), KILL after
         CANCEL_GRACE, and CANCEL_FORCE later end the session from this side,
         for a host that does not answer (a hung login shell, say)."""
+        if self.unwait(run, -signal.SIGTERM):
+            return
         run.close_stdin()
         if run.proc is not None and run.master.socket is None:
             signal_group(run.proc, signal.SIGTERM)

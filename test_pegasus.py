@@ -311,8 +311,9 @@ def wait_for_port(address, port, timeout=10):
 class SshHosts:
     """Several sshd servers on 127.0.0.x, and an ssh config naming them."""
 
-    def __init__(self, names, first_address=20, max_startups=100):
+    def __init__(self, names, first_address=20, max_startups=100, sshd_extra=""):
         self.max_startups = max_startups
+        self.sshd_extra = sshd_extra  # more sshd_config lines, for every host
         # Not under pytest's private tmp: users with other login shells must
         # read authorized_keys and use the home directory.
         self.dir = tempfile.mkdtemp(prefix="pegasus-sshd-")
@@ -346,7 +347,7 @@ class SshHosts:
         with open(config, "w") as f:
             f.write(SSHD_CONFIG.format(address=self.addresses[name], port=self.port,
                                        dir=self.dir, name=name, max_startups=self.max_startups,
-                                       token=SESSION_TOKEN))
+                                       token=SESSION_TOKEN) + self.sshd_extra)
         self.servers[name] = subprocess.Popen([self.sshd, "-D", "-e", "-f", config],
                                               stderr=subprocess.DEVNULL)
         SSHD_PIDS.add(self.servers[name].pid)
@@ -2397,6 +2398,25 @@ def test_a_master_that_dies_is_reported_lost(masters, mux_loop, hosts):
     run.close_stdin()
 
 
+def test_a_host_that_allows_few_sessions_runs_every_job_in_turn(tmp_path):
+    # MaxSessions 2: the master's own session and one agent. The sessions
+    # the host refuses fail no job: those jobs wait for the agent it allows,
+    # and their --timeout counts from their start (the 4th waits ~2.1 s).
+    hosts = SshHosts(["few"], first_address=100, sshd_extra="MaxSessions 2\n")
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 4\n")
+        write(tmp_path / "queue.yaml", "".join("- sleep 0.7; echo job %d\n" % i
+                                               for i in range(1, 7)))
+        out = run_pegasus(tmp_path, "q", "--timeout", "1.8", ssh_config=hosts.config)
+        assert out.returncode == 0, out.stderr
+        assert sorted(re.findall(r"\] job (\d)$", out.stdout, re.M)) == list("123456")
+        assert "6 succeeded, 0 failed" in out.stderr
+        assert "few refuses more sessions on one connection" in out.stderr
+        assert (tmp_path / "queue.yaml").read_text().strip() in ("", "[]")
+    finally:
+        hosts.close()
+
+
 def test_sessions_past_max_sessions_are_refused_by_the_master(masters, mux_loop, hosts):
     # sshd allows 10 sessions per connection (MaxSessions), and the master's
     # own command holds one: the tenth job is refused, the others run.
@@ -4012,6 +4032,9 @@ class _AgentSink:
 
     def on_leftover(self, run, fd, *lines):
         pass
+
+    def serve_waiting(self, master):
+        pass  # no run waits for a session here
 
 
 AGENT_OUTPUTS = [b"up\n", b"x", b"a\n\nb\n", b"\n", b"", b"\n\n", b"no newline\n\nlast",
