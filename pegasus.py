@@ -6813,12 +6813,12 @@ class Dispatcher:
         self.agents.discard(agent)
         self.close_pool()
         agent.run = None
-        if self.session_refused(agent, was):
-            if run is not None and run.agent_code is None:
-                self.wait_for_session(run)
-            self.serve_waiting(master)
+        refused = self.session_refused(agent, was)
+        if refused and run is not None and run.agent_code is None:
+            self.wait_for_session(run)
+        self.serve_waiting(master)  # (a session may be free now)
+        if refused:
             return
-        self.serve_waiting(master)  # (a session is free now)
         code = agent.exit_status()
         if agent.session.fallback or (was == "starting" and code != 255
                                       and master.agent_ok is None):
