@@ -5832,6 +5832,7 @@ class Output:
         self.chunks = collections.deque()  # bytes (or a view of the first's rest)
         self.size = 0            # bytes in them
         self.broken = False      # EPIPE or EIO: the reader is gone for good
+        self.failure = None      # ... or a full disk (its strerror): said, not silent
         self.loop = None
         self.own_fd = False      # fd is the terminal opened again
         self.saved_flags = None  # the flags to put back at detach()
@@ -5897,8 +5898,10 @@ class Output:
                     return
                 select.select([], [self.fd], [])  # non-blocking from birth: wait here
                 continue
-            except OSError:  # EPIPE (pegasus | head), EIO (the terminal closed)
+            except OSError as e:  # EPIPE (pegasus | head), EIO (the terminal closed)
                 self.broken = True
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    self.failure = e.strerror
                 self.drop()
                 return
             self.size -= written
@@ -7049,6 +7052,7 @@ class Dispatcher:
                 self.loop.call(self.fill, "fill")
             self.throttle()
         self.printer.flush()
+        self.output_failed()
         if self.exiting_phase and self.gate.settled() and self.pool.closed() and (
                 not self.agents) and (
                 not self.printer.backlog() or self.output_given_up()):
@@ -7058,6 +7062,15 @@ class Dispatcher:
         self.monitor.dirty = True  # the queued count may have changed
         if self.policy.fill() and not self.runs:
             self.begin_exit()
+
+    def output_failed(self):
+        """Whether stdout could not be written (a full disk); said once, at
+        once: the jobs go on, and their output is lost from then on."""
+        failure = self.printer.output.failure
+        if failure:
+            note_once("output", "cannot write the output: %s; the jobs go on, and what they "
+                      "print is lost" % failure)
+        return bool(failure)
 
     def output_given_up(self):
         """Stopped by a signal, pegasus waits OUTPUT_EXIT_WAIT at most for a
@@ -7176,6 +7189,8 @@ class Dispatcher:
             self.succeeded, len(self.failures)))
         if self.exit_code is not None:
             return self.exit_code
+        if self.output_failed():
+            return EXIT_USAGE
         return EXIT_FAILED if self.failures else EXIT_OK
 
 

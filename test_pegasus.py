@@ -4613,6 +4613,21 @@ def test_output_to_a_full_disk_is_one_line_of_error(tmp_path, args):
     assert "pegasus: error: cannot write the output: No space left on device" in out.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_run_whose_output_fills_the_disk_says_so_once_and_runs_its_jobs(tmp_path):
+    """A run with stdout on a full disk lost its jobs' output without a word
+    and exited 0: now one note says so, and the exit status does."""
+    write(tmp_path / "queue.yaml", "- echo a\n- echo b; echo c\n")
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, PEGASUS, "q"], cwd=str(tmp_path), stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("cannot write the output: No space left on device; the jobs "
+                            "go on") == 1
+    assert "2 succeeded, 0 failed" in out.stderr and "Traceback" not in out.stderr
+    assert read(tmp_path / "consumed.yaml").count("echo") == 3
+
+
 @pytest.mark.parametrize("closed", ["stdout", "stderr"])
 def test_a_runner_started_with_a_standard_stream_closed_runs_its_queue(tmp_path, closed):
     """`./pegasus.py q >&-`: the closed stream is /dev/null, and no file the
