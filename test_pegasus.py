@@ -2417,6 +2417,39 @@ def test_a_host_that_allows_few_sessions_runs_every_job_in_turn(tmp_path):
         hosts.close()
 
 
+@pytest.mark.parametrize("how", ["ctrl-c twice", "host lost"])
+def test_jobs_that_wait_for_a_session_end_as_running_ones_would(tmp_path, how):
+    # One job runs on the one agent the host allows, two wait for it: a stop
+    # or the host's death must put all three back, and count none failed.
+    hosts = SshHosts(["few"], first_address=101, sshd_extra="MaxSessions 2\n")
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+        jobs = ["sleep 60; echo job %d" % i for i in range(1, 4)]
+        write(tmp_path / "queue.yaml", "".join("- %s\n" % job for job in jobs))
+        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        for line in proc.stderr:
+            if "few refuses more sessions on one connection" in line:
+                break
+        wait_for(lambda: "sleep 60" in subprocess.run(["ps", "-eo", "args"], text=True,
+                                                      capture_output=True).stdout)
+        if how == "host lost":
+            hosts.stop("few")
+            back = 0
+            for line in proc.stderr:
+                back += "lost its host" in line
+                if back == 3:
+                    break
+            proc.send_signal(signal.SIGINT)  # nothing runs: it stops at once
+        else:
+            ctrl_c_twice(proc)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 130, err
+        assert "0 succeeded, 0 failed" in err and "Traceback" not in err
+        assert sorted(yaml.safe_load(read(tmp_path / "queue.yaml"))) == jobs
+    finally:
+        hosts.close()
+
+
 def test_sessions_past_max_sessions_are_refused_by_the_master(masters, mux_loop, hosts):
     # sshd allows 10 sessions per connection (MaxSessions), and the master's
     # own command holds one: the tenth job is refused, the others run.
