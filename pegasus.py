@@ -6760,15 +6760,13 @@ class Dispatcher:
         it has not started: a stop or a lost host ends it as an agent's run
         that never started (its nonce is set, its agent is None)."""
         master = run.master
-        if not master.session_cap and not master.agents:
+        if master.session_cap == 0:  # (not even one beside the master's own)
             run.error = "could not start: %s refuses every session on its connection" % (
                 master.hostname)
             self.loop.call_later(0, lambda: self.end(run), owner=run)
             return
         run.agent, run.nonce = None, b""
-        for timer in run.timers:  # (its --timeout: it starts again with the run)
-            self.loop.cancel(timer)
-        run.timers = []
+        self.cancel_timers(run)  # (its --timeout: it starts again with the run)
         master.waiting.append(run)
 
     def serve_waiting(self, master):
@@ -6881,8 +6879,7 @@ class Dispatcher:
         if self.maybe_host_lost(run):
             # Wait a moment: if the master goes too, the host was lost, not the
             # job. It has ended: no timeout or escalation may act on it meanwhile.
-            for timer in run.timers:
-                self.loop.cancel(timer)
+            self.cancel_timers(run)
             self.loop.call_later(HOST_CHECK_DELAY, lambda: self.end(run), owner=run)
         else:
             self.end(run)
@@ -6901,8 +6898,7 @@ class Dispatcher:
         run.ended = True
         if self.maybe_host_lost(run):
             run.host_lost = run.host_lost or not run.master.alive()
-        for timer in run.timers:
-            self.loop.cancel(timer)
+        self.cancel_timers(run)
         self.runs.discard(run)
         self.exiting.discard(run)
         if run in run.master.waiting:
@@ -6918,6 +6914,12 @@ class Dispatcher:
         self.monitor.ended(run)
         self.policy.run_ended(run)
         self.schedule()
+
+    def cancel_timers(self, run):
+        """Its --timeout and cancel escalations act no more."""
+        for timer in run.timers:
+            self.loop.cancel(timer)
+        run.timers = []
 
     def cancel(self, run):
         """Cancel a run (a stop): its job goes back to the queue."""
