@@ -1,9 +1,30 @@
-#!/usr/bin/env python3
+#!/bin/sh
+# -*- mode: python -*-
+# This file is Python. Run as ./pegasus.py, it is read first by sh, which
+# runs the lines below up to the `exec` (Python reads them as one string):
+# they start python3 (the one on PATH, as `env python3` would) on this file
+# through the import system, which keeps the compiled code in
+# ~/.cache/pegasus, where a script's 8,000 lines would be compiled again at
+# every start (48 ms). The code travels in the environment, so that `ps`
+# shows the command line as the user typed it.
+'''': ; PEGASUS_BOOT='
+import os, sys
+from importlib.machinery import SourceFileLoader
+sys.argv[0] = sys.argv.pop(1)
+__file__ = os.path.abspath(sys.argv[0])  # as Python 3.9+ gives a script
+if sys.path[0] == "":  # as for a script: its directory, not the current one
+    sys.path[0] = os.path.dirname(os.path.realpath(__file__))
+sys.pycache_prefix = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pegasus")
+sys.pycache_prefix, _code = None, SourceFileLoader("__main__", __file__).get_code("__main__")
+del SourceFileLoader
+exec(_code)
+' exec python3 -c 'import os; exec(os.environ.pop("PEGASUS_BOOT"))' "$0" "$@" # '''
 # /// script
 # requires-python = ">=3.8"
 # dependencies = ["pyyaml"]
 # ///
-"""pegasus.py: run a bag of shell jobs on the machines you can ssh into.
+__doc__ = """pegasus.py: run a bag of shell jobs on the machines you can ssh into.
 
 Write hosts.yaml (where to run) and queue.yaml (what to run), then:
 

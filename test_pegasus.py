@@ -6,6 +6,7 @@ processes on loopback addresses (127.0.0.0/8), each test host its own sshd.
 Tests that need sshd skip, saying why, where it is missing.
 """
 
+import atexit
 import getpass
 import glob
 import io
@@ -37,6 +38,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEGASUS = os.path.join(HERE, "pegasus.py")
 README = os.path.join(HERE, "README.md")
 
+# The tests run ./pegasus.py as a user does, and it starts the python3 on
+# PATH: make that the one running the tests. A script that execs it, not a
+# symlink, which would leave a venv behind, and in a directory of its own,
+# so that nothing else on PATH changes. The compiled code of pegasus.py (and
+# of the copies some tests make) goes to a cache of this session's own.
+PYTHON3_DIR = tempfile.mkdtemp(prefix="pegasus-python3-")
+with open(os.path.join(PYTHON3_DIR, "python3"), "w") as _f:
+    _f.write("#!/bin/sh\nexec %s \"$@\"\n" % shlex.quote(sys.executable))
+os.chmod(os.path.join(PYTHON3_DIR, "python3"), 0o755)
+atexit.register(shutil.rmtree, PYTHON3_DIR, True)
+os.environ["PATH"] = PYTHON3_DIR + os.pathsep + os.environ.get("PATH", os.defpath)
+os.environ["XDG_CACHE_HOME"] = os.path.join(PYTHON3_DIR, "cache")
+
 # ----------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------
@@ -53,7 +67,7 @@ def read(path):
 
 
 def run_pegasus(cwd, *args, ssh_config=None, timeout=60, env=None):
-    argv = [sys.executable, PEGASUS, *args]
+    argv = [PEGASUS, *args]
     if ssh_config:
         argv += ["-F", str(ssh_config)]
     return subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True,
@@ -61,7 +75,7 @@ def run_pegasus(cwd, *args, ssh_config=None, timeout=60, env=None):
 
 
 def start_pegasus(cwd, *args, ssh_config=None):
-    argv = [sys.executable, PEGASUS, *args]
+    argv = [PEGASUS, *args]
     if ssh_config:
         argv += ["-F", str(ssh_config)]
     return subprocess.Popen(argv, cwd=str(cwd), stdout=subprocess.PIPE,
@@ -1071,7 +1085,7 @@ def append_race_round(tmp_path, appends, edit, added):
     (tmp_path / "queue.yaml").write_text("".join("- sleep 0.02; echo job-%d\n" % i
                                                  for i in range(400)))
     out_file = open(str(tmp_path / "out.txt"), "w+")  # a pipe nobody reads would fill
-    proc = subprocess.Popen([sys.executable, PEGASUS, "q", "-d"], cwd=str(tmp_path),
+    proc = subprocess.Popen([PEGASUS, "q", "-d"], cwd=str(tmp_path),
                             stdout=out_file, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
     rng = random.Random(len(appends))
@@ -1266,7 +1280,7 @@ def test_a_save_in_place_written_in_pieces_is_read_once_still(tmp_path):
     path = tmp_path / "queue.yaml"
     write(path, "# my jobs\n" + "".join("- sleep 0.1; echo job-%d\n" % i for i in range(200)))
     out_file = open(str(tmp_path / "out.txt"), "w+")
-    proc = subprocess.Popen([sys.executable, PEGASUS, "q", "-d"], cwd=str(tmp_path),
+    proc = subprocess.Popen([PEGASUS, "q", "-d"], cwd=str(tmp_path),
                             stdout=out_file, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
@@ -1537,8 +1551,8 @@ def test_a_line_begun_in_a_replaced_copy_is_handed_over_at_exit(tmp_path, monkey
 def test_a_queue_started_just_after_a_line_without_newline_runs_it(tmp_path):
     """`printf -- '- echo a\\n- echo b' > queue.yaml && ./pegasus.py`: not
     'queue empty' because the last line was not counted yet."""
-    subprocess.run(["sh", "-c", "printf -- '- echo a\\n- echo b' > queue.yaml && %s %s q"
-                    % (shlex.quote(sys.executable), shlex.quote(PEGASUS))],
+    subprocess.run(["sh", "-c", "printf -- '- echo a\\n- echo b' > queue.yaml && %s q"
+                    % shlex.quote(PEGASUS)],
                    cwd=str(tmp_path), check=True, stdout=open(str(tmp_path / "out"), "w"),
                    timeout=60)
     assert sorted(job_lines(read(tmp_path / "out"))) == ["[localhost] a", "[localhost] b"]
@@ -1800,7 +1814,7 @@ def test_add_waits_for_a_last_line_being_written(tmp_path):
     write(path, "- a\n- echo hel")
     future = time.time() + 600  # a clock ahead: add counts the second from its own first look
     os.utime(str(path), (future, future))
-    adding = subprocess.Popen([sys.executable, PEGASUS, "add", "echo x"], cwd=str(tmp_path),
+    adding = subprocess.Popen([PEGASUS, "add", "echo x"], cwd=str(tmp_path),
                               stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # the other writer's pause, mid-line
     with open(str(path), "a") as f:
@@ -1870,7 +1884,7 @@ def test_a_queue_file_gone_during_a_take_is_read_again_when_back(tmp_path):
 
 
 def test_add_from_stdin_and_other_queue_files(tmp_path):
-    proc = subprocess.run([sys.executable, PEGASUS, "add", "--queue-file", "jobs.yaml", "-"],
+    proc = subprocess.run([PEGASUS, "add", "--queue-file", "jobs.yaml", "-"],
                           cwd=str(tmp_path), input="echo one\n\necho 'two: 2'\n",
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "added 2 jobs to jobs.yaml" in proc.stderr
@@ -2578,7 +2592,7 @@ def test_a_local_job_starts_as_a_shell_started_by_hand(tmp_path):
     read_end, write_end = os.pipe()
     inherited = "pipe:[%d]" % os.fstat(write_end).st_ino
     try:
-        proc = subprocess.run([sys.executable, PEGASUS, "q"], cwd=str(tmp_path),
+        proc = subprocess.run([PEGASUS, "q"], cwd=str(tmp_path),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               pass_fds=(write_end,), timeout=60)
     finally:
@@ -3903,7 +3917,7 @@ def test_notes_come_after_the_job_lines_that_caused_them(tmp_path, hosts):
     write(tmp_path / "queue.yaml", "- echo out; exit 3\n- echo never\n")
     for _ in range(5):
         (tmp_path / "queue.yaml").write_text("- echo out; exit 3\n- echo next\n")
-        proc = subprocess.run([sys.executable, PEGASUS, "b", "-F", hosts.config],
+        proc = subprocess.run([PEGASUS, "b", "-F", hosts.config],
                               cwd=str(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=60)
         both = proc.stdout
@@ -4308,7 +4322,7 @@ def test_masters_keep_their_freed_memory_unless_told_otherwise(tmp_path, hosts, 
     env.pop("GLIBC_TUNABLES", None)
     if users:
         env["GLIBC_TUNABLES"] = users
-    proc = subprocess.Popen([sys.executable, PEGASUS, "q", "-F", hosts.config], cwd=str(tmp_path),
+    proc = subprocess.Popen([PEGASUS, "q", "-F", hosts.config], cwd=str(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         masters = lambda: [pid for pid, _, c in session_processes()
@@ -4431,7 +4445,7 @@ def test_a_master_that_cannot_start_for_want_of_descriptors_is_a_failed_login(tm
         write(tmp_path / "hosts.yaml", "".join("- g%d\n" % i for i in range(1, 31)))
         write(tmp_path / "queue.yaml", "- echo hi\n")
         out = subprocess.run(
-            [sys.executable, PEGASUS, "q", "-F", many.config], cwd=str(tmp_path),
+            [PEGASUS, "q", "-F", many.config], cwd=str(tmp_path),
             capture_output=True, text=True, timeout=120,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (60, 60)))
     finally:
@@ -4591,7 +4605,7 @@ def test_files_pegasus_cannot_read_or_write(case):
         os.chmod(os.path.join(directory, "queue.yaml" if case == "unreadable queue"
                               else "hosts.yaml"), 0o200 if case != "unwritable directory"
                  else 0o644)
-        out = subprocess.run(prefix + [sys.executable, PEGASUS, "q"], cwd=directory,
+        out = subprocess.run(prefix + [PEGASUS, "q"], cwd=directory,
                              capture_output=True, text=True, timeout=30)
         expected = {"unreadable queue": "queue.yaml: cannot read: permission denied",
                     "unreadable hosts": "hosts.yaml: cannot read: permission denied",
@@ -4639,7 +4653,7 @@ def test_output_to_a_full_disk_is_one_line_of_error(tmp_path, args):
     """`--version > /dev/full` ended in a traceback (a hostile run found it)."""
     write(tmp_path / "queue.yaml", "- echo a\n")
     with open("/dev/full", "w") as full:
-        out = subprocess.run([sys.executable, PEGASUS, *args], cwd=str(tmp_path), stdout=full,
+        out = subprocess.run([PEGASUS, *args], cwd=str(tmp_path), stdout=full,
                              stderr=subprocess.PIPE, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
@@ -4652,7 +4666,7 @@ def test_a_run_whose_output_fills_the_disk_says_so_once_and_runs_its_jobs(tmp_pa
     and exited 0: now one note says so, and the exit status does."""
     write(tmp_path / "queue.yaml", "- echo a\n- echo b; echo c\n")
     with open("/dev/full", "w") as full:
-        out = subprocess.run([sys.executable, PEGASUS, "q"], cwd=str(tmp_path), stdout=full,
+        out = subprocess.run([PEGASUS, "q"], cwd=str(tmp_path), stdout=full,
                              stderr=subprocess.PIPE, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("cannot write the output: No space left on device; the jobs "
@@ -4667,7 +4681,7 @@ def test_a_runner_started_with_a_standard_stream_closed_runs_its_queue(tmp_path,
     runner opens takes its number (the journal would get the jobs' output)."""
     write(tmp_path / "queue.yaml", "- echo one\n- echo two\n")
     fd = {"stdout": 1, "stderr": 2}[closed]
-    out = subprocess.run(["sh", "-c", 'exec "$@" %d>&-' % fd, "sh", sys.executable, PEGASUS, "q"],
+    out = subprocess.run(["sh", "-c", 'exec "$@" %d>&-' % fd, "sh", PEGASUS, "q"],
                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert read(tmp_path / "consumed.yaml").count("echo") == 2
@@ -4909,13 +4923,6 @@ def readme_section(heading):
     return read(README).split("## " + heading, 1)[1].split("\n## ", 1)[0]
 
 
-def python3_on_path(directory):
-    """A PATH whose python3 is the one running the tests (./pegasus.py uses env python3)."""
-    os.makedirs(directory, exist_ok=True)
-    os.symlink(sys.executable, os.path.join(directory, "python3"))
-    return directory + os.pathsep + os.environ["PATH"]
-
-
 PACKAGE_MODULES = {"pyyaml": "yaml", "pybars3": "pybars", "pytest": "pytest"}
 
 
@@ -4930,7 +4937,7 @@ def test_readme_first_command_runs_in_a_fresh_copy(tmp_path):
     copy.mkdir()
     for name in ("pegasus.py", "test_pegasus.py", "README.md", "LICENSE"):
         shutil.copy2(os.path.join(HERE, name), str(copy / name))  # keeps the mode bits
-    env = dict(os.environ, PATH=python3_on_path(str(tmp_path / "bin")))
+    env = dict(os.environ)
     out = subprocess.run(["bash", "-c", first[install.end():]], cwd=str(copy), env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -4945,8 +4952,7 @@ def test_readme_one_liners_run_as_written(tmp_path):
     assert len(lines) == 4
     os.symlink(PEGASUS, str(tmp_path / "pegasus.py"))
     write(tmp_path / "jobs.txt", "echo one\necho two\n")
-    env = dict(os.environ, PATH=python3_on_path(str(tmp_path / "bin")),
-               SLURM_JOB_NODELIST="gpu[01-02],cpu5")
+    env = dict(os.environ, SLURM_JOB_NODELIST="gpu[01-02],cpu5")
     for line in lines:
         dry = re.sub(r"^\./pegasus\.py ([qb]) ", r"./pegasus.py \1 -n ", line)
         out = subprocess.run(["bash", "-c", dry], cwd=str(tmp_path), env=env,
@@ -5059,7 +5065,7 @@ def test_stdout_and_stderr_on_one_pipe_are_left_blocking(tmp_path):
     # with EAGAIN).
     r, w = os.pipe()
     try:
-        proc = subprocess.run([sys.executable, PEGASUS, "q", "-H", "localhost", "echo hi"],
+        proc = subprocess.run([PEGASUS, "q", "-H", "localhost", "echo hi"],
                               cwd=str(tmp_path), stdout=w, stderr=w, timeout=60)
         assert proc.returncode == 0
         assert not fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK
@@ -5101,13 +5107,13 @@ def test_commands_as_arguments_write_no_file(tmp_path):
 
 
 def test_commands_on_stdin_one_a_line(tmp_path):
-    out = subprocess.run([sys.executable, PEGASUS, "q", "-H", "localhost", "-"],
+    out = subprocess.run([PEGASUS, "q", "-H", "localhost", "-"],
                          input="echo one\n\necho 'two  spaced'\n", cwd=str(tmp_path),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert job_lines(out.stdout) == ["[localhost] one", "[localhost] two  spaced"]
     assert os.listdir(str(tmp_path)) == []
-    out = subprocess.run([sys.executable, PEGASUS, "q", "-n", "-H", "localhost", "-"],
+    out = subprocess.run([PEGASUS, "q", "-n", "-H", "localhost", "-"],
                          input="", cwd=str(tmp_path), capture_output=True, text=True)
     assert out.returncode == 0 and "0 jobs in <stdin>\n" in out.stdout
 
@@ -5228,7 +5234,7 @@ def run_into_closed_pipe(cwd, *args):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([sys.executable, PEGASUS, *args], cwd=str(cwd), stdout=write_end,
+        return subprocess.run([PEGASUS, *args], cwd=str(cwd), stdout=write_end,
                               stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write_end)
@@ -5317,7 +5323,7 @@ def run_in_terminal(cwd, args, env=None, columns=80):
     import termios
     master, slave = pty.openpty()
     fcntl_module.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    proc = subprocess.Popen([sys.executable, PEGASUS] + args, cwd=str(cwd), stdin=slave,
+    proc = subprocess.Popen([PEGASUS] + args, cwd=str(cwd), stdin=slave,
                             stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
     chunks = []
@@ -5363,12 +5369,11 @@ def test_colors_and_wrapping_on_a_terminal_only(tmp_path):
 
 
 def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
-    """`./pegasus.py`, a copy as a user curls it, through its #! line: the
-    arguments and the exit status are as given, a yaml.py where it runs
-    shadows nothing, and Ctrl-C reaches it."""
-    python_dir = os.path.dirname(sys.executable)
-    if not os.path.exists(os.path.join(python_dir, "python3")):
-        pytest.skip("no python3 beside %s" % sys.executable)
+    """`./pegasus.py`, a copy as a user curls it, through its #! line (sh,
+    which starts python3 on it): the arguments and the exit status are as
+    given, a yaml.py where it runs shadows nothing, its jobs do not get the
+    start-up code (it travels in the environment), its compiled code is kept
+    in the cache and renewed when the file changes, and Ctrl-C reaches it."""
     (tmp_path / "bin").mkdir()
     copy = tmp_path / "bin" / "pegasus.py"
     shutil.copy(PEGASUS, str(copy))
@@ -5376,12 +5381,28 @@ def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     write(work / "yaml.py", "raise SystemExit('the yaml.py of the working directory')\n")
-    env = dict(os.environ, PATH=python_dir + os.pathsep + os.environ["PATH"])
-    out = subprocess.run([str(copy), "q", "-H", "localhost", 'printf "%s|" "$0" "a  b"; exit 3'],
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    command = 'printf "%s|" "$0" "a  b" \'$c\' "\\\\" "" "${PEGASUS_BOOT-unset}"\nexit 3'
+    out = subprocess.run([str(copy), "q", "-H", "localhost", command],
                          cwd=str(work), capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1, out.stderr
-    assert "[localhost] sh|a  b|" in out.stdout
+    assert "[localhost] sh|a  b|$c|\\||unset|" in out.stdout
     assert "exit status 3" in out.stderr
+    cached = glob.glob(str(tmp_path / "cache" / "pegasus" / "**" / "pegasus.*.pyc"),
+                       recursive=True)
+    assert len(cached) == 1 and str(tmp_path).lstrip(os.sep) in cached[0], cached
+    text = read(copy)
+    write(copy, text.replace('\nif __name__ == "__main__":',
+                             '\nsys.stderr.write("the edited copy\\n")\nif __name__ == "__main__":'))
+    out = subprocess.run([str(copy), "-V"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stderr == "the edited copy\n", out.stderr
+    write(copy, text)
+    # A cache it cannot write to (a file where its directory would be): it runs all the same.
+    write(tmp_path / "not-a-directory", "")
+    out = subprocess.run([str(copy), "-V"], capture_output=True, text=True, timeout=60,
+                         env=dict(env, XDG_CACHE_HOME=str(tmp_path / "not-a-directory")))
+    assert out.returncode == 0 and out.stdout.startswith("pegasus.py ") and not out.stderr
     # Ctrl-C twice cancels the job.
     proc = subprocess.Popen([str(copy), "q", "-H", "localhost", "echo started; sleep 60"],
                             cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -5467,7 +5488,9 @@ ROUNDS = 3
 
 # Runs pegasus's main() and leaves as the CLI does, reporting the runner's
 # own CPU time and peak memory between (RUSAGE_SELF: without its jobs and
-# ssh processes).
+# ssh processes). It imports pegasus, from its compiled code as ./pegasus.py
+# loads itself; what it leaves out, the sh that the #! line starts, the
+# start-up benchmark counts.
 PROBE = ("import resource, sys; sys.path.insert(0, %r); import pegasus; code = pegasus.main("
          "sys.argv[1:]); r = resource.getrusage(resource.RUSAGE_SELF); sys.stderr.write("
          "'probe cpu=%%f maxrss_kb=%%d\\n' %% (r.ru_utime + r.ru_stime, r.ru_maxrss)); "
@@ -5709,11 +5732,11 @@ def test_bench_w4_true_on_local_slots(tmp_path, bench_only):
 
 @pytest.mark.bench
 def test_bench_startup(tmp_path, bench_only):
-    """pegasus.py --help (target <= 100 ms); baseline: python3 -c pass."""
+    """./pegasus.py --help as a user runs it (target <= 100 ms); baseline:
+    python3 -c pass."""
     ours, base = [], []
     for _ in range(10):
-        ours.append(timed_shell("%s %s --help > /dev/null" % (sys.executable, PEGASUS),
-                                tmp_path) * 1000)
+        ours.append(timed_shell("%s --help > /dev/null" % PEGASUS, tmp_path) * 1000)
         base.append(timed_shell("%s -c pass" % sys.executable, tmp_path) * 1000)
     report("start-up: --help", ours, base, unit="ms")
 
