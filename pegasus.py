@@ -7031,7 +7031,9 @@ class Dispatcher:
         if level <= self.stop_level:
             return
         self.stop_level = level
-        running = len(self.runs)
+        unstarted = [run for run in self.runs if run in run.master.waiting
+                     and self.policy.unstarted_go_back]
+        running = len(self.runs) - len(unstarted)
         jobs = "%d running job%s" % (running, plural(running))
         if not running or self.exiting_phase:
             note("%s: stopping" % why)
@@ -7045,6 +7047,8 @@ class Dispatcher:
         else:
             note("%s: killing %s now" % (why, jobs))
         self.policy.stopping()
+        for run in unstarted:
+            self.cancel(run)
         for run in list(self.runs):
             if level >= CANCEL:
                 self.cancel(run)
@@ -7231,6 +7235,9 @@ class QueueMode:
     """
 
     reconnect = True
+    # A stop puts back the jobs that wait for a session (see
+    # Dispatcher.wait_for_session): they have not started.
+    unstarted_go_back = True
 
     def __init__(self, dispatcher):
         self.d = dispatcher
@@ -7491,6 +7498,7 @@ class BroadcastMode:
     """Broadcast mode: each job on every slot; the next starts when all are done."""
 
     reconnect = False
+    unstarted_go_back = False  # a drained step still runs on every slot
 
     def __init__(self, dispatcher):
         self.d = dispatcher

@@ -2464,6 +2464,56 @@ def test_jobs_that_wait_for_a_session_end_as_running_ones_would(tmp_path, how):
         hosts.close()
 
 
+def test_one_ctrl_c_puts_back_the_jobs_that_wait_for_a_session(tmp_path):
+    # "No new jobs": one job runs on the one agent the host allows, two wait
+    # for it and have not started. One Ctrl-C lets the first end and puts
+    # the other two back, unrun; pegasus waits for one running job, not three.
+    hosts = SshHosts(["few"], first_address=102, sshd_extra="MaxSessions 2\n")
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+        go = tmp_path / "go"
+        jobs = ["while [ ! -e %s ]; do sleep 0.1; done; echo job %d" % (go, i)
+                for i in range(1, 4)]
+        write(tmp_path / "queue.yaml", "".join("- '%s'\n" % job for job in jobs))
+        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        for line in proc.stderr:
+            if "few refuses more sessions on one connection" in line:
+                break
+        wait_for(lambda: str(go) in subprocess.run(["ps", "-ewwo", "args"], text=True,
+                                                   capture_output=True).stdout)
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stderr:
+            if "Ctrl-C: no new jobs" in line:
+                assert "waiting for 1 running job to finish" in line, line
+                break
+        write(go, "")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert len(re.findall(r"\] job \d$", out, re.M)) == 1, out
+        assert "1 succeeded, 0 failed" in err and "Traceback" not in err
+        assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
+    finally:
+        hosts.close()
+
+
+def test_with_a_session_per_job_ssh_runs_a_refused_session_on_a_connection_of_its_own(
+        tmp_path):
+    # As the README says: the jobs the master has no session for still run
+    # (ssh logs in on its own), and ssh's complaint shows in their output.
+    hosts = SshHosts(["few"], first_address=103, sshd_extra="MaxSessions 2\n")
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+        write(tmp_path / "queue.yaml", "".join("- sleep 1; echo job %d\n" % i
+                                               for i in range(1, 4)))
+        out = run_pegasus(tmp_path, "q", "--session-per-job", ssh_config=hosts.config)
+        assert out.returncode == 0, out.stderr
+        assert sorted(re.findall(r"\] job (\d)$", out.stdout, re.M)) == list("123")
+        assert "Session open refused by peer" in out.stdout
+        assert "3 succeeded, 0 failed" in out.stderr
+    finally:
+        hosts.close()
+
+
 def test_sessions_past_max_sessions_are_refused_by_the_master(masters, mux_loop, hosts):
     # sshd allows 10 sessions per connection (MaxSessions), and the master's
     # own command holds one: the tenth job is refused, the others run.
