@@ -2,22 +2,64 @@
 # -*- mode: python -*-
 # This file is Python. Run as ./pegasus.py, it is read first by sh, which
 # runs the lines below up to the `exec` (Python reads them as one string):
-# they start python3 (the one on PATH, as `env python3` would) on this file
-# through the import system, which keeps the compiled code in
-# ~/.cache/pegasus, where a script's 8,000 lines would be compiled again at
-# every start (48 ms). The code travels in the environment, so that `ps`
-# shows the command line as the user typed it.
+# they start python3 (the one on PATH, as `env python3` would) with code
+# that runs this file from its compiled form, kept in ~/.cache/pegasus:
+# Python would compile a script's 8,000 lines again at every start (48 ms).
+# The cache entry is named by the file's checksum and size and carries one
+# of its own, and is used only from a directory of this user's that no one
+# else may write to; on any doubt the file is compiled. The code travels in
+# the environment (and leaves it), so that `ps` shows the command line.
 '''': ; PEGASUS_BOOT='
 import os, sys
-from importlib.machinery import SourceFileLoader
+if sys.path[0] == "":  # as for a script: its directory, not the current one
+    sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[1]))
 sys.argv[0] = sys.argv.pop(1)
 __file__ = os.path.abspath(sys.argv[0])  # as Python 3.9+ gives a script
-if sys.path[0] == "":  # as for a script: its directory, not the current one
-    sys.path[0] = os.path.dirname(os.path.realpath(__file__))
-sys.pycache_prefix = os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pegasus")
-sys.pycache_prefix, _code = None, SourceFileLoader("__main__", __file__).get_code("__main__")
-del SourceFileLoader
+
+def _compiled():
+    import marshal, zlib
+    with open(__file__, "rb") as f:
+        source = f.read()
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):
+        cache = os.path.join(os.path.expanduser("~"), ".cache")
+    cache = os.path.join(cache, "pegasus")
+    entry = os.path.join(cache, "%s-O%d-%08x-%d" % (
+        sys.implementation.cache_tag, sys.flags.optimize, zlib.crc32(source), len(source)))
+    try:
+        mine = os.stat(cache)
+        mine = mine.st_uid == os.getuid() and not mine.st_mode & 0o022
+    except OSError:
+        mine = None
+    if not os.path.isabs(cache):  # (HOME is empty): not in the current directory
+        mine = False
+    if mine:
+        try:
+            with open(entry, "rb") as f:
+                data = f.read()
+            if data[:4] == zlib.crc32(data[4:]).to_bytes(4, "little"):
+                return marshal.loads(data[4:])
+        except (OSError, EOFError, ValueError, TypeError):
+            pass
+    code = compile(source, __file__, "exec", dont_inherit=True)
+    if sys.dont_write_bytecode or mine is False:
+        return code
+    data = marshal.dumps(code)
+    temporary = "%s.%d" % (entry, os.getpid())
+    try:
+        os.makedirs(cache, 0o700, exist_ok=True)
+        with open(temporary, "xb") as f:
+            f.write(zlib.crc32(data).to_bytes(4, "little") + data)
+        os.replace(temporary, entry)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+    return code
+
+_code = _compiled()
+del _compiled
 exec(_code)
 ' exec python3 -c 'import os; exec(os.environ.pop("PEGASUS_BOOT"))' "$0" "$@" # '''
 # /// script

@@ -11,12 +11,14 @@ import getpass
 import glob
 import io
 import json
+import marshal
 import os
 import re
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,7 @@ import tracemalloc
 import collections
 import fcntl
 import itertools
+import zlib
 
 import pytest
 import yaml
@@ -5421,38 +5424,24 @@ def test_colors_and_wrapping_on_a_terminal_only(tmp_path):
 def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
     """`./pegasus.py`, a copy as a user curls it, through its #! line (sh,
     which starts python3 on it): the arguments and the exit status are as
-    given, a yaml.py where it runs shadows nothing, its jobs do not get the
-    start-up code (it travels in the environment), its compiled code is kept
-    in the cache and renewed when the file changes, and Ctrl-C reaches it."""
+    given, modules where it runs shadow nothing, its jobs do not get the
+    start-up code (it travels in the environment), and Ctrl-C reaches it."""
     (tmp_path / "bin").mkdir()
     copy = tmp_path / "bin" / "pegasus.py"
     shutil.copy(PEGASUS, str(copy))
     os.chmod(str(copy), 0o755)
     work = tmp_path / "work"
     work.mkdir()
-    write(work / "yaml.py", "raise SystemExit('the yaml.py of the working directory')\n")
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    for name in ("yaml", "importlib", "zlib", "marshal"):
+        write(work / (name + ".py"), "raise SystemExit('the %s.py of the working directory')\n"
+              % name)
+    env = os.environ
     command = 'printf "%s|" "$0" "a  b" \'$c\' "\\\\" "" "${PEGASUS_BOOT-unset}"\nexit 3'
     out = subprocess.run([str(copy), "q", "-H", "localhost", command],
                          cwd=str(work), capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1, out.stderr
     assert "[localhost] sh|a  b|$c|\\||unset|" in out.stdout
     assert "exit status 3" in out.stderr
-    cached = glob.glob(str(tmp_path / "cache" / "pegasus" / "**" / "pegasus.*.pyc"),
-                       recursive=True)
-    assert len(cached) == 1 and str(tmp_path).lstrip(os.sep) in cached[0], cached
-    text = read(copy)
-    write(copy, text.replace('\nif __name__ == "__main__":',
-                             '\nsys.stderr.write("the edited copy\\n")\nif __name__ == "__main__":'))
-    out = subprocess.run([str(copy), "-V"], capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 0 and out.stderr == "the edited copy\n", out.stderr
-    write(copy, text)
-    # A cache it cannot write to (a file where its directory would be): it runs all the same.
-    write(tmp_path / "not-a-directory", "")
-    out = subprocess.run([str(copy), "-V"], capture_output=True, text=True, timeout=60,
-                         env=dict(env, XDG_CACHE_HOME=str(tmp_path / "not-a-directory")))
-    assert out.returncode == 0 and out.stdout.startswith("pegasus.py ") and not out.stderr
     # Ctrl-C twice cancels the job.
     proc = subprocess.Popen([str(copy), "q", "-H", "localhost", "echo started; sleep 60"],
                             cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -5461,6 +5450,57 @@ def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
     ctrl_c_twice(proc)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Ctrl-C: cancelling 1 running job" in err, err
+
+
+def test_run_as_a_command_it_uses_its_compiled_code_only_if_it_is_the_files(tmp_path):
+    """./pegasus.py keeps its compiled code in the cache, and uses it only if
+    it is this very file's, whole, in a directory no one else may write."""
+    copy = tmp_path / "pegasus.py"
+    shutil.copy(PEGASUS, str(copy))
+    os.chmod(str(copy), 0o755)
+    cache = tmp_path / "cache" / "pegasus"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+
+    def version(**more):
+        out = subprocess.run([str(copy), "-V"], capture_output=True, text=True, timeout=60,
+                             cwd=str(tmp_path), env=dict(env, **more))
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        return out.stdout.split(" (")[0]
+
+    assert version() == "pegasus.py " + pegasus.__version__
+    [entry] = cache.iterdir()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    whole = entry.read_bytes()
+    # Used: an entry that says something else is what runs.
+    planted = marshal.dumps(compile("print('from the cache')", "x", "exec"))
+    entry.write_bytes(zlib.crc32(planted).to_bytes(4, "little") + planted)
+    assert version() == "from the cache\n"
+    # ... but not from a directory that others may write to.
+    cache.chmod(0o777)
+    assert version() == "pegasus.py " + pegasus.__version__
+    cache.chmod(0o700)
+    # A cut entry (a full disk) is compiled again and written whole.
+    entry.write_bytes(whole[:len(whole) // 2])
+    assert version() == "pegasus.py " + pegasus.__version__
+    assert entry.read_bytes() == whole
+    # An edit that keeps the size and the time of day is seen.
+    text, when = read(copy), copy.stat().st_mtime
+    edited = "9" * len(pegasus.__version__)
+    write(copy, text.replace('__version__ = "%s"' % pegasus.__version__,
+                             '__version__ = "%s"' % edited))
+    os.utime(str(copy), (when, when))
+    assert version() == "pegasus.py " + edited
+    # XDG_CACHE_HOME must be absolute: a relative one means ~/.cache, not
+    # one in the current directory. One it cannot write to costs only time.
+    write(copy, text)
+    assert version(XDG_CACHE_HOME="relative", HOME=str(tmp_path / "home")) == \
+        "pegasus.py " + pegasus.__version__
+    assert len(list((tmp_path / "home" / ".cache" / "pegasus").iterdir())) == 1
+    assert version(XDG_CACHE_HOME="", HOME="") == "pegasus.py " + pegasus.__version__
+    assert not (tmp_path / "relative").exists() and not (tmp_path / ".cache").exists()
+    write(tmp_path / "a-file", "")
+    assert version(XDG_CACHE_HOME=str(tmp_path / "a-file")) == "pegasus.py " + pegasus.__version__
 
 
 def test_missing_dependencies_say_how_to_install_them(tmp_path):
