@@ -3,12 +3,12 @@
 # This file is Python. Run as ./pegasus.py, it is read first by sh, which
 # runs the lines below up to the `exec` (Python reads them as one string):
 # they start python3 (the one on PATH, as `env python3` would) with code
-# that runs this file from its compiled form, kept in ~/.cache/pegasus:
-# Python would compile a script's 8,000 lines again at every start (48 ms).
-# The cache entry is named by the file's checksum and size and carries one
-# of its own, and is used only from a directory of this user's that no one
-# else may write to; on any doubt the file is compiled. The code travels in
-# the environment (and leaves it), so that `ps` shows the command line.
+# that runs this file from the .pyc an import would keep for it, in
+# __pycache__ beside it, where Python would compile a script's 8,000 lines
+# again at every start (48 ms). The .pyc is checked against a hash of the
+# file, not its time: any edit is seen. On any doubt the file is compiled.
+# The code travels in the environment (and leaves it there), so that `ps`
+# shows the command line.
 '''': ; PEGASUS_BOOT='
 import os, sys
 if sys.path[0] == "":  # as for a script: its directory, not the current one
@@ -17,45 +17,37 @@ sys.argv[0] = sys.argv.pop(1)
 __file__ = os.path.abspath(sys.argv[0])  # as Python 3.9+ gives a script
 
 def _compiled():
-    import marshal, zlib
+    import marshal, stat
+    from importlib.util import MAGIC_NUMBER, cache_from_source, source_hash
     with open(__file__, "rb") as f:
         source = f.read()
-    cache = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(cache):
-        cache = os.path.join(os.path.expanduser("~"), ".cache")
-    cache = os.path.join(cache, "pegasus")
-    entry = os.path.join(cache, "%s-O%d-%08x-%d" % (
-        sys.implementation.cache_tag, sys.flags.optimize, zlib.crc32(source), len(source)))
-    try:
-        mine = os.stat(cache)
-        mine = mine.st_uid == os.getuid() and not mine.st_mode & 0o022
-    except OSError:
-        mine = None
-    if not os.path.isabs(cache):  # (HOME is empty): not in the current directory
-        mine = False
-    if mine:
+    header = MAGIC_NUMBER + b"\3\0\0\0" + source_hash(source)  # hash-based, checked
+    cached = cache_from_source(__file__) if __file__.endswith(".py") else None
+    if cached:
         try:
-            with open(entry, "rb") as f:
-                data = f.read()
-            if data[:4] == zlib.crc32(data[4:]).to_bytes(4, "little"):
-                return marshal.loads(data[4:])
+            with open(os.open(cached, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # (a FIFO)
+                data = f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
+            if data[:len(header)] == header:
+                code = marshal.loads(data[len(header):])
+                if isinstance(code, type(_compiled.__code__)):
+                    import _imp  # (as an import does: tracebacks name this path)
+                    getattr(_imp, "_fix_co_filename", lambda *_: None)(code, __file__)
+                    return code
         except (OSError, EOFError, ValueError, TypeError):
             pass
     code = compile(source, __file__, "exec", dont_inherit=True)
-    if sys.dont_write_bytecode or mine is False:
-        return code
-    data = marshal.dumps(code)
-    temporary = "%s.%d" % (entry, os.getpid())
-    try:
-        os.makedirs(cache, 0o700, exist_ok=True)
-        with open(temporary, "xb") as f:
-            f.write(zlib.crc32(data).to_bytes(4, "little") + data)
-        os.replace(temporary, entry)
-    except OSError:
+    if cached and not sys.dont_write_bytecode:
+        temporary = "%s.%d" % (cached, os.getpid())
         try:
-            os.unlink(temporary)
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            with open(temporary, "xb") as f:
+                f.write(header + marshal.dumps(code))
+            os.replace(temporary, cached)
         except OSError:
-            pass
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
     return code
 
 _code = _compiled()

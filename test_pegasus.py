@@ -30,7 +30,6 @@ import tracemalloc
 import collections
 import fcntl
 import itertools
-import zlib
 
 import pytest
 import yaml
@@ -44,15 +43,13 @@ README = os.path.join(HERE, "README.md")
 # The tests run ./pegasus.py as a user does, and it starts the python3 on
 # PATH: make that the one running the tests. A script that execs it, not a
 # symlink, which would leave a venv behind, and in a directory of its own,
-# so that nothing else on PATH changes. The compiled code of pegasus.py (and
-# of the copies some tests make) goes to a cache of this session's own.
+# so that nothing else on PATH changes.
 PYTHON3_DIR = tempfile.mkdtemp(prefix="pegasus-python3-")
 with open(os.path.join(PYTHON3_DIR, "python3"), "w") as _f:
     _f.write("#!/bin/sh\nexec %s \"$@\"\n" % shlex.quote(sys.executable))
 os.chmod(os.path.join(PYTHON3_DIR, "python3"), 0o755)
 atexit.register(shutil.rmtree, PYTHON3_DIR, True)
 os.environ["PATH"] = PYTHON3_DIR + os.pathsep + os.environ.get("PATH", os.defpath)
-os.environ["XDG_CACHE_HOME"] = os.path.join(PYTHON3_DIR, "cache")
 
 # ----------------------------------------------------------------------------
 # Helpers
@@ -4995,8 +4992,9 @@ def test_readme_first_command_runs_in_a_fresh_copy(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "hello from" in out.stdout
-    assert sorted(os.listdir(str(copy))) == ["LICENSE", "README.md", "pegasus.py",
-                                             "test_pegasus.py"]  # it wrote nothing
+    # It wrote nothing, but for Python's own __pycache__ beside pegasus.py.
+    assert sorted(set(os.listdir(str(copy))) - {"__pycache__"}) == [
+        "LICENSE", "README.md", "pegasus.py", "test_pegasus.py"]
 
 
 def test_readme_one_liners_run_as_written(tmp_path):
@@ -5432,7 +5430,7 @@ def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
     os.chmod(str(copy), 0o755)
     work = tmp_path / "work"
     work.mkdir()
-    for name in ("yaml", "importlib", "zlib", "marshal"):
+    for name in ("yaml", "importlib", "marshal", "stat"):
         write(work / (name + ".py"), "raise SystemExit('the %s.py of the working directory')\n"
               % name)
     env = os.environ
@@ -5453,14 +5451,16 @@ def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
 
 
 def test_run_as_a_command_it_uses_its_compiled_code_only_if_it_is_the_files(tmp_path):
-    """./pegasus.py keeps its compiled code in the cache, and uses it only if
-    it is this very file's, whole, in a directory no one else may write."""
+    """./pegasus.py keeps its compiled code where an import would (a .pyc
+    in __pycache__ beside it, checked by a hash of the file), and uses it
+    only if it is this very file's, whole."""
     copy = tmp_path / "pegasus.py"
     shutil.copy(PEGASUS, str(copy))
     os.chmod(str(copy), 0o755)
-    cache = tmp_path / "cache" / "pegasus"
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    cached = tmp_path / "__pycache__" / ("pegasus.%s.pyc" % sys.implementation.cache_tag)
+    env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    mine = "pegasus.py " + pegasus.__version__
 
     def version(**more):
         out = subprocess.run([str(copy), "-V"], capture_output=True, text=True, timeout=60,
@@ -5468,39 +5468,38 @@ def test_run_as_a_command_it_uses_its_compiled_code_only_if_it_is_the_files(tmp_
         assert out.returncode == 0 and not out.stderr, out.stderr
         return out.stdout.split(" (")[0]
 
-    assert version() == "pegasus.py " + pegasus.__version__
-    [entry] = cache.iterdir()
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
-    whole = entry.read_bytes()
-    # Used: an entry that says something else is what runs.
-    planted = marshal.dumps(compile("print('from the cache')", "x", "exec"))
-    entry.write_bytes(zlib.crc32(planted).to_bytes(4, "little") + planted)
+    assert version() == mine
+    whole = cached.read_bytes()
+    header = whole[:16]
+    assert header[4:8] == b"\3\0\0\0"  # hash-based, checked: an import takes it too
+    # Used: a .pyc for this file that says something else is what runs ...
+    cached.write_bytes(header + marshal.dumps(compile("print('from the cache')", "x", "exec")))
     assert version() == "from the cache\n"
-    # ... but not from a directory that others may write to.
-    cache.chmod(0o777)
-    assert version() == "pegasus.py " + pegasus.__version__
-    cache.chmod(0o700)
-    # A cut entry (a full disk) is compiled again and written whole.
-    entry.write_bytes(whole[:len(whole) // 2])
-    assert version() == "pegasus.py " + pegasus.__version__
-    assert entry.read_bytes() == whole
-    # An edit that keeps the size and the time of day is seen.
+    # ... unless it is cut (a full disk), not a code object, or a FIFO: then
+    # the file is compiled, and the .pyc written whole.
+    for bad in (whole[:len(whole) // 2], header + marshal.dumps(42)):
+        cached.write_bytes(bad)
+        assert version() == mine
+        assert cached.read_bytes() == whole
+    cached.unlink()
+    os.mkfifo(str(cached))
+    assert version() == mine
+    assert cached.read_bytes() == whole
+    # An edit that keeps the size and the time is seen.
     text, when = read(copy), copy.stat().st_mtime
     edited = "9" * len(pegasus.__version__)
     write(copy, text.replace('__version__ = "%s"' % pegasus.__version__,
                              '__version__ = "%s"' % edited))
     os.utime(str(copy), (when, when))
     assert version() == "pegasus.py " + edited
-    # XDG_CACHE_HOME must be absolute: a relative one means ~/.cache, not
-    # one in the current directory. One it cannot write to costs only time.
+    # Where the user's Python puts its .pyc files, there; and none written
+    # when Python is told to write none.
     write(copy, text)
-    assert version(XDG_CACHE_HOME="relative", HOME=str(tmp_path / "home")) == \
-        "pegasus.py " + pegasus.__version__
-    assert len(list((tmp_path / "home" / ".cache" / "pegasus").iterdir())) == 1
-    assert version(XDG_CACHE_HOME="", HOME="") == "pegasus.py " + pegasus.__version__
-    assert not (tmp_path / "relative").exists() and not (tmp_path / ".cache").exists()
-    write(tmp_path / "a-file", "")
-    assert version(XDG_CACHE_HOME=str(tmp_path / "a-file")) == "pegasus.py " + pegasus.__version__
+    assert version(PYTHONPYCACHEPREFIX=str(tmp_path / "prefix")) == mine
+    assert list((tmp_path / "prefix").rglob("pegasus.*.pyc"))
+    shutil.rmtree(str(tmp_path / "__pycache__"))
+    assert version(PYTHONDONTWRITEBYTECODE="1") == mine
+    assert not (tmp_path / "__pycache__").exists()
 
 
 def test_missing_dependencies_say_how_to_install_them(tmp_path):
