@@ -1,64 +1,9 @@
-#!/bin/sh
-# -*- mode: python -*-
-# This file is Python. Run as ./pegasus.py, it is read first by sh, which
-# runs the lines below up to the `exec` (Python reads them as one string):
-# they start python3 (the one on PATH, as `env python3` would) with code
-# that runs this file from the .pyc an import would keep for it, in
-# __pycache__ beside it, where Python would compile a script's 8,000 lines
-# again at every start (48 ms). The .pyc is checked against a hash of the
-# file, not its time: any edit is seen. On any doubt the file is compiled.
-# The code travels in the environment (and leaves it there), so that `ps`
-# shows the command line.
-'''': ; PEGASUS_BOOT='
-import os, sys
-if sys.path[0] == "":  # as for a script: its directory, not the current one
-    sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[1]))
-sys.argv[0] = sys.argv.pop(1)
-__file__ = os.path.abspath(sys.argv[0])  # as Python 3.9+ gives a script
-
-def _compiled():
-    import marshal, stat
-    from importlib.util import MAGIC_NUMBER, cache_from_source, source_hash
-    with open(__file__, "rb") as f:
-        source = f.read()
-    header = MAGIC_NUMBER + b"\3\0\0\0" + source_hash(source)  # hash-based, checked
-    cached = cache_from_source(__file__) if __file__.endswith(".py") else None
-    if cached:
-        try:
-            with open(os.open(cached, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # (a FIFO)
-                data = f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
-            if data[:len(header)] == header:
-                code = marshal.loads(data[len(header):])
-                if isinstance(code, type(_compiled.__code__)):
-                    import _imp  # (as an import does: tracebacks name this path)
-                    getattr(_imp, "_fix_co_filename", lambda *_: None)(code, __file__)
-                    return code
-        except (OSError, EOFError, ValueError, TypeError):
-            pass
-    code = compile(source, __file__, "exec", dont_inherit=True)
-    if cached and not sys.dont_write_bytecode:
-        temporary = "%s.%d" % (cached, os.getpid())
-        try:
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            with open(temporary, "xb") as f:
-                f.write(header + marshal.dumps(code))
-            os.replace(temporary, cached)
-        except OSError:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-    return code
-
-_code = _compiled()
-del _compiled
-exec(_code)
-' exec python3 -c 'import os; exec(os.environ.pop("PEGASUS_BOOT"))' "$0" "$@" # '''
+#!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.8"
 # dependencies = ["pyyaml"]
 # ///
-__doc__ = """pegasus.py: run a bag of shell jobs on the machines you can ssh into.
+"""pegasus.py: run a bag of shell jobs on the machines you can ssh into.
 
 Write hosts.yaml (where to run) and queue.yaml (what to run), then:
 
