@@ -7990,7 +7990,9 @@ class VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         import hashlib
         try:
-            with open(os.path.abspath(__file__), "rb") as f:
+            # As given, not made absolute: abspath would drop a `dir/..`
+            # after a symlinked dir by its text, and name another file.
+            with open(__file__, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()[:12]
         except OSError:
             digest = "unknown"

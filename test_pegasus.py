@@ -9,6 +9,7 @@ Tests that need sshd skip, saying why, where it is missing.
 import atexit
 import getpass
 import glob
+import hashlib
 import io
 import json
 import os
@@ -5442,6 +5443,22 @@ def test_run_as_a_command_it_gets_its_arguments_status_and_signals(tmp_path):
     ctrl_c_twice(proc)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Ctrl-C: cancelling 1 running job" in err, err
+
+
+def test_version_hashes_the_file_that_runs_through_a_symlinked_dir_and_dotdot(tmp_path):
+    # `old/lnk/../pegasus.py` is new/pegasus.py to the kernel (lnk -> ../new/sub),
+    # and that is the file whose hash -V must print, not old/pegasus.py.
+    (tmp_path / "new" / "sub").mkdir(parents=True)
+    (tmp_path / "old").mkdir()
+    shutil.copy(PEGASUS, str(tmp_path / "new" / "pegasus.py"))
+    write(tmp_path / "old" / "pegasus.py", read(PEGASUS) + "# another copy\n")
+    os.chmod(str(tmp_path / "old" / "pegasus.py"), 0o755)
+    os.symlink("../new/sub", str(tmp_path / "old" / "lnk"))
+    out = subprocess.run(["./lnk/../pegasus.py", "-V"], cwd=str(tmp_path / "old"),
+                         capture_output=True, text=True, timeout=60)
+    with open(str(tmp_path / "new" / "pegasus.py"), "rb") as f:
+        expected = hashlib.sha256(f.read()).hexdigest()[:12]
+    assert out.returncode == 0 and "(file %s)" % expected in out.stdout, out.stdout + out.stderr
 
 
 def test_missing_dependencies_say_how_to_install_them(tmp_path):
