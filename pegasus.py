@@ -5748,8 +5748,12 @@ class Agent:
         run.on_lines = self.dispatcher.on_leftover
         if self.state == "busy":
             self.state = "idle"
-        self.loop.call_later(0, lambda: self.dispatcher.check_exit(run), owner=run)
-        self.dispatcher.serve_waiting(self.master)
+        def ended():
+            # The run's end first: it may stop the run (-e), and then no
+            # waiting run may start on the session it frees.
+            self.dispatcher.check_exit(run)
+            self.dispatcher.serve_waiting(self.master)
+        self.loop.call_later(0, ended, owner=run)
 
     # -- the end ----------------------------------------------------------------------
 
@@ -6640,11 +6644,13 @@ class Dispatcher:
             per_job = getattr(self.options, "session_per_job", False)
             if self.uses_agents(master) and len(run.command) <= ARGV_MAX:
                 agent = self.agent_for(master)
-                if agent is None:
-                    self.wait_for_session(run)
-                else:
+                if agent is not None:
                     agent.start(run)
-                return True
+                    return True
+                if master.session_cap != 0:
+                    self.wait_for_session(run)
+                    return True
+                self.without_agents(master)  # and this run gets a session below
             if (master.socket is None and not per_job and _posix_spawn_setsid
                     and len(run.command) <= ARGV_MAX):
                 run.attach(self.spawn_locally(run))
@@ -6759,19 +6765,31 @@ class Dispatcher:
         allows no more sessions on that connection); it holds its slot, and
         it has not started: a stop or a lost host ends it as an agent's run
         that never started (its nonce is set, its agent is None)."""
-        master = run.master
-        if master.session_cap == 0:  # (not even one beside the master's own)
-            run.error = "could not start: %s refuses every session on its connection" % (
-                master.hostname)
-            self.loop.call_later(0, lambda: self.end(run), owner=run)
-            return
         run.agent, run.nonce = None, b""
         self.cancel_timers(run)  # (its --timeout: it starts again with the run)
-        master.waiting.append(run)
+        run.master.waiting.append(run)
+        if self.stop_level and self.policy.unstarted_go_back:
+            self.cancel(run)  # refused after "no new jobs": it goes back unstarted
+
+    def without_agents(self, master):
+        """The host refuses every session on the master's connection but
+        the master's own (MaxSessions 1): its jobs get an ssh session each,
+        which ssh opens on a connection of its own."""
+        master.agent_ok = False
+        note_once(("agent", master.hostname), "%s refuses every session beside its "
+                  "connection's own (sshd's MaxSessions): one ssh login per job there "
+                  "instead" % master.hostname)
+        while master.waiting:
+            run = master.waiting.popleft()
+            run.agent, run.nonce = None, None
+            if self.start_session(run):
+                self.start_timeout(run)
 
     def serve_waiting(self, master):
         """Runs waiting for a session of `master` take its free agents, or
         new ones while the host allows them."""
+        if master.session_cap == 0 and master.waiting:
+            self.without_agents(master)
         while master.waiting and master.alive():
             try:
                 agent = self.agent_for(master)

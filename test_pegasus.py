@@ -2495,6 +2495,68 @@ def test_one_ctrl_c_puts_back_the_jobs_that_wait_for_a_session(tmp_path):
         hosts.close()
 
 
+def test_a_host_that_allows_no_session_beside_the_masters_gets_one_login_per_job(tmp_path):
+    # MaxSessions 1: the master's own session is all there is. No agent can
+    # open; the jobs must neither wait forever nor fail unrun: each gets an
+    # ssh of its own, which logs in on a connection of its own.
+    hosts = SshHosts(["one"], first_address=104, sshd_extra="MaxSessions 1\n")
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: one\n  slots: 2\n")
+        write(tmp_path / "queue.yaml", "".join("- echo job %d\n" % i for i in range(1, 5)))
+        out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        assert out.returncode == 0, out.stderr
+        assert sorted(re.findall(r"\] job (\d)$", out.stdout, re.M)) == list("1234")
+        assert "one refuses every session beside its connection's own" in out.stderr
+        assert not (tmp_path / "failed.yaml").exists()
+    finally:
+        hosts.close()
+
+
+def test_stop_on_error_starts_no_job_that_waits_for_a_session(tmp_path):
+    # -e: the first failure stops the run; the session it frees must not go
+    # to a job that was waiting for one.
+    hosts = SshHosts(["few"], first_address=105, sshd_extra="MaxSessions 2\n")
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+        started = tmp_path / "started"
+        write(tmp_path / "queue.yaml", "".join(
+            "- echo %d >> %s; sleep 0.5; exit 3\n" % (i, started) for i in range(1, 4)))
+        out = run_pegasus(tmp_path, "q", "-e", ssh_config=hosts.config)
+        assert out.returncode == 1, out.stderr
+        assert read(started).split() == ["1"], out.stderr
+        assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
+    finally:
+        hosts.close()
+
+
+def test_sessions_refused_after_one_ctrl_c_put_their_jobs_back(tmp_path):
+    # The host is frozen while the agents' sessions open; one Ctrl-C comes
+    # first, and the sessions the host then refuses must not start their
+    # jobs later, one after another: they go back unrun.
+    hosts = SshHosts(["few"], first_address=106, sshd_extra="MaxSessions 2\n")
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+        started = tmp_path / "started"
+        write(tmp_path / "queue.yaml", "".join("- echo %d >> %s; echo job %d\n" % (i, started, i)
+                                               for i in range(1, 4)))
+        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        for line in proc.stderr:
+            if "connected to few" in line:
+                hosts.signal("few", signal.SIGSTOP)
+                break
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stderr:
+            if "Ctrl-C: no new jobs" in line:
+                break
+        hosts.signal("few", signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert len(read(started).split()) == 1, err
+        assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
+    finally:
+        hosts.close()
+
+
 def test_with_a_session_per_job_ssh_runs_a_refused_session_on_a_connection_of_its_own(
         tmp_path):
     # As the README says: the jobs the master has no session for still run
