@@ -243,7 +243,9 @@ RUN = (
 # waits for that (w(): KILL after CANCEL_GRACE), so the slot's next job never
 # runs beside what is left of it.
 # (A request cut by that second's timeout is kept: `read -t` leaves the part
-# it read in the variable.)
+# it read in the variable.) During a cancel it looks every 0.1 s: bash reaps
+# its children only between commands, and the watcher that waits for the
+# job's process group to be gone sees the runner until it is reaped.
 # EOF on stdin (pegasus closed it, died, or the connection dropped) ends a
 # running job the way a cancel does, then the agent; what an earlier job
 # left running is left alone, as with a session per job. After the TERM,
@@ -264,14 +266,14 @@ RUNNER_TRAPS = ("HUP", "INT", "QUIT", "ABRT", "USR1", "USR2", "PIPE", "ALRM", "V
 AGENT = """[ "${BASH_VERSINFO[0]}" -ge 4 ] || { echo "pegasus's agent needs bash 4 or newer" >&2; exit 97; }
 exec 4>&2 2>/dev/null
 set -m
-g= n= r= p= t=
+g= n= r= p= t= o=1
 w() { local i=0 e=$((SECONDS + @SECONDS@)); while [ $i -lt @TICKS@ ] && [ $SECONDS -lt $e ] &&
   kill -0 -"$g"; do
   if sleep 0.1; then i=$((i+1)); else sleep 1; i=$((i+10)); fi; done; kill -KILL -"$g"; }
 printf '%s\\n' @READY@
 while :; do
   if [ -n "$r" ]; then
-    IFS= read -r -t 1 l; s=$?
+    IFS= read -r -t $o l; s=$?
     if [ $s -gt 128 ]; then
       p=$p$l
       if ! kill -0 "$g"; then
@@ -295,7 +297,7 @@ while :; do
       wait "$g"
       if kill -0 -"$g"; then printf '%s r\\n' "$m"; exit 0; fi
     fi
-    n=$m t=; printf -v c %b "${l#* }"
+    n=$m t= o=1; printf -v c %b "${l#* }"
     printf '%s s\\n' "$n"; printf '%s s\\n' "$n" >&4
     (q=$BASHPID x=; trap x=1 TERM; trap : @SIGNALS@
      sh -c "$c" </dev/null 2>&4 4>&-; s=$?
@@ -304,7 +306,7 @@ while :; do
        printf '%s e\\n' "$n" >&4) &) &
     g=$! r=1 ;;
   k)
-    t=1; kill -TERM -"$g"
+    t=1 o=0.1; kill -TERM -"$g"
     w </dev/null >/dev/null & ;;
   q) exit 0 ;;
   esac
