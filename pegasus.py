@@ -6628,9 +6628,11 @@ class Dispatcher:
             self.start_timeout(run)
         return run
 
-    def start_timeout(self, run):
+    def start_timeout(self, run, waited=False):
         """--timeout counts from the start (a run that waits for a session
-        has not started)."""
+        has not started: its times, too, count from now)."""
+        if waited:
+            run.started, run.wall_start = time.monotonic(), time.time()
         if self.options.timeout:
             run.timers.append(self.loop.call_later(self.options.timeout,
                                                    lambda: self.time_out(run), owner=run))
@@ -6785,7 +6787,7 @@ class Dispatcher:
             run = master.waiting.popleft()
             run.agent, run.nonce = None, None
             if self.start_session(run):
-                self.start_timeout(run)
+                self.start_timeout(run, waited=True)
 
     def serve_waiting(self, master):
         """Runs waiting for a session of `master` take its free agents, or
@@ -6801,7 +6803,7 @@ class Dispatcher:
                 return
             run = master.waiting.popleft()
             agent.start(run)
-            self.start_timeout(run)
+            self.start_timeout(run, waited=True)
 
     def unwait(self, run, code):
         """End a run that waits for a session (see wait_for_session) with

@@ -2425,6 +2425,10 @@ def test_a_host_that_allows_few_sessions_runs_every_job_in_turn(tmp_path):
         assert sorted(re.findall(r"\] job (\d)$", out.stdout, re.M)) == list("123456")
         assert "6 succeeded, 0 failed" in out.stderr
         assert "few refuses more sessions on one connection" in out.stderr
+        # A job's time counts from its start, as its --timeout does: none
+        # shows more than the timeout it ran within.
+        took = [float(t) for t in re.findall(r"=== done \(exit status 0, ([\d.]+)s\)", out.stdout)]
+        assert len(took) == 6 and max(took) < 1.8, took
         assert (tmp_path / "queue.yaml").read_text().strip() in ("", "[]")
     finally:
         hosts.close()
