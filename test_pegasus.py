@@ -27,6 +27,7 @@ import random
 import resource
 import tracemalloc
 import collections
+import contextlib
 import fcntl
 import itertools
 
@@ -2411,13 +2412,24 @@ def test_a_master_that_dies_is_reported_lost(masters, mux_loop, hosts):
     run.close_stdin()
 
 
+@contextlib.contextmanager
+def limited_host(tmp_path, address, slots, max_sessions=2, name="few"):
+    """hosts.yaml's one host, with `slots`, on an sshd that allows
+    `max_sessions` sessions on one connection (the master's own among them)."""
+    hosts = SshHosts([name], first_address=address,
+                     sshd_extra="MaxSessions %d\n" % max_sessions)
+    try:
+        write(tmp_path / "hosts.yaml", "- hostname: %s\n  slots: %d\n" % (name, slots))
+        yield hosts
+    finally:
+        hosts.close()
+
+
 def test_a_host_that_allows_few_sessions_runs_every_job_in_turn(tmp_path):
     # MaxSessions 2: the master's own session and one agent. The sessions
     # the host refuses fail no job: those jobs wait for the agent it allows,
     # and their --timeout counts from their start (the 4th waits ~2.1 s).
-    hosts = SshHosts(["few"], first_address=100, sshd_extra="MaxSessions 2\n")
-    try:
-        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 4\n")
+    with limited_host(tmp_path, 100, slots=4) as hosts:
         write(tmp_path / "queue.yaml", "".join("- sleep 0.7; echo job %d\n" % i
                                                for i in range(1, 7)))
         out = run_pegasus(tmp_path, "q", "--timeout", "1.8", ssh_config=hosts.config)
@@ -2427,20 +2439,17 @@ def test_a_host_that_allows_few_sessions_runs_every_job_in_turn(tmp_path):
         assert "few refuses more sessions on one connection" in out.stderr
         # A job's time counts from its start, as its --timeout does: none
         # shows more than the timeout it ran within.
-        took = [float(t) for t in re.findall(r"=== done \(exit status 0, ([\d.]+)s\)", out.stdout)]
+        took = [float(t) for t in
+                re.findall(r"=== done \(exit status 0, ([\d.]+)s\)", out.stdout)]
         assert len(took) == 6 and max(took) < 1.8, took
         assert (tmp_path / "queue.yaml").read_text().strip() in ("", "[]")
-    finally:
-        hosts.close()
 
 
 @pytest.mark.parametrize("how", ["ctrl-c twice", "host lost"])
 def test_jobs_that_wait_for_a_session_end_as_running_ones_would(tmp_path, how):
     # One job runs on the one agent the host allows, two wait for it: a stop
     # or the host's death must put all three back, and count none failed.
-    hosts = SshHosts(["few"], first_address=101, sshd_extra="MaxSessions 2\n")
-    try:
-        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+    with limited_host(tmp_path, 101, slots=3) as hosts:
         jobs = ["sleep 60; echo job %d" % i for i in range(1, 4)]
         write(tmp_path / "queue.yaml", "".join("- %s\n" % job for job in jobs))
         proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
@@ -2463,17 +2472,13 @@ def test_jobs_that_wait_for_a_session_end_as_running_ones_would(tmp_path, how):
         assert proc.returncode == 130, err
         assert "0 succeeded, 0 failed" in err and "Traceback" not in err
         assert sorted(yaml.safe_load(read(tmp_path / "queue.yaml"))) == jobs
-    finally:
-        hosts.close()
 
 
 def test_one_ctrl_c_puts_back_the_jobs_that_wait_for_a_session(tmp_path):
     # "No new jobs": one job runs on the one agent the host allows, two wait
     # for it and have not started. One Ctrl-C lets the first end and puts
     # the other two back, unrun; pegasus waits for one running job, not three.
-    hosts = SshHosts(["few"], first_address=102, sshd_extra="MaxSessions 2\n")
-    try:
-        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+    with limited_host(tmp_path, 102, slots=3) as hosts:
         go = tmp_path / "go"
         jobs = ["while [ ! -e %s ]; do sleep 0.1; done; echo job %d" % (go, i)
                 for i in range(1, 4)]
@@ -2495,33 +2500,25 @@ def test_one_ctrl_c_puts_back_the_jobs_that_wait_for_a_session(tmp_path):
         assert len(re.findall(r"\] job \d$", out, re.M)) == 1, out
         assert "1 succeeded, 0 failed" in err and "Traceback" not in err
         assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
-    finally:
-        hosts.close()
 
 
 def test_a_host_that_allows_no_session_beside_the_masters_gets_one_login_per_job(tmp_path):
     # MaxSessions 1: the master's own session is all there is. No agent can
     # open; the jobs must neither wait forever nor fail unrun: each gets an
     # ssh of its own, which logs in on a connection of its own.
-    hosts = SshHosts(["one"], first_address=104, sshd_extra="MaxSessions 1\n")
-    try:
-        write(tmp_path / "hosts.yaml", "- hostname: one\n  slots: 2\n")
+    with limited_host(tmp_path, 104, slots=2, max_sessions=1, name="one") as hosts:
         write(tmp_path / "queue.yaml", "".join("- echo job %d\n" % i for i in range(1, 5)))
         out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
         assert out.returncode == 0, out.stderr
         assert sorted(re.findall(r"\] job (\d)$", out.stdout, re.M)) == list("1234")
         assert "one refuses every session beside its connection's own" in out.stderr
         assert not (tmp_path / "failed.yaml").exists()
-    finally:
-        hosts.close()
 
 
 def test_stop_on_error_starts_no_job_that_waits_for_a_session(tmp_path):
     # -e: the first failure stops the run; the session it frees must not go
     # to a job that was waiting for one.
-    hosts = SshHosts(["few"], first_address=105, sshd_extra="MaxSessions 2\n")
-    try:
-        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+    with limited_host(tmp_path, 105, slots=3) as hosts:
         started = tmp_path / "started"
         write(tmp_path / "queue.yaml", "".join(
             "- echo %d >> %s; sleep 0.5; exit 3\n" % (i, started) for i in range(1, 4)))
@@ -2529,17 +2526,13 @@ def test_stop_on_error_starts_no_job_that_waits_for_a_session(tmp_path):
         assert out.returncode == 1, out.stderr
         assert read(started).split() == ["1"], out.stderr
         assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
-    finally:
-        hosts.close()
 
 
 def test_sessions_refused_after_one_ctrl_c_put_their_jobs_back(tmp_path):
     # The host is frozen while the agents' sessions open; one Ctrl-C comes
     # first, and the sessions the host then refuses must not start their
     # jobs later, one after another: they go back unrun.
-    hosts = SshHosts(["few"], first_address=106, sshd_extra="MaxSessions 2\n")
-    try:
-        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+    with limited_host(tmp_path, 106, slots=3) as hosts:
         started = tmp_path / "started"
         write(tmp_path / "queue.yaml", "".join("- echo %d >> %s; echo job %d\n" % (i, started, i)
                                                for i in range(1, 4)))
@@ -2557,17 +2550,13 @@ def test_sessions_refused_after_one_ctrl_c_put_their_jobs_back(tmp_path):
         assert proc.returncode == 130, err
         assert len(read(started).split()) == 1, err
         assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
-    finally:
-        hosts.close()
 
 
 def test_with_a_session_per_job_ssh_runs_a_refused_session_on_a_connection_of_its_own(
         tmp_path):
     # As the README says: the jobs the master has no session for still run
     # (ssh logs in on its own), and ssh's complaint shows in their output.
-    hosts = SshHosts(["few"], first_address=103, sshd_extra="MaxSessions 2\n")
-    try:
-        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n")
+    with limited_host(tmp_path, 103, slots=3) as hosts:
         write(tmp_path / "queue.yaml", "".join("- sleep 1; echo job %d\n" % i
                                                for i in range(1, 4)))
         out = run_pegasus(tmp_path, "q", "--session-per-job", ssh_config=hosts.config)
@@ -2575,8 +2564,6 @@ def test_with_a_session_per_job_ssh_runs_a_refused_session_on_a_connection_of_it
         assert sorted(re.findall(r"\] job (\d)$", out.stdout, re.M)) == list("123")
         assert "Session open refused by peer" in out.stdout
         assert "3 succeeded, 0 failed" in out.stderr
-    finally:
-        hosts.close()
 
 
 def test_sessions_past_max_sessions_are_refused_by_the_master(masters, mux_loop, hosts):
