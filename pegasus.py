@@ -468,8 +468,10 @@ class Slot:
         return any(c.ever_up for c in self.connections)
 
     def connection(self):
-        """The least busy master that is up, for the next job."""
-        return min((c for c in self.connections if c.state == "up"), key=lambda c: c.sessions)
+        """The least busy master that is up, for the next job: one with a
+        session to spare first (see Master.room)."""
+        return min((c for c in self.connections if c.state == "up"),
+                   key=lambda c: (c.room() == 0, c.sessions))
 
     @property
     def is_local(self):
@@ -4553,6 +4555,7 @@ class Master:
         self.session_cap = None  # agents the host lets it open (sshd's MaxSessions), once known
         self.waiting = collections.deque()  # runs that wait for one of those
         self.accept_new = None   # log in with StrictHostKeyChecking=accept-new; None: not asked
+        self.group = [self]      # the masters of its hostname (see make_masters)
 
     def error(self):
         """Why the master failed: what pegasus knows, or the last line ssh wrote."""
@@ -4589,6 +4592,14 @@ class Master:
         except BlockingIOError:
             pass
 
+    def room(self):
+        """How many more jobs its agents can start now; None while the host's
+        session limit is not known (sshd's MaxSessions: see session_refused)."""
+        if self.session_cap is None:
+            return None
+        free = sum(1 for agent in self.agents if agent.free())
+        return max(0, free + self.session_cap - len(self.agents) - len(self.waiting))
+
     def alive(self):
         """Up, and its process runs (a master whose connection broke exits)."""
         return self.socket is None or (
@@ -4606,10 +4617,12 @@ def make_masters(slots, control_dir):
         if slot.hostname not in by_host:
             local = slot.is_local
             count = 1 if local else -(-capacity[slot.hostname] // SESSIONS_PER_MASTER)
-            by_host[slot.hostname] = [
+            by_host[slot.hostname] = group = [
                 Master(slot.hostname, None if local else
                        os.path.join(control_dir, str(len(masters) + i)))
                 for i in range(count)]
+            for master in group:
+                master.group = group
             masters += by_host[slot.hostname]
         slot.connections = by_host[slot.hostname]
     return masters
@@ -5362,6 +5375,8 @@ class Run:
         self.nonce = None         # ... and the nonce of its markers there
         self.agent_code = None    # ... and the exit status it reported
         self.agent_restarted = False  # an agent died before starting it; it went to another
+        self.began = False        # it has started: see Dispatcher.begin
+        self.requeued = False     # it goes back to the queue unstarted (see wait_for_session)
 
     def spawn(self, argv, unsent):
         # A new session: Ctrl-C in the terminal reaches pegasus only, which
@@ -5553,6 +5568,7 @@ class Agent:
 
     def send(self):
         self.state = "busy"
+        self.dispatcher.begin(self.run)
         self.write(b"j" + self.run.nonce + b" " +
                    encode_command(self.run.command).encode("ascii") + b"\n")
 
@@ -6462,7 +6478,8 @@ class Monitor:
         return d.succeeded + len(d.failures), len(d.runs), d.queue.count + len(ahead)
 
     def ended(self, run):
-        self.run_seconds += time.monotonic() - run.started
+        if run.began:
+            self.run_seconds += time.monotonic() - run.started
         self.dirty = True
         if _status is not None:
             return
@@ -6547,6 +6564,7 @@ class Dispatcher:
         self.runs = set()
         self.exiting = set()      # runs whose pipes closed before their process exited
         self.agents = set()       # every Agent not closed yet
+        self.capped = set()       # masters whose host limits their sessions
         self.spawners = []        # every Spawner not reaped yet (local jobs)
         self.succeeded = 0
         self.failures = []        # (slot label, command, status) of every failed job
@@ -6568,6 +6586,20 @@ class Dispatcher:
 
     def usable_slots(self):
         return [s for s in self.slots if s.state == "up"]
+
+    def session_room(self):
+        """id(slot.connections) -> how many more jobs its host can start now,
+        for the hosts that limit sessions (see Master.room): the slot numbers
+        free there beyond that would only wait for a session."""
+        room = {}
+        for master in self.capped:
+            group = master.group
+            if id(group) not in room:
+                rooms = [m.room() if self.uses_agents(m) else None
+                         for m in group if m.state == "up"]
+                if rooms and None not in rooms:
+                    room[id(group)] = sum(rooms)
+        return room
 
     def on_master(self, master):
         self.monitor.dirty = True
@@ -6621,18 +6653,28 @@ class Dispatcher:
         slot.free = [i for i in slot.free if i not in indices]
         slot.runs.add(run)
         self.runs.add(run)
-        self.records.started(run)
-        self.printer.started(run)
         self.monitor.dirty = True
-        if self.start_session(run) and run not in master.waiting:
+        if self.start_session(run) and run not in master.waiting and not run.ended:
             self.start_timeout(run)
         return run
 
-    def start_timeout(self, run, waited=False):
-        """--timeout counts from the start (a run that waits for a session
-        has not started: its times, too, count from now)."""
-        if waited:
-            run.started, run.wall_start = time.monotonic(), time.time()
+    def begin(self, run):
+        """The job is on its way: handed to a ready agent, or its own
+        process spawned. Only now does it count as started: its header, its
+        number and --output-dir file, its times. A run that never gets that
+        far (a session the host refused, a stop first) leaves no trace of a
+        start; it goes back to the queue (see end)."""
+        if run.began:
+            return
+        run.began = True
+        run.started, run.wall_start = time.monotonic(), time.time()
+        self.records.started(run)
+        self.printer.started(run)
+        self.monitor.dirty = True
+
+    def start_timeout(self, run):
+        """--timeout counts from the spawn, or for a run that waited for a
+        session, from the end of that wait."""
         if self.options.timeout:
             run.timers.append(self.loop.call_later(self.options.timeout,
                                                    lambda: self.time_out(run), owner=run))
@@ -6664,6 +6706,7 @@ class Dispatcher:
             run.error = "could not start: %s" % (getattr(e, "strerror", None) or e)
             self.loop.call_later(0, lambda: self.end(run), owner=run)
             return False
+        self.begin(run)
         if not self.paused:
             self.listen(run)
         if run.unsent and not run.send():
@@ -6765,15 +6808,40 @@ class Dispatcher:
         self.start_session(run)
 
     def wait_for_session(self, run):
-        """The run waits for an agent of its master to be free (the host
-        allows no more sessions on that connection); it holds its slot, and
-        it has not started: a stop or a lost host ends it as an agent's run
-        that never started (its nonce is set, its agent is None)."""
+        """Its master has no session for the run (the host allows no more
+        on that connection). It has not started: it moves to another
+        connection of its host that has one; else, in queue mode, it goes
+        back to the queue, to start wherever a slot can take it (see
+        QueueMode.fill); else it waits for an agent of its master, holding
+        its slot, and a stop or a lost host ends it as an agent's run that
+        never started (its nonce is set, its agent is None)."""
         run.agent, run.nonce = None, b""
         self.cancel_timers(run)  # (its --timeout: it starts again with the run)
+        other = None if self.stop_level else self.connection_with_room(run)
+        if other is not None:
+            run.master.sessions -= 1
+            run.master, other.sessions = other, other.sessions + 1
+            run.nonce = None
+            self.start_session(run)
+            return
         run.master.waiting.append(run)
-        if self.stop_level and self.policy.unstarted_go_back:
-            self.cancel(run)  # refused after "no new jobs": it goes back unstarted
+        if run.master.session_cap == 0:
+            self.without_agents(run.master)  # (which starts the waiting runs)
+        elif self.policy.unstarted_go_back:
+            self.requeue(run)
+
+    def requeue(self, run):
+        """A run that waits for a session goes back to the queue unstarted."""
+        run.requeued = True
+        self.unwait(run, -signal.SIGTERM)
+
+    def connection_with_room(self, run):
+        """Another master of the run's host that can start it now, if any."""
+        for master in run.slot.connections:
+            if (master is not run.master and master.alive() and self.uses_agents(master)
+                    and not master.waiting and master.room() != 0):
+                return master
+        return None
 
     def without_agents(self, master):
         """The host refuses every session on the master's connection but
@@ -6787,7 +6855,7 @@ class Dispatcher:
             run = master.waiting.popleft()
             run.agent, run.nonce = None, None
             if self.start_session(run):
-                self.start_timeout(run, waited=True)
+                self.start_timeout(run)
 
     def serve_waiting(self, master):
         """Runs waiting for a session of `master` take its free agents, or
@@ -6803,7 +6871,7 @@ class Dispatcher:
                 return
             run = master.waiting.popleft()
             agent.start(run)
-            self.start_timeout(run, waited=True)
+            self.start_timeout(run)
 
     def unwait(self, run, code):
         """End a run that waits for a session (see wait_for_session) with
@@ -6826,8 +6894,9 @@ class Dispatcher:
                 agent.session.master_lost or not master.alive()):
             return False
         master.session_cap = len(master.agents)
+        self.capped.add(master)
         note_once(("sessions", master.hostname), "%s refuses more sessions on one connection "
-                  "(sshd's MaxSessions): jobs there wait for a free one" % master.hostname)
+                  "(sshd's MaxSessions): no more jobs at a time there than it allows" % master.hostname)
         return True
 
     def agent_closed(self, agent, was):
@@ -6840,6 +6909,8 @@ class Dispatcher:
         if refused and run is not None and run.agent_code is None:
             self.wait_for_session(run)
         self.serve_waiting(master)  # (a session may be free now)
+        if master.session_cap is not None:
+            self.schedule()  # (and so may a slot be: see QueueMode.fill)
         if refused:
             return
         code = agent.exit_status()
@@ -6931,8 +7002,11 @@ class Dispatcher:
             self.reap_spawners()
         run.slot.runs.discard(run)
         run.slot.free = sorted(run.slot.free + run.indices)
-        self.printer.ended(run)
-        self.records.ended(run)
+        if not run.began and not (run.requeued or run.cancelled or run.host_lost):
+            self.begin(run)  # it failed before it could start: shown, and counted
+        if run.began:
+            self.printer.ended(run)
+            self.records.ended(run)
         self.monitor.ended(run)
         self.policy.run_ended(run)
         self.schedule()
@@ -7049,7 +7123,7 @@ class Dispatcher:
             note("%s: killing %s now" % (why, jobs))
         self.policy.stopping()
         for run in unstarted:
-            self.cancel(run)
+            self.requeue(run)
         for run in list(self.runs):
             if level >= CANCEL:
                 self.cancel(run)
@@ -7251,6 +7325,7 @@ class QueueMode:
         self.start_errors = {}   # job key -> runs of it that could not start
         self.ahead = collections.deque()  # [job, when taken]: ahead of free slots, in order
         self.ahead_timer = None  # the look at ahead jobs that wait too long
+        self.room = {}           # see Dispatcher.session_room, as of this fill()
         self.pace = None         # how long runs take, on average (recent ones count most)
         self.paced = 0           # runs that pace has seen end
 
@@ -7258,7 +7333,9 @@ class QueueMode:
         """Start what can start; True when all the work is done."""
         d = self.d
         d.gate.put_back([])  # jobs of lost hosts that found the queue locked
-        free = {slot: list(slot.free) for slot in d.usable_slots() if slot.free}
+        self.room = d.session_room()
+        free = {slot: list(slot.free) for slot in d.usable_slots()
+                if slot.free and self.room.get(id(slot.connections)) != 0}
         self.start_retries(free)
         self.start_ahead(free)
         self.waiting = bool(d.queue.count)  # until a walk of the queue says otherwise
@@ -7280,6 +7357,18 @@ class QueueMode:
         if any(free.values()):
             d.gate.watch()
         return False
+
+    def use(self, free, slot, job):
+        """`job` goes to `slot`: its slot numbers are taken, and on a host
+        that limits its sessions, one of the sessions it has to spare."""
+        del free[slot][:job.slots]
+        key = id(slot.connections)
+        if key in self.room:
+            self.room[key] -= 1
+            if not self.room[key]:
+                for other in free:
+                    if other.connections is slot.connections:
+                        free[other] = []
 
     def place(self, job, free, avoid=()):
         """The slot (and slot numbers) where `job` fits most tightly, or None."""
@@ -7318,7 +7407,7 @@ class QueueMode:
                 return None
             slot, indices = found
             command = render_job(job, slot, indices)
-            del free[slot][:job.slots]
+            self.use(free, slot, job)
             if self.reservation and self.reservation[0] == job.key():
                 self.reservation = None
             return slot, indices, command
@@ -7353,7 +7442,7 @@ class QueueMode:
             except PegasusError:
                 self.d.gate.put_back([job])  # the usual take will say why
                 continue
-            del free[slot][:job.slots]
+            self.use(free, slot, job)
             started.append(job)
             self.d.spawn(slot, job, command, indices)
         self.d.queue.record_started(started)
@@ -7422,14 +7511,18 @@ class QueueMode:
                 note("cannot retry: %s" % e)
                 continue
             self.retries.remove(item)
-            del free[slot][:job.slots]
+            self.use(free, slot, job)
             self.d.spawn(slot, job, command, indices, attempt, avoid)
 
     def run_ended(self, run):
         d = self.d
-        took = time.monotonic() - run.started
-        self.pace = took if self.pace is None else 0.8 * self.pace + 0.2 * took
-        self.paced += 1
+        if run.requeued or (run.cancelled and not run.began):
+            d.gate.put_back([run.job])  # it never started (see Dispatcher.wait_for_session)
+            return
+        if run.began:
+            took = time.monotonic() - run.started
+            self.pace = took if self.pace is None else 0.8 * self.pace + 0.2 * took
+            self.paced += 1
         if run.cancelled and not run.succeeded():
             self.cut_short.append(run)  # back together at exit, in their order
         elif run.error is not None:

@@ -327,7 +327,7 @@ class SshHosts:
 
     def __init__(self, names, first_address=20, max_startups=100, sshd_extra=""):
         self.max_startups = max_startups
-        self.sshd_extra = sshd_extra  # more sshd_config lines, for every host
+        self.sshd_extra = sshd_extra  # more sshd_config lines: for every host, or {name: lines}
         # Not under pytest's private tmp: users with other login shells must
         # read authorized_keys and use the home directory.
         self.dir = tempfile.mkdtemp(prefix="pegasus-sshd-")
@@ -361,7 +361,9 @@ class SshHosts:
         with open(config, "w") as f:
             f.write(SSHD_CONFIG.format(address=self.addresses[name], port=self.port,
                                        dir=self.dir, name=name, max_startups=self.max_startups,
-                                       token=SESSION_TOKEN) + self.sshd_extra)
+                                       token=SESSION_TOKEN) + (
+                self.sshd_extra.get(name, "") if isinstance(self.sshd_extra, dict)
+                else self.sshd_extra))
         self.servers[name] = subprocess.Popen([self.sshd, "-D", "-e", "-f", config],
                                               stderr=subprocess.DEVNULL)
         SSHD_PIDS.add(self.servers[name].pid)
@@ -2427,8 +2429,9 @@ def limited_host(tmp_path, address, slots, max_sessions=2, name="few"):
 
 def test_a_host_that_allows_few_sessions_runs_every_job_in_turn(tmp_path):
     # MaxSessions 2: the master's own session and one agent. The sessions
-    # the host refuses fail no job: those jobs wait for the agent it allows,
-    # and their --timeout counts from their start (the 4th waits ~2.1 s).
+    # the host refuses fail no job: those jobs go back to the queue and start
+    # in turn on the agent it allows, and their --timeout counts from their
+    # start (the last starts ~3.5 s after the first).
     with limited_host(tmp_path, 100, slots=4) as hosts:
         write(tmp_path / "queue.yaml", "".join("- sleep 0.7; echo job %d\n" % i
                                                for i in range(1, 7)))
@@ -2446,9 +2449,10 @@ def test_a_host_that_allows_few_sessions_runs_every_job_in_turn(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["ctrl-c twice", "host lost"])
-def test_jobs_that_wait_for_a_session_end_as_running_ones_would(tmp_path, how):
-    # One job runs on the one agent the host allows, two wait for it: a stop
-    # or the host's death must put all three back, and count none failed.
+def test_a_limited_hosts_jobs_all_go_back_on_a_stop_or_its_loss(tmp_path, how):
+    # One job runs on the one agent the host allows; the two whose sessions
+    # it refused went back to the queue unstarted. A stop or the host's
+    # death puts the running one back too, and counts none failed.
     with limited_host(tmp_path, 101, slots=3) as hosts:
         jobs = ["sleep 60; echo job %d" % i for i in range(1, 4)]
         write(tmp_path / "queue.yaml", "".join("- %s\n" % job for job in jobs))
@@ -2460,10 +2464,8 @@ def test_jobs_that_wait_for_a_session_end_as_running_ones_would(tmp_path, how):
                                                       capture_output=True).stdout)
         if how == "host lost":
             hosts.stop("few")
-            back = 0
             for line in proc.stderr:
-                back += "lost its host" in line
-                if back == 3:
+                if "lost its host" in line:
                     break
             proc.send_signal(signal.SIGINT)  # nothing runs: it stops at once
         else:
@@ -2472,6 +2474,68 @@ def test_jobs_that_wait_for_a_session_end_as_running_ones_would(tmp_path, how):
         assert proc.returncode == 130, err
         assert "0 succeeded, 0 failed" in err and "Traceback" not in err
         assert sorted(yaml.safe_load(read(tmp_path / "queue.yaml"))) == jobs
+
+
+def until_lines(path, word, count):
+    """A job's shell loop: wait (30 s at most) until `path` holds `count`
+    lines with `word`."""
+    return ("i=0; while [ $(cat %s 2>/dev/null | grep -c %s) -lt %d ] && [ $i -lt 300 ]; "
+            "do sleep 0.1; i=$((i+1)); done" % (path, word, count))
+
+
+def test_jobs_a_limited_host_has_no_session_for_go_to_other_hosts(tmp_path):
+    # `few` has 3 slots but allows one agent (MaxSessions 2); `ok` has one
+    # slot. few's one job runs until three jobs have run on ok: the jobs few
+    # has no session for must not wait there (they did, and this never
+    # ended) but run on ok.
+    hosts = SshHosts(["few", "ok"], first_address=107, sshd_extra={"few": "MaxSessions 2\n"})
+    try:
+        ran = tmp_path / "ran"
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  slots: 3\n  at: few\n"
+                                       "- hostname: ok\n  at: ok\n")
+        job = "echo {{at}} >> %s; if [ {{at}} = few ]; then %s; fi" % (
+            ran, until_lines(ran, "ok", 3))
+        write(tmp_path / "queue.yaml", "- '%s'\n" % job * 4)
+        out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        assert out.returncode == 0, out.stderr
+        assert sorted(read(ran).split()) == ["few", "ok", "ok", "ok"], out.stderr
+        assert "4 succeeded, 0 failed" in out.stderr
+        # The jobs that went back started once: one header each, no "cancelled".
+        assert out.stdout.count("=== run") == 4 and "cancelled" not in out.stdout
+    finally:
+        hosts.close()
+
+
+def test_a_host_with_two_connections_runs_jobs_on_both_when_it_limits_sessions(tmp_path):
+    # 16 slots: two masters, each allowed one agent (MaxSessions 2). The
+    # first job runs until five more have run: they must go to the other
+    # connection, not wait behind it on the first (all went to the first).
+    with limited_host(tmp_path, 109, slots=16) as hosts:
+        ran = tmp_path / "ran"
+        write(tmp_path / "queue.yaml", "- '%s; echo long >> %s'\n" % (
+            until_lines(ran, "short", 5), ran) + "- echo short >> %s\n" % ran * 5)
+        out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        assert out.returncode == 0, out.stderr
+        assert read(ran).split() == ["short"] * 5 + ["long"], out.stderr
+        assert out.stderr.count("connected to few") == 2
+
+
+def test_broadcast_steps_wait_for_a_limited_hosts_sessions_and_start_in_turn(tmp_path):
+    # Broadcast mode runs a step on every slot: three slots of one host that
+    # allows one agent take turns. Each shows as started when it starts:
+    # not all three headers at once, then the output one by one.
+    with limited_host(tmp_path, 96, slots=1) as hosts:
+        write(tmp_path / "hosts.yaml", "- hostname: few\n  k: [1, 2, 3]\n")
+        write(tmp_path / "queue.yaml", "- echo step 1 on {{k}}\n- echo step 2 on {{k}}\n")
+        out = run_pegasus(tmp_path, "b", ssh_config=hosts.config)
+        assert out.returncode == 0, out.stderr
+        assert "6 succeeded, 0 failed" in out.stderr
+        shown = [line.split("] ", 1)[1] for line in out.stdout.splitlines()]
+        for step in "12":
+            for k in "123":
+                at = shown.index("=== run 'echo step %s on %s' ===" % (step, k))
+                assert shown[at + 1] == "step %s on %s" % (step, k), out.stdout
+                assert shown[at + 2].startswith("=== done (exit status 0"), out.stdout
 
 
 def test_one_ctrl_c_puts_back_the_jobs_that_wait_for_a_session(tmp_path):
