@@ -202,7 +202,7 @@ RUN = (
     'trap "kill -KILL $! 2>/dev/null" EXIT;'
     'set --;'
     'command eval "case : in *) unset c;exec 2>&4 4>&-;$c;; esac;exit" 4>&2 2>/dev/null;'
-    'sh -c "${c%?}"'
+    'sh -c -- "${c%?}"'
 )
 
 # The agent: one long-lived bash on a host per slot in use, fed jobs on its
@@ -300,7 +300,7 @@ while :; do
     n=$m t= o=1; printf -v c %b "${l#* }"
     printf '%s s\\n' "$n"; printf '%s s\\n' "$n" >&4
     (q=$BASHPID x=; trap x=1 TERM; trap : @SIGNALS@
-     sh -c "$c" </dev/null 2>&4 4>&-; s=$?
+     sh -c -- "$c" </dev/null 2>&4 4>&-; s=$?
      if [ -z "$x" ]; then printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4; exit; fi
      set -m; (g=$q; w </dev/null >/dev/null; printf '%s e%d\\n' "$n" "$s"
        printf '%s e\\n' "$n" >&4) &) &
@@ -4315,7 +4315,7 @@ def signal_spawned(group, signum):
 def spawn_job(command, out, err):
     """(pid or None, the reply that says how it went)."""
     try:
-        pid = os.posix_spawn("/bin/sh", ["sh", "-c", command], job_environment(), file_actions=[
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", "--", command], job_environment(), file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)],
             setsid=True, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ) + SPAWNER_IGNORES)

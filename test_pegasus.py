@@ -3872,6 +3872,17 @@ def test_a_host_whose_login_shell_hangs_is_cancelled_from_this_side(tmp_path, ho
     assert read(tmp_path / "queue.yaml") == "- echo second\n"
 
 
+@pytest.mark.parametrize("options", [[], ["--session-per-job"]])
+def test_a_command_that_starts_with_a_dash_runs_as_written(tmp_path, hosts, options):
+    # sh must not read the command as its own options: it failed with
+    # "sh: 0: Illegal option -" locally and over an agent.
+    write(tmp_path / "hosts.yaml", "- localhost\n- h1\n")
+    write(tmp_path / "queue.yaml", "- '-x 2>/dev/null; echo ran on $0'\n")
+    out = run_pegasus(tmp_path, "b", *options, ssh_config=hosts.config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[localhost] ran on sh\n" in out.stdout and "[h1] ran on sh\n" in out.stdout
+
+
 def test_long_commands_have_no_argv_limit(tmp_path, hosts):
     # Every byte below is escaped on the way to a host: 5 bytes each in argv.
     payload = "a'\"$`\\é\n" * 15000
