@@ -7007,8 +7007,8 @@ class Dispatcher:
         if run.began:
             self.printer.ended(run)
             self.records.ended(run)
-        self.monitor.ended(run)
         self.policy.run_ended(run)
+        self.monitor.ended(run)  # (after the policy has counted it)
         self.schedule()
 
     def cancel_timers(self, run):
@@ -7690,8 +7690,7 @@ class BroadcastMode:
         for label, commands in self.missed.items():
             note("not run on %s, whose host was lost: %s" % (
                 label, ", ".join(shown(command) for command in commands)))
-            self.d.failures.append((label, "(%d job%s after its host was lost)" % (
-                len(commands), plural(len(commands))), "host lost"))
+            self.d.failures += [(label, command, "not run: host lost") for command in commands]
 
 
 def short_temp_dir():

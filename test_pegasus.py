@@ -3039,6 +3039,19 @@ def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
         os.close(r)
 
 
+def test_progress_lines_count_every_job_once(tmp_path):
+    # The job that just ended is done, not missing: each line adds up to
+    # the 20 jobs, and the last one says all 20 are done.
+    write(tmp_path / "queue.yaml", "- true\n" * 19 + "- exit 3\n")
+    out = run_pegasus(tmp_path, "q", "-H", "localhost")
+    counts = re.findall(r"progress: (\d+) done, (\d+) failed, (\d+) running, (\d+) queued",
+                        out.stderr)
+    assert len(counts) >= 5, out.stderr
+    for done, failed, running, queued in counts:
+        assert int(done) + int(failed) + int(running) + int(queued) == 20, out.stderr
+    assert counts[-1] == ("19", "1", "0", "0"), out.stderr
+
+
 def test_an_idle_daemon_prints_no_progress_when_nothing_changes(capsys):
     # Without a terminal, a progress line every PROGRESS_PERIOD, but only when
     # something changed since the last one: an idle daemon stays quiet.
@@ -3481,7 +3494,10 @@ def test_broadcast_with_i_names_the_steps_a_lost_host_missed(tmp_path, fault_hos
     assert sorted(job_lines(out)) == ["[f1] step1", "[f1] step2", "[f1] step3",
                                       "[f2] step1", "[f2] step2", "[f2] step3"]
     assert "not run on [f3], whose host was lost: 'echo step2', 'echo step3'\n" in err
-    assert "failed: [f3] '(2 jobs after its host was lost)': host lost" in err
+    # Each missed step counts failed, beside step 1, cut short there.
+    assert "failed: [f3] 'echo step2': not run: host lost\n" in err
+    assert "failed: [f3] 'echo step3': not run: host lost\n" in err
+    assert re.search(r"9 jobs run in \S+: 6 succeeded, 3 failed", err), err
 
 
 def test_broadcast_to_a_host_down_at_start_is_a_failure(tmp_path, hosts):
