@@ -121,6 +121,9 @@ CONNECT_NOTES = 10     # hosts that cannot be reached named one by one; then one
 MASTER_CLOSE_WAIT = 2.0  # at exit, masters get this long to close before SIGKILL
 WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try again
 STATUS_PERIOD = 0.25   # status line redraws and state file saves, at most this often
+STOP_WAIT = 2.0        # how long `pegasus.py stop` waits for a runner to take the stop
+PEEK_PERIOD = 1.0      # jobs added while no take comes are counted this often ...
+PEEK_MAX = 1 << 20     # ... in a queue file of at most this many bytes
 PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often (if anything changed)
 PUT_BACK_WAIT = 30.0   # at exit, how long to wait for the lock to put jobs back
 LOOKAHEAD = 1000       # jobs a backfill looks at past the head, at most
@@ -6345,11 +6348,14 @@ class QueueGate:
         self.exit_deadline = None  # at exit: how long to wait for the lock
         self.gave_up = False      # the pending jobs were printed for the user
         self.problems_told = set()  # keys of jobs that could not be rendered, told once
+        self.peeked = None        # see queued(): the count a look at the file gave
+        self.peek_at = 0.0        # ... and when the next look may be
 
     def take(self, choose, starts=None):
         """Take the jobs `choose` accepts (see QueueFile.take). While the file
         is locked or broken, returns [] and takes nothing until a retry."""
         lock = self.queue.lock
+        self.peeked = None  # (the take counts)
         if not lock.try_acquire():
             self.block("waiting for %s, held by %s" % (lock.path, lock.holder()),
                        LOCK_RETRY, until_changed=False)
@@ -6404,6 +6410,30 @@ class QueueGate:
             self.schedule()
         self.wait_timer = self.loop.call_later(delay, retry, owner="queue")
 
+    def queued(self, fresh=False):
+        """Jobs in the queue file, for the operator (the status line, `s`, the
+        count left at exit): the count of the last take, or, when the file
+        has changed since and no take has come (every slot busy, lock mode
+        just saved), of a look at it: read only, whole lines, never written,
+        at most every PEEK_PERIOD (unless `fresh`: at exit) and for files up to
+        PEEK_MAX bytes."""
+        queue, now = self.queue, time.monotonic()
+        if not queue.on_disk or not fresh and (self.wait_timer is not None or now < self.peek_at):
+            return queue.count if self.peeked is None else self.peeked
+        self.peek_at = now + PEEK_PERIOD
+        self.peeked = None
+        if self.blocked or not queue.changed_on_disk():
+            return queue.count
+        try:
+            with open(queue.path, "rb") as f:
+                raw = f.read(PEEK_MAX + 1)
+            if len(raw) <= PEEK_MAX:
+                text = decode_text(queue.path, raw[:raw.rfind(b"\n") + 1])
+                self.peeked = count_jobs(parse_queue(queue.path, text)[0])
+        except (OSError, PegasusError):
+            pass  # (a take says what is wrong, when its turn comes)
+        return queue.count if self.peeked is None else self.peeked
+
     def watch(self):
         """Notice jobs added to the queue file while slots are free."""
         if self.wait_timer is None and self.queue.on_disk:
@@ -6414,6 +6444,7 @@ class QueueGate:
         hold the lock for minutes; then they wait here and go back as soon as
         it is free (at the latest, before pegasus exits). True when none wait."""
         self.pending.extend(jobs)
+        self.peeked = None
         if not self.pending or not self.queue.lock.try_acquire():
             return not self.pending
         try:
@@ -6471,11 +6502,14 @@ class Monitor:
         self.progress_shown = 0   # tenths of the way reported (stderr not a terminal)
         self.last_progress = time.monotonic()
         self.last_counts = None   # what the last progress line said
+        self.stop_taken = None    # the last stop: its level, and the jobs running then
+        self.queued = 0           # the queue file's jobs, as of the last tick
 
     def counts(self):
         d = self.d
         ahead = getattr(getattr(d, "policy", None), "ahead", ())  # taken, not started yet
-        return d.succeeded + len(d.failures), len(d.runs), d.queue.count + len(ahead)
+        queued = d.queue.count if d.gate.peeked is None else d.gate.peeked
+        return d.succeeded + len(d.failures), len(d.runs), queued + len(ahead)
 
     def ended(self, run):
         if run.began:
@@ -6498,15 +6532,23 @@ class Monitor:
         """Every STATUS_PERIOD: redraw the status line, save the state file.
         Without a terminal, a progress line every PROGRESS_PERIOD, but only
         when something changed: an idle daemon stays quiet."""
+        self.d.loop.call_later(STATUS_PERIOD, self.tick, owner="monitor")
+        queued = self.queued
+        self.queued = self.d.gate.queued()
+        self.dirty = self.dirty or self.queued != queued
         if _status is not None:
             _status.draw("[pegasus] " + self.status_text())
         elif (time.monotonic() - self.last_progress >= PROGRESS_PERIOD
               and self.counts() != self.last_counts):
             self.progress()
-        if self.dirty and self.state is not None:
-            self.dirty = False
+        if self.dirty:
+            self.save()
+
+    def save(self):
+        """The state file, as of now."""
+        self.dirty = False
+        if self.state is not None:
             self.state.write(self.snapshot())
-        self.d.loop.call_later(STATUS_PERIOD, self.tick, owner="monitor")
 
     def status_text(self):
         d = self.d
@@ -6533,10 +6575,11 @@ class Monitor:
             "started": wall - (now - self.started_at),
             "done": d.succeeded, "failed": len(d.failures),
             "running": len(d.runs), "queued": self.counts()[2],
+            "stop": self.stop_taken,
             "slots": [{"slot": s.label, "host": s.hostname, "connection": s.state,
                        "capacity": s.capacity, "free": s.free,
                        "jobs": [{"job": run.command, "slots": run.indices,
-                                 "since": wall - (now - run.started)}
+                                 "since": wall - (now - run.started), "began": run.began}
                                 for run in sorted(s.runs, key=lambda r: r.indices)]}
                       for s in d.slots]}
 
@@ -7138,6 +7181,9 @@ class Dispatcher:
             self.pool.kill_all()
             self.printer.output.drop()
             self.errors.drop()
+        # Saved now: `pegasus.py stop` waits for it, to say how many jobs ran.
+        self.monitor.stop_taken = {"level": level, "running": running}
+        self.monitor.save()
         self.schedule()
 
     def advance(self):
@@ -7584,8 +7630,9 @@ class QueueMode:
         never = sorted({m.hostname for m in d.pool.masters} - up)
         if never:
             note("never reached: %s" % ", ".join(never))
-        if d.stop_level and d.queue.count:
-            note("%d job%s left in %s" % (d.queue.count, plural(d.queue.count), d.queue.path))
+        left = d.gate.queued(fresh=True)
+        if d.stop_level and left:
+            note("%d job%s left in %s" % (left, plural(left), d.queue.path))
 
 
 class BroadcastMode:
@@ -8007,19 +8054,25 @@ def mode_status(options):
     return EXIT_OK
 
 
+STOPPING = {DRAIN: ", stopping (no new jobs)", CANCEL: ", cancelling its jobs",
+            HURRY: ", killing its jobs"}
+
+
 def print_state(state, node):
     now = time.time()
     print("pegasus pid %s on %s, %s mode on %s, running for %s: %d done, %d failed, "
-          "%d running, %d queued" % (state["pid"], node, state["mode"], state["queue"],
-                                     duration(now - state["started"]), state["done"],
-                                     state["failed"], state["running"], state["queued"]))
+          "%d running, %d queued%s" % (state["pid"], node, state["mode"], state["queue"],
+                                       duration(now - state["started"]), state["done"],
+                                       state["failed"], state["running"], state["queued"],
+                                       STOPPING.get((state.get("stop") or {}).get("level"),
+                                                    "")))
     rows = [("SLOT", "HOST", "FOR", "JOB")]
     for slot in state["slots"]:
         name = slot["slot"]
         for job in slot["jobs"]:
             numbers = "" if slot["capacity"] == 1 else " #" + ",".join(map(str, job["slots"]))
-            rows.append((name + numbers, slot["connection"], duration(now - job["since"]),
-                         shown(job["job"])))
+            since = duration(now - job["since"]) if job.get("began", True) else "waiting"
+            rows.append((name + numbers, slot["connection"], since, shown(job["job"])))
         if slot["free"]:
             idle = "(idle)" if slot["capacity"] == 1 else "(%d of %d slots free)" % (
                 len(slot["free"]), slot["capacity"])
@@ -8043,18 +8096,35 @@ def mode_stop(options):
             continue
         # SIGUSR1 and SIGUSR2, not SIGINT and SIGTERM: the runner can tell a
         # request from an interrupt, and exits 0 when asked to stop and all is well.
+        before = (runner.state_file().read() or {}).get("running", 0)
         try:
             os.kill(int(runner.pid), signal.SIGUSR2 if options.now else signal.SIGUSR1)
         except ProcessLookupError:
             continue  # it ended just now
-        state = runner.state_file().read() or {"running": 0}
-        running = "%d running job%s" % (state["running"], plural(state["running"]))
+        count = stopped_running(runner, CANCEL if options.now else DRAIN, before)
+        running = "%d running job%s" % (count, plural(count))
         if options.now:
             note("asked pegasus (pid %s) to cancel its %s and exit" % (runner.pid, running))
         else:
             note("asked pegasus (pid %s) to start no new job and exit when its %s %s"
-                 % (runner.pid, running, "finishes" if state["running"] == 1 else "finish"))
+                 % (runner.pid, running, "finishes" if count == 1 else "finish"))
     return code
+
+
+def stopped_running(runner, level, before):
+    """How many jobs the runner had running when it took the stop: it saves
+    its state file then. If it has ended first (or says nothing within
+    STOP_WAIT), `before`, the count its state file gave before the signal."""
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline:
+        state = runner.state_file().read()
+        if state is None:
+            return before  # (gone: nothing ran long enough to see)
+        taken = state.get("stop") or {}
+        if taken.get("level", 0) >= level:
+            return taken["running"]
+        time.sleep(0.005)
+    return before
 
 
 MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock, "add": mode_add,

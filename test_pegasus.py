@@ -3039,6 +3039,56 @@ def test_output_to_a_pipe_nobody_reads_never_blocks_and_loses_nothing():
         os.close(r)
 
 
+def test_status_and_exit_count_jobs_added_while_every_slot_is_busy(tmp_path):
+    # The count of queued jobs changed only when a job was taken: `s` said
+    # "1 queued" with 4 in the file, and the exit "1 job left".
+    write(tmp_path / "queue.yaml", "- while [ ! -e go ]; do sleep 0.1; done\n- echo two\n")
+    proc = start_pegasus(tmp_path, "q")
+    try:
+        wait_for(lambda: "1 running, 1 queued" in run_pegasus(tmp_path, "s").stdout,
+                 what="the first job to run")
+        with open(str(tmp_path / "queue.yaml"), "a") as f:
+            f.write("- echo three\n- echo four\n- echo five\n")
+        wait_for(lambda: "1 running, 4 queued" in run_pegasus(tmp_path, "s").stdout,
+                 what="s to count the added jobs")
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stderr:
+            if "Ctrl-C: no new jobs" in line:
+                break
+        write(tmp_path / "go", "")
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "4 jobs left in queue.yaml" in err, err
+
+
+def test_stop_says_how_many_jobs_ran_when_the_runner_took_it(tmp_path):
+    # `stop` read the state file as last saved, up to a tick old: right
+    # after the jobs started it said "its 0 running jobs". The runner saves
+    # it as it takes the stop, and `s` says it stops.
+    write(tmp_path / "hosts.yaml", "- hostname: localhost\n  slots: 2\n")
+    write(tmp_path / "queue.yaml", "- while [ ! -e go ]; do sleep 0.1; done\n" * 2
+          + "- echo three\n")
+    proc = start_pegasus(tmp_path, "q")
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml")
+                 and len(yaml.safe_load(read(tmp_path / "consumed.yaml")) or []) == 2,
+                 what="both jobs to start")
+        asked = run_pegasus(tmp_path, "stop")
+        assert "exit when its 2 running jobs finish\n" in asked.stderr, asked.stderr
+        assert "2 running, 1 queued, stopping (no new jobs)" in run_pegasus(tmp_path, "s").stdout
+        write(tmp_path / "go", "")
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert read(tmp_path / "queue.yaml") == "- echo three\n"
+
+
 def test_progress_lines_count_every_job_once(tmp_path):
     # The job that just ended is done, not missing: each line adds up to
     # the 20 jobs, and the last one says all 20 are done.
@@ -3059,7 +3109,8 @@ def test_an_idle_daemon_prints_no_progress_when_nothing_changes(capsys):
     dispatcher = Fake(succeeded=0, failures=[], runs=set(), slots=[],
                       queue=Fake(count=0, path="queue.yaml", on_disk=False),
                       usable_slots=lambda: [], options=Fake(mode="q"),
-                      loop=Fake(call_later=lambda *args, **kwargs: None))
+                      loop=Fake(call_later=lambda *args, **kwargs: None),
+                      gate=Fake(queued=lambda: 0, peeked=None))
     monitor = pegasus.Monitor(dispatcher)
     monitor.progress()
     capsys.readouterr()
