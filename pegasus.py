@@ -6868,10 +6868,10 @@ class Dispatcher:
             self.start_session(run)
             return
         run.master.waiting.append(run)
-        if run.master.session_cap == 0:
-            self.without_agents(run.master)  # (which starts the waiting runs)
-        elif self.policy.unstarted_go_back:
+        if self.policy.unstarted_go_back and (self.stop_level or run.master.session_cap != 0):
             self.requeue(run)
+        elif run.master.session_cap == 0:
+            self.without_agents(run.master)  # (which starts the waiting runs)
 
     def requeue(self, run):
         """A run that waits for a session goes back to the queue unstarted."""

@@ -2616,6 +2616,30 @@ def test_sessions_refused_after_one_ctrl_c_put_their_jobs_back(tmp_path):
         assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
 
 
+def test_a_host_that_allows_no_session_starts_no_login_per_job_after_a_stop(tmp_path):
+    # MaxSessions 1, and the refusals come after one Ctrl-C (the host is
+    # frozen while the sessions open): the fallback to one login per job
+    # must not start the jobs that were refused; they go back unrun.
+    with limited_host(tmp_path, 97, slots=3, max_sessions=1, name="one") as hosts:
+        started = tmp_path / "started"
+        write(tmp_path / "queue.yaml", "".join("- echo %d >> %s\n" % (i, started)
+                                               for i in range(1, 4)))
+        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        for line in proc.stderr:
+            if "connected to one" in line:
+                hosts.signal("one", signal.SIGSTOP)
+                break
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stderr:
+            if "Ctrl-C: " in line:
+                break
+        hosts.signal("one", signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert not started.exists(), err
+        assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 3, err
+
+
 def test_with_a_session_per_job_ssh_runs_a_refused_session_on_a_connection_of_its_own(
         tmp_path):
     # As the README says: the jobs the master has no session for still run
