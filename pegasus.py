@@ -3514,8 +3514,14 @@ def check_queue(queue, slots, broadcast=False):
                                "has %d (give hosts 'slots: N' in the hosts file)"
                                % (queue.path, entry.line, needs, largest))
         for command in dict.fromkeys(entry.spec["command"]):
-            if "{{" in command:  # nothing to render, nothing that can fail
+            if "{{" not in command:  # nothing to render, nothing that can fail
+                continue
+            try:
                 check_command(entry.spec, command, slots)
+            except PegasusError as e:
+                if not queue.on_disk:  # (commands given as arguments)
+                    raise
+                raise PegasusError("%s:%d: %s" % (queue.path, entry.line, e)) from None
 
 
 # At most this many combinations of tested values are rendered per command;

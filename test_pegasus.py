@@ -797,6 +797,8 @@ def test_a_name_used_in_one_branch_stops_the_run_before_it_starts(tmp_path):
         """)
     out = run_pegasus(tmp_path, "q")
     assert out.returncode == 2
+    # Named as a take would name it: the file and line first.
+    assert "error: queue.yaml:1: job 'echo {{#if" in out.stderr
     assert "on [127.0.0.1]: {{missing}} is not defined" in out.stderr
     assert "ok" not in out.stdout
     assert "missing" in read(tmp_path / "queue.yaml")
