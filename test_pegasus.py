@@ -739,12 +739,14 @@ class FakeEntry:
 class FakeQueue:
     def __init__(self, *specs):
         self.path, self.entries = "queue.yaml", [FakeEntry(spec) for spec in specs]
+        self.on_disk = True
 
 
 def test_start_check_follows_every_branch_that_can_render():
     slots = [pegasus.Slot(0, "a", {}), pegasus.Slot(1, "x", {})]
     bad = {"command": ["echo{{#if (eq hostname \"x\")}} {{missing}}{{/if}}"]}
-    with pytest.raises(pegasus.PegasusError, match=r"on \[x\]: \{\{missing\}\} is not defined"):
+    with pytest.raises(pegasus.PegasusError,
+                       match=r"^queue.yaml:1: .* on \[x\]: \{\{missing\}\} is not defined"):
         pegasus.check_queue(FakeQueue(bad), slots)
     pegasus.check_queue(FakeQueue(bad), slots[:1])  # no host renders that branch
     bad = {"command": ["echo{{#if (eq bs \"64\")}} {{nope}}{{/if}}"], "bs": ["8", "16", "64"]}
