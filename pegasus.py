@@ -4324,7 +4324,8 @@ def signal_spawned(group, signum):
 def spawn_job(command, out, err):
     """(pid or None, the reply that says how it went)."""
     try:
-        pid = os.posix_spawn("/bin/sh", ["sh", "-c", "--", command], job_environment(), file_actions=[
+        argv = ["sh", "-c", "--", command]  # (--: a command may start with "-")
+        pid = os.posix_spawn("/bin/sh", argv, job_environment(), file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)],
             setsid=True, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ) + SPAWNER_IGNORES)
@@ -6945,7 +6946,8 @@ class Dispatcher:
         master.session_cap = len(master.agents)
         self.capped.add(master)
         note_once(("sessions", master.hostname), "%s refuses more sessions on one connection "
-                  "(sshd's MaxSessions): no more jobs at a time there than it allows" % master.hostname)
+                  "(sshd's MaxSessions): no more jobs at a time there than it allows"
+                  % master.hostname)
         return True
 
     def agent_closed(self, agent, was):
