@@ -7542,9 +7542,14 @@ class QueueMode:
     def report_oversized(self, job):
         if job.key() not in self.oversized:
             self.oversized.add(job.key())
+            where = self.d.queue.path
+            line = next((entry.line for entry in self.d.queue.entries
+                         if job.command in entry.spec["command"]
+                         and entry.spec.get("slots", ["1"])[0] == str(job.slots)), None)
+            if line is not None:
+                where += ":%d" % line
             note("%s: job %s needs %d slots, but the largest host has %d; it stays in "
-                 "the queue" % (self.d.queue.path, shown(job.command), job.slots,
-                                self.largest))
+                 "the queue" % (where, shown(job.command), job.slots, self.largest))
 
     def start_retries(self, free):
         """Start waiting retries, each on a slot it has not failed on when

@@ -5084,8 +5084,8 @@ def test_a_job_larger_than_every_host(tmp_path, hosts):
         f.write("- command: echo big\n  slots: 8\n- echo after\n")
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "job 'echo big' needs 8 slots, but the largest host has 4; it stays in the queue" \
-        in err
+    assert ("queue.yaml:1: job 'echo big' needs 8 slots, but the largest host has 4; it stays "
+            "in the queue") in err
     assert job_lines(out)[-1].endswith("] after")
     assert read(tmp_path / "queue.yaml") == "- command: echo big\n  slots: 8\n"
 
