@@ -328,6 +328,7 @@ MASTER_MALLOC = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold
 # What a queue file's appended bytes begin with when they start an entry
 # (or a comment) of their own: see QueueFile.join().
 NEW_ENTRY = re.compile(rb"[ \t]*(?:-(?:[ \t\r\n]|$)|#)")
+TOP_ENTRY = re.compile(rb"(?:-(?:[ \t\r\n]|$)|#)")  # ... at the top level
 
 # Bytes that may stand as themselves in the encoded command: safe inside
 # single quotes in every shell above. All others become \0NNN.
@@ -2926,14 +2927,14 @@ class QueueFile:
         """Our source file is replaced: watch it for appends that land late.
         `replaced_by`: the text of someone else's save that replaced it. A
         save reads the file first, so what was appended before it read is in
-        it already: carrying it over too would queue those jobs twice."""
+        it already (see read_by_save): carrying it over too would queue those
+        jobs twice, and bring back those the save deleted."""
         if self.source is not None:
             known = self.raw
             size = os.fstat(self.source).st_size
             if replaced_by is not None and size > len(known):
                 late = os.pread(self.source, size - len(known), len(known))
-                if late.strip() and late.strip() in replaced_by:
-                    known += late
+                known += late[:read_by_save(known, late, replaced_by)]
             self.retired.append(Retired(read_only(self.source), known))
             self.source = None
 
@@ -3230,6 +3231,30 @@ class Retired:
                 and os.pread(self.fd, len(self.head), 0) == self.head
                 and os.pread(self.fd, len(self.tail), self.accounted - len(self.tail))
                 == self.tail)
+
+
+def read_by_save(known, late, save):
+    """How many bytes of `late`, appended to a file that held `known`, the
+    save that replaced the file had read. A save holds what it read, less
+    what its writer deleted: so it read up to the end of the entry of the
+    last late line it holds that `known` does not (it cannot have had that
+    line from elsewhere), the lines it deleted before that included. What
+    comes after was appended after it read, and is carried over."""
+    if known and not known.endswith(b"\n"):  # (late goes on from our own last line)
+        return len(late) if late.strip() and late.strip() in save else 0
+    saved = {line.strip() for line in save.splitlines()}
+    had = {line.strip() for line in known.splitlines()}
+    lines = late.splitlines(keepends=True)
+    read, at, last = 0, 0, None
+    for number, line in enumerate(lines):
+        at += len(line)
+        if line.endswith(b"\n") and line.strip() and line.strip() in saved - had:
+            read, last = at, number
+    for line in lines[last + 1:] if last is not None else ():
+        if not line.endswith(b"\n") or TOP_ENTRY.match(line):
+            break
+        read += len(line)  # the rest of that entry
+    return read
 
 
 def edits_size(edits):

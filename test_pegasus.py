@@ -3279,6 +3279,51 @@ def test_lock_mode_edits_a_running_daemon_queue(tmp_path):
     assert job_lines(stdout) == ["[localhost] before", "[localhost] added by editor"]
 
 
+@pytest.mark.parametrize("late, save, read", [
+    (b"- a1\n- a2\n", b"- j\n- a1\n- a2\n", 10),           # all read
+    (b"- a1\n- a2\n", b"- j\n- a2\n", 10),                  # a1 deleted: read too
+    (b"- a1\n- a2\n", b"- j\n- a1\n", 5),                   # a2 came after the read
+    (b"- a1\n- a2\n", b"- j\n", 0),                          # none read (or all deleted)
+    (b"- j\n- a2\n", b"- j\n", 0),                           # a copy of ours proves nothing
+    (b"- command: x\n  slots: 2\n- b\n", b"- j\n- command: x\n  slots: 2\n", 24),  # whole entry
+    (b"- a1\n- a", b"- j\n- a1\n- a\n", 5),                 # an unfinished line: not read
+])
+def test_what_a_save_read_of_the_lines_appended_before_it(late, save, read):
+    assert pegasus.read_by_save(b"- j\n", late, save) == read
+
+
+@pytest.mark.parametrize("appended", ["one by one", "at once"])
+def test_a_save_that_deletes_an_appended_job_runs_neither_it_nor_the_others_twice(
+        tmp_path, appended):
+    # Jobs are appended while every slot is busy; then lock mode's editor
+    # saves by renaming (sed -i) without the first of them. The appended
+    # bytes were in the file it read: carrying them over from the replaced
+    # file ran the deleted job, and the two others twice (found by a
+    # hostile run: 8 of 8).
+    ran = tmp_path / "ran"
+    write(tmp_path / "queue.yaml", "- while [ ! -e go ]; do sleep 0.1; done\n")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+        jobs = ["- echo a%d >> %s\n" % (i, ran) for i in (1, 2, 3)]
+        for chunk in (jobs if appended == "one by one" else ["".join(jobs)]):
+            with open(str(tmp_path / "queue.yaml"), "a") as f:
+                f.write(chunk)
+        editor = editor_script(tmp_path, 'sed -i "/a1/d" "$1"\n')
+        out = run_pegasus(tmp_path, "l", "--editor", editor)
+        assert out.returncode == 0, out.stderr
+        write(tmp_path / "go", "")
+        wait_for(lambda: ran.exists() and len(read(ran).split()) >= 2, what="a2 and a3")
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert sorted(read(ran).split()) == ["a2", "a3"], err
+    assert read(tmp_path / "queue.yaml") == "", err
+
+
 def test_runner_waits_for_lock_and_says_who_holds_it(tmp_path):
     write(tmp_path / "queue.yaml", "- echo queued\n")
     editor = editor_script(tmp_path, "sleep 2\n")
