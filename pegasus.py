@@ -5412,6 +5412,7 @@ class Run:
         self.agent_restarted = False  # an agent died before starting it; it went to another
         self.began = False        # it has started: see Dispatcher.begin
         self.requeued = False     # it goes back to the queue unstarted (see wait_for_session)
+        self.order = 0            # spawned as the how-manieth (Dispatcher.spawn)
 
     def spawn(self, argv, unsent):
         # A new session: Ctrl-C in the terminal reaches pegasus only, which
@@ -6640,6 +6641,7 @@ class Dispatcher:
         self.exiting = set()      # runs whose pipes closed before their process exited
         self.agents = set()       # every Agent not closed yet
         self.capped = set()       # masters whose host limits their sessions
+        self.spawned = itertools.count(1)  # see Run.order
         self.spawners = []        # every Spawner not reaped yet (local jobs)
         self.succeeded = 0
         self.failures = []        # (slot label, command, status) of every failed job
@@ -6722,6 +6724,7 @@ class Dispatcher:
         fds) ends as a Run with an error, so the policy decides its fate."""
         master = slot.connection()
         run = Run(slot, job, command, indices, attempt, master)
+        run.order = next(self.spawned)
         run.avoid = set(avoid)
         run.on_lines = self.on_lines
         master.sessions += 1
@@ -7402,7 +7405,8 @@ class QueueMode:
         self.waiting = False     # a queued job could not start for want of a slot
         self.cut_short = []      # cancelled runs, to go back in the order they started
         self.start_errors = {}   # job key -> runs of it that could not start
-        self.ahead = collections.deque()  # [job, when taken]: ahead of free slots, in order
+        self.ahead = collections.deque()  # [job, when taken, listed in consumed.yaml]: in order
+        self.returned = []       # runs that never started, this round (give_back_unstarted)
         self.ahead_timer = None  # the look at ahead jobs that wait too long
         self.room = {}           # see Dispatcher.session_room, as of this fill()
         self.pace = None         # how long runs take, on average (recent ones count most)
@@ -7412,6 +7416,7 @@ class QueueMode:
         """Start what can start; True when all the work is done."""
         d = self.d
         d.gate.put_back([])  # jobs of lost hosts that found the queue locked
+        self.take_returned()
         self.room = d.session_room()
         free = {slot: list(slot.free) for slot in d.usable_slots()
                 if slot.free and self.room.get(id(slot.connections)) != 0}
@@ -7424,7 +7429,7 @@ class QueueMode:
             for (slot, indices, command), job in d.gate.take(
                     self.chooser(free), starts=lambda choice: choice[0] is not None):
                 if slot is None:
-                    self.ahead.append([job, now])
+                    self.ahead.append([job, now, False])
                 else:
                     d.spawn(slot, job, command, indices)
         self.watch_ahead()
@@ -7514,7 +7519,7 @@ class QueueMode:
             found = self.place(self.ahead[0][0], free)
             if found is None:
                 break
-            job = self.ahead.popleft()[0]
+            job, _, listed = self.ahead.popleft()
             slot, indices = found
             try:
                 command = render_job(job, slot, indices)
@@ -7522,7 +7527,8 @@ class QueueMode:
                 self.d.gate.put_back([job])  # the usual take will say why
                 continue
             self.use(free, slot, job)
-            started.append(job)
+            if not listed:
+                started.append(job)
             self.d.spawn(slot, job, command, indices)
         self.d.queue.record_started(started)
 
@@ -7543,9 +7549,30 @@ class QueueMode:
         self.watch_ahead()
 
     def give_back_ahead(self):
+        self.take_returned()
         if self.ahead:
-            self.d.gate.put_back([job for job, _ in self.ahead])
+            self.d.gate.put_back([job for job, _, _ in self.ahead])
             self.ahead.clear()
+
+    def give_back_unstarted(self, run):
+        """A run that never started (its session refused, a stop first): its
+        job, taken before those taken ahead, goes before them, and starts on
+        the next slot that can take it. No rewrite of the queue file, and
+        consumed.yaml lists it once. After a stop, or for a job that needs
+        several slots (see reserve()), it goes back to the head of the queue."""
+        if self.d.stop_level or run.job.slots != 1:
+            self.d.gate.put_back([run.job])
+        else:
+            self.returned.append(run)
+
+    def take_returned(self):
+        """This round's unstarted runs go ahead of the jobs taken ahead, in
+        the order they were taken."""
+        if self.returned:
+            now = time.monotonic()
+            self.returned.sort(key=lambda run: run.order)
+            self.ahead.extendleft([run.job, now, True] for run in reversed(self.returned))
+            self.returned = []
 
     def stopping(self):
         """A stop: no job starts any more, and those taken ahead go back now."""
@@ -7601,7 +7628,7 @@ class QueueMode:
     def run_ended(self, run):
         d = self.d
         if run.requeued or (run.cancelled and not run.began):
-            d.gate.put_back([run.job])  # it never started (see Dispatcher.wait_for_session)
+            self.give_back_unstarted(run)
             return
         if run.began:
             took = time.monotonic() - run.started
