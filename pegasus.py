@@ -3240,8 +3240,10 @@ def read_by_save(known, late, save):
     last late line it holds that `known` does not (it cannot have had that
     line from elsewhere), the lines it deleted before that included. What
     comes after was appended after it read, and is carried over."""
+    if late.strip() and late.strip() in save:
+        return len(late)  # all of it, as it is (unfinished last line included)
     if known and not known.endswith(b"\n"):  # (late goes on from our own last line)
-        return len(late) if late.strip() and late.strip() in save else 0
+        return 0
     saved = {line.strip() for line in save.splitlines()}
     had = {line.strip() for line in known.splitlines()}
     lines = late.splitlines(keepends=True)
@@ -4109,14 +4111,20 @@ def launch(options, master, command):
     if master.socket is None:
         if len(command) <= ARGV_MAX:
             return local_argv(command), b""
-        argv = ["/bin/sh", "-c", READ_LINE + RUN, "sh"]
-    elif len(command) <= ARGV_MAX // 5 or len(encode_command(command)) <= ARGV_MAX:
-        return job_argv(options, master.hostname, master.socket, command), b""
-    else:
-        argv = ssh_base(options) + [
-            "-o", "ControlMaster=no", "-S", master.socket, "-T", "--", master.hostname,
-            "exec sh -c '%s%s' sh" % (READ_LINE, RUN)]
-    return argv, encode_command(command + "\n").encode("ascii") + b"\n"
+        return ["/bin/sh", "-c", READ_LINE + RUN, "sh"], stdin_line(command)
+    # A host that allows no session beside the master's own (session_cap 0):
+    # each job's ssh logs in by itself, not first asking the master in vain.
+    socket = "none" if master.session_cap == 0 else master.socket
+    if len(command) <= ARGV_MAX // 5 or len(encode_command(command)) <= ARGV_MAX:
+        return job_argv(options, master.hostname, socket, command), b""
+    return ssh_base(options) + [
+        "-o", "ControlMaster=no", "-S", socket, "-T", "--", master.hostname,
+        "exec sh -c '%s%s' sh" % (READ_LINE, RUN)], stdin_line(command)
+
+
+def stdin_line(command):
+    """A long command as the one line READ_LINE reads (see launch)."""
+    return encode_command(command + "\n").encode("ascii") + b"\n"
 
 
 class Pipe:
@@ -7187,9 +7195,10 @@ class Dispatcher:
         self.stop_level = level
         unstarted = [run for run in self.runs if run in run.master.waiting
                      and self.policy.unstarted_go_back]
-        running = len(self.runs) - len(unstarted)
-        jobs = "%d running job%s" % (running, plural(running))
-        if not running or self.exiting_phase:
+        running = sum(1 for run in self.runs if run.began)
+        starting = len(self.runs) - len(unstarted) - running  # (sessions still opening)
+        jobs = running_jobs(running, starting)
+        if not running + starting or self.exiting_phase:
             note("%s: stopping" % why)
         elif level == DRAIN:
             again = "Ctrl-C again" if why == "Ctrl-C" else "pegasus.py stop --now"
@@ -7218,7 +7227,7 @@ class Dispatcher:
             self.printer.output.drop()
             self.errors.drop()
         # Saved now: `pegasus.py stop` waits for it, to say how many jobs ran.
-        self.monitor.stop_taken = {"level": level, "running": running}
+        self.monitor.stop_taken = {"level": level, "running": running, "starting": starting}
         self.monitor.save()
         self.schedule()
 
@@ -7405,7 +7414,7 @@ class QueueMode:
         self.waiting = False     # a queued job could not start for want of a slot
         self.cut_short = []      # cancelled runs, to go back in the order they started
         self.start_errors = {}   # job key -> runs of it that could not start
-        self.ahead = collections.deque()  # [job, when taken, listed in consumed.yaml]: in order
+        self.ahead = collections.deque()  # [job, when taken, None or see take_returned]
         self.returned = []       # runs that never started, this round (give_back_unstarted)
         self.ahead_timer = None  # the look at ahead jobs that wait too long
         self.room = {}           # see Dispatcher.session_room, as of this fill()
@@ -7429,7 +7438,7 @@ class QueueMode:
             for (slot, indices, command), job in d.gate.take(
                     self.chooser(free), starts=lambda choice: choice[0] is not None):
                 if slot is None:
-                    self.ahead.append([job, now, False])
+                    self.ahead.append([job, now, None])
                 else:
                     d.spawn(slot, job, command, indices)
         self.watch_ahead()
@@ -7519,7 +7528,7 @@ class QueueMode:
             found = self.place(self.ahead[0][0], free)
             if found is None:
                 break
-            job, _, listed = self.ahead.popleft()
+            job, _, returned = self.ahead.popleft()
             slot, indices = found
             try:
                 command = render_job(job, slot, indices)
@@ -7527,7 +7536,7 @@ class QueueMode:
                 self.d.gate.put_back([job])  # the usual take will say why
                 continue
             self.use(free, slot, job)
-            if not listed:
+            if returned is None:  # (consumed.yaml lists a returned one already)
                 started.append(job)
             self.d.spawn(slot, job, command, indices)
         self.d.queue.record_started(started)
@@ -7566,12 +7575,16 @@ class QueueMode:
             self.returned.append(run)
 
     def take_returned(self):
-        """This round's unstarted runs go ahead of the jobs taken ahead, in
-        the order they were taken."""
+        """The unstarted runs of this round go ahead of the jobs taken ahead,
+        among those of earlier rounds in the order they were spawned (their
+        entries' third item, run.order)."""
         if self.returned:
             now = time.monotonic()
-            self.returned.sort(key=lambda run: run.order)
-            self.ahead.extendleft([run.job, now, True] for run in reversed(self.returned))
+            front = [[run.job, now, run.order] for run in self.returned]
+            while self.ahead and self.ahead[0][2] is not None:
+                front.append(self.ahead.popleft())
+            front.sort(key=lambda entry: entry[2])
+            self.ahead.extendleft(reversed(front))
             self.returned = []
 
     def stopping(self):
@@ -7978,6 +7991,13 @@ def plural(count):
     return "" if count == 1 else "s"
 
 
+def running_jobs(running, starting):
+    """'3 running jobs', and how many more are starting (a session that is
+    still opening may yet be refused: see Dispatcher.wait_for_session)."""
+    text = "%d running job%s" % (running, plural(running))
+    return text + (" (and %d starting)" % starting if starting else "")
+
+
 def mode_queue(options):
     return mode_run(options, QueueMode)
 
@@ -8166,30 +8186,31 @@ def mode_stop(options):
             os.kill(int(runner.pid), signal.SIGUSR2 if options.now else signal.SIGUSR1)
         except ProcessLookupError:
             continue  # it ended just now
-        count = stopped_running(runner, CANCEL if options.now else DRAIN, before)
-        running = "%d running job%s" % (count, plural(count))
+        running, starting = stopped_running(runner, CANCEL if options.now else DRAIN, before)
+        jobs = running_jobs(running, starting)
         if options.now:
-            note("asked pegasus (pid %s) to cancel its %s and exit" % (runner.pid, running))
+            note("asked pegasus (pid %s) to cancel its %s and exit" % (runner.pid, jobs))
         else:
             note("asked pegasus (pid %s) to start no new job and exit when its %s %s"
-                 % (runner.pid, running, "finishes" if count == 1 else "finish"))
+                 % (runner.pid, jobs, "finishes" if running + starting == 1 else "finish"))
     return code
 
 
 def stopped_running(runner, level, before):
-    """How many jobs the runner had running when it took the stop: it saves
-    its state file then. If it has ended first (or says nothing within
-    STOP_WAIT), `before`, the count its state file gave before the signal."""
+    """(running, starting): the runner's jobs when it took the stop (it saves
+    its state file then). If it has ended first (or says nothing within
+    STOP_WAIT), `before`, its state file's count before the signal."""
     deadline = time.monotonic() + STOP_WAIT
     while time.monotonic() < deadline:
         state = runner.state_file().read()
         if state is None:
-            return before  # (gone: nothing ran long enough to see)
+            return before, 0  # (gone: nothing ran long enough to see)
         taken = state.get("stop") or {}
         if taken.get("level", 0) >= level:
-            return taken["running"]
+            return taken["running"], taken.get("starting", 0)
         time.sleep(0.005)
-    return before
+    return before, 0
+
 
 
 MODES = {"q": mode_queue, "b": mode_broadcast, "l": mode_lock, "add": mode_add,

@@ -2510,6 +2510,20 @@ def test_jobs_a_limited_host_has_no_session_for_go_to_other_hosts(tmp_path):
         hosts.close()
 
 
+def test_jobs_whose_sessions_were_refused_start_in_queue_order(tmp_path):
+    # One agent allowed, three slots: the two jobs refused beside the first
+    # start next, in their order, before the fourth (they went back to the
+    # head of the queue one by one, so the third ran before the second).
+    with limited_host(tmp_path, 98, slots=3) as hosts:
+        ran = tmp_path / "ran"
+        write(tmp_path / "queue.yaml", "".join("- echo j%d >> %s; sleep 0.2\n" % (i, ran)
+                                               for i in range(1, 5)))
+        out = run_pegasus(tmp_path, "q", ssh_config=hosts.config)
+        assert out.returncode == 0, out.stderr
+        assert read(ran).split() == ["j1", "j2", "j3", "j4"], out.stderr
+        assert len(yaml.safe_load(read(tmp_path / "consumed.yaml"))) == 4  # each once
+
+
 def test_a_host_with_two_connections_runs_jobs_on_both_when_it_limits_sessions(tmp_path):
     # 16 slots: two masters, each allowed one agent (MaxSessions 2). The
     # first job runs until five more have run: they must go to the other
@@ -2581,6 +2595,8 @@ def test_a_host_that_allows_no_session_beside_the_masters_gets_one_login_per_job
         assert sorted(re.findall(r"\] job (\d)$", out.stdout, re.M)) == list("1234")
         assert "one refuses every session beside its connection's own" in out.stderr
         assert not (tmp_path / "failed.yaml").exists()
+        # Each login is its own: no job first asks the master in vain.
+        assert "Session open refused" not in out.stdout, out.stdout
 
 
 def test_stop_on_error_starts_no_job_that_waits_for_a_session(tmp_path):
@@ -3286,7 +3302,8 @@ def test_lock_mode_edits_a_running_daemon_queue(tmp_path):
     (b"- a1\n- a2\n", b"- j\n", 0),                          # none read (or all deleted)
     (b"- j\n- a2\n", b"- j\n", 0),                           # a copy of ours proves nothing
     (b"- command: x\n  slots: 2\n- b\n", b"- j\n- command: x\n  slots: 2\n", 24),  # whole entry
-    (b"- a1\n- a", b"- j\n- a1\n- a\n", 5),                 # an unfinished line: not read
+    (b"- a1\n- a", b"- j\n- a1\n- a\n", 8),                 # all of it, held as it is
+    (b"- a1\n- a", b"- j\n- a\n- a1\n", 5),                 # an unfinished line: not read
 ])
 def test_what_a_save_read_of_the_lines_appended_before_it(late, save, read):
     assert pegasus.read_by_save(b"- j\n", late, save) == read
