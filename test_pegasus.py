@@ -2612,26 +2612,34 @@ def test_stop_on_error_starts_no_job_that_waits_for_a_session(tmp_path):
         assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
 
 
+def ctrl_c_while_frozen(tmp_path, hosts, name, jobs):
+    """Run pegasus on `jobs`; freeze host `name` once its master is up, so
+    that the agents' sessions open (and are refused) late, Ctrl-C once,
+    thaw the host: (exit status, stderr)."""
+    write(tmp_path / "queue.yaml", "".join("- %s\n" % job for job in jobs))
+    proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
+    for line in proc.stderr:
+        if "connected to %s" % name in line:
+            hosts.signal(name, signal.SIGSTOP)
+            break
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if "Ctrl-C: " in line:
+            break
+    hosts.signal(name, signal.SIGCONT)
+    err = proc.communicate(timeout=60)[1]
+    return proc.returncode, err
+
+
 def test_sessions_refused_after_one_ctrl_c_put_their_jobs_back(tmp_path):
     # The host is frozen while the agents' sessions open; one Ctrl-C comes
     # first, and the sessions the host then refuses must not start their
     # jobs later, one after another: they go back unrun.
     with limited_host(tmp_path, 106, slots=3) as hosts:
         started = tmp_path / "started"
-        write(tmp_path / "queue.yaml", "".join("- echo %d >> %s; echo job %d\n" % (i, started, i)
-                                               for i in range(1, 4)))
-        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
-        for line in proc.stderr:
-            if "connected to few" in line:
-                hosts.signal("few", signal.SIGSTOP)
-                break
-        proc.send_signal(signal.SIGINT)
-        for line in proc.stderr:
-            if "Ctrl-C: no new jobs" in line:
-                break
-        hosts.signal("few", signal.SIGCONT)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        code, err = ctrl_c_while_frozen(tmp_path, hosts, "few", [
+            "echo %d >> %s; echo job %d" % (i, started, i) for i in range(1, 4)])
+        assert code == 130, err
         assert len(read(started).split()) == 1, err
         assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 2
 
@@ -2642,20 +2650,9 @@ def test_a_host_that_allows_no_session_starts_no_login_per_job_after_a_stop(tmp_
     # must not start the jobs that were refused; they go back unrun.
     with limited_host(tmp_path, 97, slots=3, max_sessions=1, name="one") as hosts:
         started = tmp_path / "started"
-        write(tmp_path / "queue.yaml", "".join("- echo %d >> %s\n" % (i, started)
-                                               for i in range(1, 4)))
-        proc = start_pegasus(tmp_path, "q", ssh_config=hosts.config)
-        for line in proc.stderr:
-            if "connected to one" in line:
-                hosts.signal("one", signal.SIGSTOP)
-                break
-        proc.send_signal(signal.SIGINT)
-        for line in proc.stderr:
-            if "Ctrl-C: " in line:
-                break
-        hosts.signal("one", signal.SIGCONT)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        code, err = ctrl_c_while_frozen(tmp_path, hosts, "one", [
+            "echo %d >> %s" % (i, started) for i in range(1, 4)])
+        assert code == 130, err
         assert not started.exists(), err
         assert len(yaml.safe_load(read(tmp_path / "queue.yaml"))) == 3, err
 
