@@ -6740,7 +6740,7 @@ class Dispatcher:
         slot.runs.add(run)
         self.runs.add(run)
         self.monitor.dirty = True
-        if self.start_session(run) and run not in master.waiting and not run.ended:
+        if self.start_session(run) and run not in run.master.waiting and not run.ended:
             self.start_timeout(run)
         return run
 
@@ -7610,7 +7610,7 @@ class QueueMode:
             where = self.d.queue.path
             line = next((entry.line for entry in self.d.queue.entries
                          if job.command in entry.spec["command"]
-                         and entry.spec.get("slots", ["1"])[0] == str(job.slots)), None)
+                         and int(entry.spec.get("slots", ["1"])[0]) == job.slots), None)
             if line is not None:
                 where += ":%d" % line
             note("%s: job %s needs %d slots, but the largest host has %d; it stays in "
