@@ -6611,6 +6611,7 @@ class Monitor:
     def snapshot(self):
         d = self.d
         now, wall = time.monotonic(), time.time()
+        room = d.session_room()
         return {
             "pid": os.getpid(), "mode": d.options.mode, "queue": d.queue.path,
             "started": wall - (now - self.started_at),
@@ -6619,6 +6620,7 @@ class Monitor:
             "stop": self.stop_taken,
             "slots": [{"slot": s.label, "host": s.hostname, "connection": s.state,
                        "capacity": s.capacity, "free": s.free,
+                       "room": room.get(id(s.connections)),
                        "jobs": [{"job": run.command, "slots": run.indices,
                                  "since": wall - (now - run.started), "began": run.began}
                                 for run in sorted(s.runs, key=lambda r: r.indices)]}
@@ -8159,9 +8161,12 @@ def print_state(state, node):
             since = duration(now - job["since"]) if job.get("began", True) else "waiting"
             rows.append((name + numbers, slot["connection"], since, shown(job["job"])))
         if slot["free"]:
-            idle = "(idle)" if slot["capacity"] == 1 else "(%d of %d slots free)" % (
+            idle = "idle" if slot["capacity"] == 1 else "%d of %d slots free" % (
                 len(slot["free"]), slot["capacity"])
-            rows.append((name, slot["connection"], "", idle))
+            room = slot.get("room")  # None: its host takes as many sessions as asked
+            if room is not None and room < len(slot["free"]):
+                idle += "; its host allows %s more session%s now" % (room or "no", plural(room))
+            rows.append((name, slot["connection"], "", "(%s)" % idle))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])

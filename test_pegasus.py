@@ -2466,6 +2466,9 @@ def test_a_limited_hosts_jobs_all_go_back_on_a_stop_or_its_loss(tmp_path, how):
                 break
         wait_for(lambda: "sleep 60" in subprocess.run(["ps", "-eo", "args"], text=True,
                                                       capture_output=True).stdout)
+        # `s` does not offer the two slots the host has no session for as free.
+        status = run_pegasus(tmp_path, "s").stdout
+        assert "(2 of 3 slots free; its host allows no more sessions now)" in status, status
         if how == "host lost":
             hosts.stop("few")
             for line in proc.stderr:
