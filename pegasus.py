@@ -224,6 +224,8 @@ RUN = (
 #   "<nonce> s\n"         on both streams: the job starts; what came before
 #                         it was written by an earlier job's leftovers
 #   "<nonce> e<code>\n"   on stdout, "<nonce> e\n" on stderr: it ended
+#   "<nonce> e<code> c\n" on stdout instead: it ended after a cancel's TERM
+#                         had reached it (whatever its exit status says)
 #   "<nonce> r\n"         on stdout: not run; a background process of the
 #                         last job still lives and may write to these
 #                         streams, so this agent retires and pegasus starts
@@ -305,7 +307,7 @@ while :; do
     (q=$BASHPID x=; trap x=1 TERM; trap : @SIGNALS@
      sh -c -- "$c" </dev/null 2>&4 4>&-; s=$?
      if [ -z "$x" ]; then printf '%s e%d\\n' "$n" "$s"; printf '%s e\\n' "$n" >&4; exit; fi
-     set -m; (g=$q; w </dev/null >/dev/null; printf '%s e%d\\n' "$n" "$s"
+     set -m; (g=$q; w </dev/null >/dev/null; printf '%s e%d c\\n' "$n" "$s"
        printf '%s e\\n' "$n" >&4) &) &
     g=$! r=1 ;;
   k)
@@ -5417,6 +5419,7 @@ class Run:
         self.agent = None         # the Agent that carries it, if one does
         self.nonce = None         # ... and the nonce of its markers there
         self.agent_code = None    # ... and the exit status it reported
+        self.agent_term = False   # ... and that the job had a cancel's TERM before it ended
         self.agent_restarted = False  # an agent died before starting it; it went to another
         self.began = False        # it has started: see Dispatcher.begin
         self.requeued = False     # it goes back to the queue unstarted (see wait_for_session)
@@ -5519,14 +5522,24 @@ class Run:
         return None if self.proc is None else self.proc.returncode
 
     def succeeded(self):
-        return self.error is None and self.exit_code() == 0
+        return self.error is None and self.exit_code() == 0 and not self.stopped()
+
+    def stopped(self):
+        """A cancel or --timeout ended the job, not the job itself: it failed
+        after one, or it exited 0 once the TERM had reached it (a job may
+        catch TERM, save its work and exit 0: it did not finish). An agent
+        says whether the TERM came before the job's end; on the other paths
+        a cancel sent before the end was seen counts as having come first."""
+        if not (self.cancelled or self.timed_out):
+            return False
+        return self.exit_code() != 0 or self.nonce is None or self.agent_term
 
     def status(self):
         """How it ended, in words: for its closing line and the summary."""
         code = self.exit_code()
         if self.error:
             return self.error
-        if (self.cancelled or self.timed_out) and code != 0:
+        if self.stopped():
             ended = ", its session ended by pegasus" if self.forced else ""
             if self.timed_out:
                 return "timed out" + ended
@@ -5795,7 +5808,9 @@ class Agent:
             run.end_stream(self.stream[fd])
             self.ended.add(fd)
             if self.stream[fd] == 1:
-                self.code = int(word[1:])
+                code, _, term = word[1:].partition(b" ")
+                self.code = int(code)
+                run.agent_term = term == b"c"
             if len(self.ended) == len(self.stream):
                 self.finish(self.code)
 
@@ -6276,7 +6291,7 @@ class Records:
         if self.joblog is None:
             return
         code = run.exit_code()
-        if (run.cancelled or run.timed_out) and code != 0:
+        if run.stopped():
             code = -(signal.SIGKILL if run.forced else signal.SIGTERM)
         elif code is None:
             code = -1

@@ -3688,6 +3688,35 @@ def test_cancelling_kills_the_remote_jobs_and_puts_them_back(tmp_path, hosts, ho
     assert read(tmp_path / "queue.yaml") == "# notes\n- %s\n- echo next\n" % command
 
 
+@pytest.mark.parametrize("how", ["two Ctrl-C", "--timeout"])
+@pytest.mark.parametrize("where", ["h1", "h1 --session-per-job", "localhost"])
+def test_a_job_that_saves_its_work_on_term_and_exits_0_is_not_done(tmp_path, hosts, how, where):
+    # A training script that checkpoints on SIGTERM and exits 0 did not
+    # finish: cancelled, it goes back to the queue (it counted succeeded, and
+    # was dropped from the sweep); timed out, it fails.
+    tag = "%d%d" % (len(where) + len(how), os.getpid() % 100000)
+    command = "trap 'echo saved; exit 0' TERM; sleep 3%s & wait; echo finished" % tag
+    host, _, flag = where.partition(" ")
+    write(tmp_path / "hosts.yaml", "- %s\n" % host)
+    (tmp_path / "queue.yaml").write_text("- %s\n" % command)
+    args = ["q"] + ([flag] if flag else []) + (["--timeout", "1"] if how == "--timeout" else [])
+    proc = start_pegasus(tmp_path, *args, ssh_config=hosts.config)
+    wait_for(lambda: pids_of("^sleep 3%s$" % tag), what="the job")
+    if how == "two Ctrl-C":
+        ctrl_c_twice(proc)
+    out, err = proc.communicate(timeout=30)
+    assert job_lines(out) == ["[%s] saved" % host], out
+    assert "0 succeeded, %d failed" % (how == "--timeout") in err, err
+    if how == "two Ctrl-C":
+        assert proc.returncode == 130, err
+        assert "cut short and put back at the head of queue.yaml" in err
+        assert read(tmp_path / "queue.yaml") == "- %s\n" % command
+    else:
+        assert proc.returncode == 1, err
+        assert re.search(r"failed: \[%s\] '.*': timed out after" % host, err), err
+        assert read(tmp_path / "failed.yaml") == "- %s\n" % command
+
+
 @pytest.mark.parametrize("where", ["h1", "localhost"])
 def test_killing_pegasus_kills_its_jobs(tmp_path, hosts, where):
     command, pattern = sleeper(3 if where == "h1" else 4)
