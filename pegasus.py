@@ -6670,6 +6670,8 @@ class Dispatcher:
         self.spawners = []        # every Spawner not reaped yet (local jobs)
         self.succeeded = 0
         self.failures = []        # (slot label, command, status) of every failed job
+        self.missed = []          # broadcast: (slot label, command) of steps a host did not
+                                  # run, lost or never reached (command None: every one)
         self.stop_level = 0       # 0, DRAIN, CANCEL or HURRY
         self.exit_code = None     # set when the run must end with this code
         self.exiting_phase = False  # the work is over: putting back, closing masters
@@ -7394,14 +7396,23 @@ class Dispatcher:
         for label, command, status in self.failures:
             note("failed: %s %s: %s" % (label, shown(command), status))
         total = self.succeeded + len(self.failures)
-        note("%d job%s run in %s: %d succeeded, %d failed" % (
+        note("%d job%s run in %s: %d succeeded, %d failed%s" % (
             total, plural(total), duration(time.monotonic() - self.monitor.started_at),
-            self.succeeded, len(self.failures)))
+            self.succeeded, len(self.failures), self.missed_text()))
         if self.exit_code is not None:
             return self.exit_code
         if self.output_failed():
             return EXIT_USAGE
-        return EXIT_FAILED if self.failures else EXIT_OK
+        return EXIT_FAILED if self.failures or self.missed else EXIT_OK
+
+    def missed_text(self):
+        """The summary's count of the broadcast steps that hosts did not run:
+        each counts as a failure for the exit status, but none ran."""
+        lost = sum(1 for _, command in self.missed if command is not None)
+        never = len(self.missed) - lost
+        parts = (["%d on hosts lost" % lost] if lost else []) + (
+            ["every job on %d host%s never reached" % (never, plural(never))] if never else [])
+        return "; not run: " + ", ".join(parts) if parts else ""
 
 
 class QueueMode:
@@ -7828,11 +7839,11 @@ class BroadcastMode:
         for slot in self.d.slots:
             if not slot.ever_up:
                 note("not run on %s: unreachable" % slot.label)
-                self.d.failures.append((slot.label, "(every job)", "unreachable"))
+                self.d.missed.append((slot.label, None))
         for label, commands in self.missed.items():
             note("not run on %s, whose host was lost: %s" % (
                 label, ", ".join(shown(command) for command in commands)))
-            self.d.failures += [(label, command, "not run: host lost") for command in commands]
+            self.d.missed += [(label, command) for command in commands]
 
 
 def short_temp_dir():

@@ -3635,10 +3635,12 @@ def test_broadcast_with_i_names_the_steps_a_lost_host_missed(tmp_path, fault_hos
     assert sorted(job_lines(out)) == ["[f1] step1", "[f1] step2", "[f1] step3",
                                       "[f2] step1", "[f2] step2", "[f2] step3"]
     assert "not run on [f3], whose host was lost: 'echo step2', 'echo step3'\n" in err
-    # Each missed step counts failed, beside step 1, cut short there.
-    assert "failed: [f3] 'echo step2': not run: host lost\n" in err
-    assert "failed: [f3] 'echo step3': not run: host lost\n" in err
-    assert re.search(r"9 jobs run in \S+: 6 succeeded, 3 failed", err), err
+    # Step 1, cut short there, failed; the two missed steps did not run (the
+    # summary counted them as run and failed), and count for the exit status.
+    assert "failed: [f3] 'sleep 2; echo step1': host lost after" in err
+    assert re.search(r"\n\[pegasus\] 7 jobs run in \S+: 6 succeeded, 1 failed; not run: "
+                     r"2 on hosts lost\n", err), err
+    assert "not run: host lost" not in err
 
 
 def test_broadcast_to_a_host_down_at_start_is_a_failure(tmp_path, hosts):
@@ -3649,6 +3651,14 @@ def test_broadcast_to_a_host_down_at_start_is_a_failure(tmp_path, hosts):
     out = run_pegasus(tmp_path, "b", ssh_config=dead)
     assert job_lines(out.stdout) == ["[h1] step"]
     assert out.returncode == 1 and "not run on [dead]: unreachable" in out.stderr
+    assert re.search(r"1 job run in \S+: 1 succeeded, 0 failed; not run: every job on 1 host "
+                     r"never reached\n", out.stderr), out.stderr
+    write(tmp_path / "hosts.yaml", "- dead\n")  # none reached: nothing ran
+    write(tmp_path / "queue.yaml", "- echo step\n")
+    out = run_pegasus(tmp_path, "b", ssh_config=dead)
+    assert out.returncode == 2 and "no host can be reached" in out.stderr
+    assert re.search(r"0 jobs run in \S+: 0 succeeded, 0 failed; not run: every job on 1 host "
+                     r"never reached\n", out.stderr), out.stderr
 
 
 def sleeper(tag, ignore_term=False):
