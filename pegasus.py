@@ -469,6 +469,12 @@ class Slot:
             return "up"
         return "connecting" if states & {"connecting", "queued"} else "down"
 
+    def down(self):
+        """Its host counts as down: no connection is up, and none is in its
+        first login (a failed or lost one that is being retried counts)."""
+        return self.state != "up" and all(c.state == "down" or c.failures or c.ever_up
+                                          for c in self.connections)
+
     @property
     def ever_up(self):
         return any(c.ever_up for c in self.connections)
@@ -6610,7 +6616,7 @@ class Monitor:
         d = self.d
         done, running, queued = self.counts()
         up = d.usable_slots()
-        down = len({s.hostname for s in d.slots if s.state == "down"})
+        down = len({s.hostname for s in d.slots if s.down()})
         capacity = sum(s.capacity for s in d.slots)
         text = "%d done, %d failed, %d running, %d queued | %d/%d busy" % (
             d.succeeded, len(d.failures), running, queued,
