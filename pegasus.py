@@ -6411,6 +6411,8 @@ class QueueGate:
         self.gave_up = False      # the pending jobs were printed for the user
         self.problems_told = set()  # keys of jobs that could not be rendered, told once
         self.peeked = None        # see queued(): the count a look at the file gave
+        self.peek_error = None    # ... or why the file could not be read then
+        self.broken = None        # why the last take could take nothing, if the file's fault
         self.peek_at = 0.0        # ... and when the next look may be
 
     def take(self, choose, starts=None):
@@ -6446,10 +6448,11 @@ class QueueGate:
         if problems and not taken and not self.busy():
             error = "nothing else can start"
         if error is not None:
+            self.broken = str(error)
             self.block("%s; waiting for %s to change" % (error, self.queue.path),
                        QUEUE_POLL, until_changed=True)
         elif not self.blocked:
-            self.reported = None
+            self.reported = self.broken = None
         return taken
 
     def block(self, message, delay, until_changed):
@@ -6486,15 +6489,23 @@ class QueueGate:
         self.peeked = None
         if self.blocked or not queue.changed_on_disk():
             return queue.count
+        self.peek_error = None
         try:
             with open(queue.path, "rb") as f:
                 raw = f.read(PEEK_MAX + 1)
             if len(raw) <= PEEK_MAX:
                 text = decode_text(queue.path, raw[:raw.rfind(b"\n") + 1])
                 self.peeked = count_jobs(parse_queue(queue.path, text)[0])
-        except (OSError, PegasusError):
-            pass  # (a take says what is wrong, when its turn comes)
+        except PegasusError as e:
+            self.peek_error = str(e)  # (a take says it too, when its turn comes)
+        except OSError:
+            pass
         return queue.count if self.peeked is None else self.peeked
+
+    def problem(self):
+        """Why the jobs in the queue file cannot be counted now, if they
+        cannot: the count shown is then an old one."""
+        return self.broken if self.blocked else self.peek_error
 
     def watch(self):
         """Notice jobs added to the queue file while slots are free."""
@@ -6566,6 +6577,7 @@ class Monitor:
         self.last_counts = None   # what the last progress line said
         self.stop_taken = None    # the last stop: its level, and the jobs running then
         self.queued = 0           # the queue file's jobs, as of the last tick
+        self.problem = None       # ... and why it could not be read then, if it could not
 
     def counts(self):
         d = self.d
@@ -6595,9 +6607,9 @@ class Monitor:
         Without a terminal, a progress line every PROGRESS_PERIOD, but only
         when something changed: an idle daemon stays quiet."""
         self.d.loop.call_later(STATUS_PERIOD, self.tick, owner="monitor")
-        queued = self.queued
-        self.queued = self.d.gate.queued()
-        self.dirty = self.dirty or self.queued != queued
+        queued, problem = self.queued, self.problem
+        self.queued, self.problem = self.d.gate.queued(), self.d.gate.problem()
+        self.dirty = self.dirty or (self.queued, self.problem) != (queued, problem)
         if _status is not None:
             _status.draw("[pegasus] " + self.status_text())
         elif (time.monotonic() - self.last_progress >= PROGRESS_PERIOD
@@ -6638,7 +6650,8 @@ class Monitor:
             "started": wall - (now - self.started_at),
             "done": d.succeeded, "failed": len(d.failures),
             "running": len(d.runs), "queued": self.counts()[2],
-            "stop": self.stop_taken,
+            "stop": self.stop_taken, "queue_problem": d.gate.problem(),
+            "queue_wait": d.gate.reported if d.gate.blocked else None,
             "slots": [{"slot": s.label, "host": s.hostname, "connection": s.state,
                        "capacity": s.capacity, "free": s.free,
                        "room": room.get(id(s.connections)),
@@ -7739,11 +7752,14 @@ class QueueMode:
         # to at the end (a host that accepts connections and then says
         # nothing, within CONNECT_WAIT), which close() ended quietly.
         up = {m.hostname for m in d.pool.masters if m.ever_up}
-        never = sorted({m.hostname for m in d.pool.masters} - up)
+        never = sorted({m.hostname for m in d.pool.masters} - up, key=natural)
         if never:
             note("never reached: %s" % ", ".join(never))
         left = d.gate.queued(fresh=True)
-        if d.stop_level and left:
+        problem = d.gate.problem()
+        if problem:
+            note("the jobs in %s are not counted (it cannot be read: %s)" % (d.queue.path, problem))
+        elif d.stop_level and left:
             note("%d job%s left in %s" % (left, plural(left), d.queue.path))
 
 
@@ -8025,6 +8041,11 @@ def plural(count):
     return "" if count == 1 else "s"
 
 
+def natural(name):
+    """A sort key that orders the numbers in names by value: node2 before node10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def running_jobs(running, starting):
     """'3 running jobs', and how many more are starting (a session that is
     still opening may yet be refused: see Dispatcher.wait_for_session)."""
@@ -8185,6 +8206,9 @@ def print_state(state, node):
                                        state["failed"], state["running"], state["queued"],
                                        STOPPING.get((state.get("stop") or {}).get("level"),
                                                     "")))
+    if state.get("queue_wait") or state.get("queue_problem"):
+        print(state.get("queue_wait") or "%s; the queued count is from before it"
+              % state["queue_problem"])
     rows = [("SLOT", "HOST", "FOR", "JOB")]
     for slot in state["slots"]:
         name = slot["slot"]
