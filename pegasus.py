@@ -4814,7 +4814,8 @@ class ConnectionPool:
 
     def give_up(self, master, proc):
         if master.proc is proc and master.state == "connecting":
-            master.why = "no answer within %d s" % CONNECT_WAIT
+            master.why = ("not logged in within %d s (no answer, or a login shell that "
+                          "does not finish starting)" % CONNECT_WAIT)
             signal_group(proc, signal.SIGKILL)  # its pipes close; ended() follows
 
     def retry(self, master):
