@@ -82,6 +82,14 @@ def start_pegasus(cwd, *args, ssh_config=None):
                             stderr=subprocess.PIPE, text=True)
 
 
+def end_if_running(proc):
+    """A test's `finally`: a runner still there (an assertion failed) is
+    killed and reaped, so that the test leaves no process behind."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 def ctrl_c_twice(proc):
     """Ctrl-C, then Ctrl-C again once pegasus has said it drains (the second
     cancels the running jobs); proc's stderr is read up to that line."""
@@ -1304,9 +1312,7 @@ def test_a_save_in_place_written_in_pieces_is_read_once_still(tmp_path):
         assert run_pegasus(tmp_path, "stop").returncode == 0
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_if_running(proc)
     ran = ran_jobs(read(tmp_path / "out.txt"))
     assert [job for job, count in ran.items() if count > 1] == []  # ran twice
     assert sorted(ran) == sorted(["job-%d" % i for i in range(200)] + ["added"]), err
@@ -1533,9 +1539,7 @@ def test_a_stop_signal_while_waiting_for_a_last_line_at_start_is_obeyed(tmp_path
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_if_running(proc)
     assert proc.returncode == 130, err
     assert "stopped" in err
     assert "echo a" in read(tmp_path / "queue.yaml")    # nothing taken
@@ -3103,9 +3107,7 @@ def test_status_and_exit_count_jobs_added_while_every_slot_is_busy(tmp_path):
         write(tmp_path / "go", "")
         err = proc.communicate(timeout=60)[1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_if_running(proc)
     assert "4 jobs left in queue.yaml" in err, err
 
 
@@ -3133,9 +3135,7 @@ def test_status_and_exit_say_when_the_queue_file_cannot_be_read(tmp_path):
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=60)[1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_if_running(proc)
     assert proc.returncode == 130, err
     assert re.search(r"the jobs in queue.yaml are not counted \(it cannot be read: queue.yaml:"
                      r"\d+:\d+: invalid YAML", err), err
@@ -3161,9 +3161,7 @@ def test_stop_says_how_many_jobs_ran_when_the_runner_took_it(tmp_path):
         write(tmp_path / "go", "")
         err = proc.communicate(timeout=60)[1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_if_running(proc)
     assert proc.returncode == 0, err
     assert read(tmp_path / "queue.yaml") == "- echo three\n"
 
@@ -3369,9 +3367,7 @@ def test_a_save_that_deletes_an_appended_job_runs_neither_it_nor_the_others_twic
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_if_running(proc)
     assert sorted(read(ran).split()) == ["a2", "a3"], err
     assert read(tmp_path / "queue.yaml") == "", err
 
