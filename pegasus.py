@@ -331,6 +331,10 @@ MASTER_MALLOC = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold
 # (or a comment) of their own: see QueueFile.join().
 NEW_ENTRY = re.compile(rb"[ \t]*(?:-(?:[ \t\r\n]|$)|#)")
 TOP_ENTRY = re.compile(rb"(?:-(?:[ \t\r\n]|$)|#)")  # ... at the top level
+# What lock mode appends to a queue file its editor's save replaced: the
+# editor read that many bytes of it (see mode_lock, read_by_save).
+EDITOR_READ = b"# pegasus l: the editor read %d bytes\n"
+EDITOR_READ_LINE = re.compile(rb"^# pegasus l: the editor read (\d+) bytes\n", re.M)
 
 # Bytes that may stand as themselves in the encoded command: safe inside
 # single quotes in every shell above. All others become \0NNN.
@@ -3009,8 +3013,10 @@ class QueueFile:
                      % (self.path, SETTLE, line.decode("utf-8", "replace").strip()))
         else:
             return []  # the queue file's own last line is being written: not in it
+        data = EDITOR_READ_LINE.sub(b"", data)  # (lock mode's note, not a job)
         try:
-            append_after_newline(target, data, own_line)
+            if data:
+                append_after_newline(target, data, own_line)
         except OSError as e:
             note("%s: cannot carry over %d bytes appended to it: %s\n%s"
                  % (self.path, len(data), e.strerror, data.decode("utf-8", "replace")))
@@ -3247,7 +3253,11 @@ def read_by_save(known, late, save):
     what its writer deleted: so it read up to the end of the entry of the
     last late line it holds that `known` does not (it cannot have had that
     line from elsewhere), the lines it deleted before that included. What
-    comes after was appended after it read, and is carried over."""
+    comes after was appended after it read, and is carried over. A save
+    made in lock mode says how much it read (EDITOR_READ): that counts."""
+    said = EDITOR_READ_LINE.search(late)
+    if said:
+        return max(0, min(int(said.group(1)) - len(known), said.start()))
     if late.strip() and late.strip() in save:
         return len(late)  # all of it, as it is (unfinished last line included)
     if known and not known.endswith(b"\n"):  # (late goes on from our own last line)
@@ -8067,6 +8077,8 @@ def mode_lock(options):
     argv = editor_argv(options.editor or os.environ.get("EDITOR") or "vim")
     check_disk_space(options.queue_file)
     lock = wait_for_lock(options.queue_file, "l")
+    edited = open_edited(options.queue_file)
+    done, go = os.pipe(), os.pipe()
     try:
         # A small sh inherits the locked descriptor and waits for the editor:
         # if pegasus dies, the kernel keeps the lock until the editor exits,
@@ -8074,13 +8086,27 @@ def mode_lock(options):
         # itself runs without it: what it leaves running in the background
         # (a shell escape, a server) cannot hold the lock after it exits.
         # It also removes the lock file, still holding the lock, so that none
-        # is left behind when pegasus l was killed (see QueueLock on removal).
-        script = 'l=$1; shift; "$@" %d>&-; s=$?; rm -f "$l"; exit $s' % lock.fd
+        # is left behind when pegasus l was killed (see QueueLock on removal):
+        # that frees the lock. Before, it says the editor is done (`done`)
+        # and waits for `go` to close, for say_what_editor_read() (in a
+        # subshell: with pegasus gone, SIGPIPE ends that one, not the sh).
+        script = ('l=$1; shift; "$@" %d>&- %d>&- %d>&-; s=$?; (echo >&%d) 2>/dev/null; '
+                  'read _ <&%d; rm -f "$l"; exit $s' % (lock.fd, done[1], go[0], done[1], go[0]))
         editor = subprocess.Popen(["sh", "-c", script, "sh", lock.path] + argv
-                                  + [options.queue_file], pass_fds=(lock.fd,))
+                                  + [options.queue_file], pass_fds=(lock.fd, done[1], go[0]))
+        os.close(done[1])
+        os.close(go[0])
         lock.describe(" (editor %s, pid %d)" % (os.path.basename(argv[0]), editor.pid))
+        wait_edit(done[0])
+        say_what_editor_read(edited, options.queue_file)
+        os.close(go[1])
         status = wait_editor(editor)
     finally:
+        for fd in (done[0], done[1], go[0], go[1]):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed already
         lock.release()
     if status != 0:
         note("the editor %r failed (%s); %s is as it saved it, if it did"
@@ -8124,6 +8150,59 @@ def editor_argv(editor):
     if not argv or shutil.which(argv[0]) is None:
         raise PegasusError("cannot find the editor %r (set $EDITOR or use --editor)" % editor)
     return argv
+
+
+def open_edited(path):
+    """The queue file the editor is about to read, open; its size then, and
+    its first and last bytes: see say_what_editor_read(). None if it cannot
+    be opened for writing."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        return fd, edited_marks(fd, os.fstat(fd).st_size)
+    except OSError:
+        return None
+
+
+def edited_marks(fd, size):
+    """(size, the first and the last Retired.SAMPLE bytes of the first `size`)."""
+    sample = min(Retired.SAMPLE, size)
+    return size, os.pread(fd, sample, 0), os.pread(fd, sample, size - sample)
+
+
+def say_what_editor_read(edited, path):
+    """If the editor's save replaced the queue file (a rename, as `sed -i`
+    does), append to the old file how much of it the editor read. A runner
+    that read the old file before and now finds lines appended to it (`add`,
+    `>>`) carries over only those the editor did not read (see read_by_save):
+    one the user deleted in the editor does not come back. Nothing is
+    appended to a file that still has a name (an editor's backup), nor to
+    one the editor rewrote in place before, nor to one that ends inside a
+    line: a `>>` writer is writing it."""
+    if edited is None:
+        return
+    fd, marks = edited
+    size = marks[0]
+    try:
+        old = os.fstat(fd)
+        new = os.stat(path)
+        if ((new.st_dev, new.st_ino) != (old.st_dev, old.st_ino) and old.st_nlink == 0
+                and old.st_size >= size and edited_marks(fd, size) == marks  # not rewritten
+                and (old.st_size == 0 or os.pread(fd, 1, old.st_size - 1) == b"\n")):
+            os.write(fd, EDITOR_READ % size)
+    except OSError:
+        pass  # (no queue file now, or no room: runners fall back on read_by_save's rules)
+    finally:
+        os.close(fd)
+
+
+def wait_edit(fd):
+    """Until the editor has exited: its sh writes to (or closes) fd."""
+    while True:
+        try:
+            os.read(fd, 1)
+            return
+        except KeyboardInterrupt:
+            continue  # Ctrl-C is for the editor (it shares the terminal)
 
 
 def wait_editor(editor):

@@ -3372,6 +3372,36 @@ def test_a_save_that_deletes_an_appended_job_runs_neither_it_nor_the_others_twic
     assert read(tmp_path / "queue.yaml") == "", err
 
 
+def test_a_job_deleted_in_lock_mode_stays_deleted_and_one_appended_meanwhile_runs(tmp_path):
+    # Jobs are added while every slot is busy, and lock mode's editor deletes
+    # the last of them and saves by renaming, while a `>>` lands in the file
+    # it read. The save kept no later line, so pegasus could not tell how far
+    # it had read, and carried the deleted job over: it ran (a hostile run:
+    # 6 of 6). Lock mode now tells it, and the late `>>` still runs.
+    ran = tmp_path / "ran"
+    write(tmp_path / "queue.yaml", "- while [ ! -e go ]; do sleep 0.1; done\n")
+    proc = start_pegasus(tmp_path, "q", "-d")
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "consumed.yaml"), what="the first job")
+        with open(str(tmp_path / "queue.yaml"), "a") as f:
+            f.write("- echo a1 >> %s\n" % ran)
+        assert run_pegasus(tmp_path, "add", "echo a2 >> %s; echo a3 >> %s" % (ran, ran),
+                           "echo gone >> %s" % ran).returncode == 0
+        editor = editor_script(tmp_path, 'cp "$1" "$1.new"; echo "- echo late >> %s" >> "$1"\n'
+                                         'sed -i "/gone/d" "$1.new"; mv "$1.new" "$1"\n' % ran)
+        out = run_pegasus(tmp_path, "l", "--editor", editor)
+        assert out.returncode == 0, out.stderr
+        write(tmp_path / "go", "")
+        wait_for(lambda: ran.exists() and len(read(ran).split()) >= 4, what="the four jobs")
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        end_if_running(proc)
+    assert sorted(read(ran).split()) == ["a1", "a2", "a3", "late"], err
+    assert read(tmp_path / "queue.yaml") == "", err
+    assert "pegasus l" not in read(tmp_path / "consumed.yaml")  # its note is no job
+
+
 def test_runner_waits_for_lock_and_says_who_holds_it(tmp_path):
     write(tmp_path / "queue.yaml", "- echo queued\n")
     editor = editor_script(tmp_path, "sleep 2\n")
