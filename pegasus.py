@@ -335,6 +335,10 @@ TOP_ENTRY = re.compile(rb"(?:-(?:[ \t\r\n]|$)|#)")  # ... at the top level
 # editor read that many bytes of it (see mode_lock, read_by_save).
 EDITOR_READ = b"# pegasus l: the editor read %d bytes\n"
 EDITOR_READ_LINE = re.compile(rb"^# pegasus l: the editor read (\d+) bytes\n", re.M)
+# ... and what a runner appends to the queue file its own write replaced, for
+# the other runners that read it (see QueueFile.say_what_we_read).
+RUNNER_READ = b"# pegasus: runner %d read %d bytes, and carries what comes after\n"
+RUNNER_READ_LINE = re.compile(rb"^# pegasus: runner \d+ read \d+ bytes[^\n]*\n", re.M)
 
 # Bytes that may stand as themselves in the encoded command: safe inside
 # single quotes in every shell above. All others become \0NNN.
@@ -2803,13 +2807,33 @@ class QueueFile:
         except OSError:
             return None
         try:
-            os.unlink(temp)
             st = os.fstat(fd)
+            if self.in_place(st):
+                self.say_what_we_read(temp, st)
+            os.unlink(temp)
             return None if self.in_place(st) else os.pread(fd, st.st_size, 0)
         except OSError:
             return None
         finally:
             os.close(fd)
+
+    def say_what_we_read(self, path, st):
+        """Our source, just replaced by our write: another runner that read it
+        too would carry over what was appended to it since it read it, as we
+        do, and a job would run twice. A note appended to it says how much we
+        read and that we carry what comes after: that runner lets it go (see
+        retire()). Not after half a line: a `>>` writer's rest goes there."""
+        try:
+            if st.st_size < len(self.raw) or (
+                    st.st_size and os.pread(self.source, 1, st.st_size - 1) != b"\n"):
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                os.write(fd, RUNNER_READ % (os.getpid(), len(self.raw)))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # (then the other runner reads what the save kept, as before)
 
     def append_consumed(self, jobs, mode):
         if not jobs:
@@ -2946,6 +2970,10 @@ class QueueFile:
             size = os.fstat(self.source).st_size
             if replaced_by is not None and size > len(known):
                 late = os.pread(self.source, size - len(known), len(known))
+                if RUNNER_READ_LINE.search(late):  # another runner's write replaced it:
+                    os.close(self.source)          # that runner carries what comes late
+                    self.source = None
+                    return
                 known += late[:read_by_save(known, late, replaced_by)]
             self.retired.append(Retired(read_only(self.source), known))
             self.source = None
@@ -3013,7 +3041,7 @@ class QueueFile:
                      % (self.path, SETTLE, line.decode("utf-8", "replace").strip()))
         else:
             return []  # the queue file's own last line is being written: not in it
-        data = EDITOR_READ_LINE.sub(b"", data)  # (lock mode's note, not a job)
+        data = RUNNER_READ_LINE.sub(b"", EDITOR_READ_LINE.sub(b"", data))  # (notes, not jobs)
         try:
             if data:
                 append_after_newline(target, data, own_line)

@@ -3372,6 +3372,40 @@ def test_a_save_that_deletes_an_appended_job_runs_neither_it_nor_the_others_twic
     assert read(tmp_path / "queue.yaml") == "", err
 
 
+def test_two_runners_and_a_writer_that_keeps_the_file_open_run_each_job_once(tmp_path, hosts):
+    # Each runner watched the file the other's take replaced and carried
+    # over what the writer appended to it late: 37 runs of 20 jobs (a hostile
+    # run, 5 of 5). A runner's write now says, in the file it replaced, how
+    # much it read and that it carries the rest; the other lets that file go.
+    ran = tmp_path / "ran"
+    write(tmp_path / "queue.yaml", "")
+    write(tmp_path / "h1.yaml", "- h1\n")
+    write(tmp_path / "h2.yaml", "- h2\n")
+    runners = [start_pegasus(tmp_path, "q", "-d", "--hosts-file", name, ssh_config=hosts.config)
+               for name in ("h1.yaml", "h2.yaml")]
+    try:
+        for runner in runners:
+            for line in runner.stderr:
+                if "queue mode:" in line:
+                    break
+        with open(str(tmp_path / "queue.yaml"), "a") as f:  # open all along, as `done >>`
+            for i in range(1, 21):
+                f.write("- echo J%d >> %s; sleep 0.2\n" % (i, ran))
+                f.flush()
+                time.sleep(0.05)
+        wait_for(lambda: ran.exists() and len(set(read(ran).split())) == 20, timeout=60,
+                 what="every job")
+        assert run_pegasus(tmp_path, "stop").returncode == 0
+        for runner in runners:
+            runner.communicate(timeout=60)
+    finally:
+        for runner in runners:
+            end_if_running(runner)
+    assert sorted(read(ran).split()) == sorted("J%d" % i for i in range(1, 21))
+    assert read(tmp_path / "queue.yaml").strip() in ("", "[]")
+    assert len(yaml.safe_load(read(tmp_path / "consumed.yaml"))) == 20
+
+
 def test_a_job_deleted_in_lock_mode_stays_deleted_and_one_appended_meanwhile_runs(tmp_path):
     # Jobs are added while every slot is busy, and lock mode's editor deletes
     # the last of them and saves by renaming, while a `>>` lands in the file
