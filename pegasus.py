@@ -122,6 +122,7 @@ MASTER_CLOSE_WAIT = 2.0  # at exit, masters get this long to close before SIGKIL
 WRITE_RETRY = 5.0      # after a failed write of the queue file, when to try again
 STATUS_PERIOD = 0.25   # status line redraws and state file saves, at most this often
 STOP_WAIT = 2.0        # how long `pegasus.py stop` waits for a runner to take the stop
+EDIT_WATCH = 0.2       # how often lock mode looks for `>>` appends while the editor runs
 PEEK_PERIOD = 1.0      # jobs added while no take comes are counted this often ...
 PEEK_MAX = 1 << 20     # ... in a queue file of at most this many bytes
 PROGRESS_PERIOD = 30.0  # without a terminal, a progress line this often (if anything changed)
@@ -8105,7 +8106,10 @@ def mode_lock(options):
     argv = editor_argv(options.editor or os.environ.get("EDITOR") or "vim")
     check_disk_space(options.queue_file)
     lock = wait_for_lock(options.queue_file, "l")
-    edited = open_edited(options.queue_file)
+    try:
+        edited = EditedFile(options.queue_file)
+    except OSError:
+        edited = None  # (it cannot be written: the editor will say so)
     done, go = os.pipe(), os.pipe()
     try:
         # A small sh inherits the locked descriptor and waits for the editor:
@@ -8116,7 +8120,7 @@ def mode_lock(options):
         # It also removes the lock file, still holding the lock, so that none
         # is left behind when pegasus l was killed (see QueueLock on removal):
         # that frees the lock. Before, it says the editor is done (`done`)
-        # and waits for `go` to close, for say_what_editor_read() (in a
+        # and waits for `go` to close, for EditedFile.done() (in a
         # subshell: with pegasus gone, SIGPIPE ends that one, not the sh).
         script = ('l=$1; shift; "$@" %d>&- %d>&- %d>&-; s=$?; (echo >&%d) 2>/dev/null; '
                   'read _ <&%d; rm -f "$l"; exit $s' % (lock.fd, done[1], go[0], done[1], go[0]))
@@ -8125,11 +8129,15 @@ def mode_lock(options):
         os.close(done[1])
         os.close(go[0])
         lock.describe(" (editor %s, pid %d)" % (os.path.basename(argv[0]), editor.pid))
-        wait_edit(done[0])
-        say_what_editor_read(edited, options.queue_file)
+        wait_edit(done[0], edited)
+        if edited is not None:
+            edited.done()
+            edited = None
         os.close(go[1])
         status = wait_editor(editor)
     finally:
+        if edited is not None:
+            os.close(edited.fd)
         for fd in (done[0], done[1], go[0], go[1]):
             try:
                 os.close(fd)
@@ -8180,57 +8188,67 @@ def editor_argv(editor):
     return argv
 
 
-def open_edited(path):
-    """The queue file the editor is about to read, open; its size then, and
-    its first and last bytes: see say_what_editor_read(). None if it cannot
-    be opened for writing."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        return fd, edited_marks(fd, os.fstat(fd).st_size)
-    except OSError:
-        return None
+class EditedFile:
+    """The queue file lock mode hands the editor, open, and what it held
+    then: what the editor read. While the editor runs, what `>>` appends to
+    it; when the editor is done, what a runner needs to know of its save."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        self.read = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        self.late = b""  # appended after the editor read it, while the file still held that
+
+    def watch(self):
+        """Look for appends (every EDIT_WATCH while the editor runs)."""
+        size = os.fstat(self.fd).st_size
+        if size > len(self.read) + len(self.late):
+            data = os.pread(self.fd, size, 0)
+            if data.startswith(self.read + self.late):  # appended to, not written over
+                self.late = data[len(self.read):]
+
+    def done(self):
+        """The editor has exited. If its save replaced the file (a rename,
+        as `sed -i` does), append to the old one, which no longer has a name,
+        how much of it the editor read: a runner that read the old file
+        before jobs were added to it carries over only what the editor did
+        not read (see read_by_save), so one the user deleted stays deleted.
+        If the save wrote over the file in place, what `>>` appended while
+        the editor had it open would be lost: it is appended again. Nothing
+        goes after half a line, where a `>>` writer's rest is to land."""
+        try:
+            old, new = os.fstat(self.fd), os.stat(self.path)
+            data = os.pread(self.fd, old.st_size, 0)
+            whole = not data or data.endswith(b"\n")
+            if (new.st_dev, new.st_ino) != (old.st_dev, old.st_ino):
+                if old.st_nlink == 0 and data.startswith(self.read) and whole:
+                    os.write(self.fd, EDITOR_READ % len(self.read))
+            elif self.late and self.late not in data:
+                os.write(self.fd, (b"" if whole else b"\n") + self.late)
+                note("%s: the editor saved over %d byte%s appended while it was open; "
+                     "appended again" % (self.path, len(self.late), plural(len(self.late))))
+        except OSError:
+            pass  # (no queue file now, or no room: runners fall back on read_by_save's rules)
+        finally:
+            os.close(self.fd)
 
 
-def edited_marks(fd, size):
-    """(size, the first and the last Retired.SAMPLE bytes of the first `size`)."""
-    sample = min(Retired.SAMPLE, size)
-    return size, os.pread(fd, sample, 0), os.pread(fd, sample, size - sample)
-
-
-def say_what_editor_read(edited, path):
-    """If the editor's save replaced the queue file (a rename, as `sed -i`
-    does), append to the old file how much of it the editor read. A runner
-    that read the old file before and now finds lines appended to it (`add`,
-    `>>`) carries over only those the editor did not read (see read_by_save):
-    one the user deleted in the editor does not come back. Nothing is
-    appended to a file that still has a name (an editor's backup), nor to
-    one the editor rewrote in place before, nor to one that ends inside a
-    line: a `>>` writer is writing it."""
-    if edited is None:
-        return
-    fd, marks = edited
-    size = marks[0]
-    try:
-        old = os.fstat(fd)
-        new = os.stat(path)
-        if ((new.st_dev, new.st_ino) != (old.st_dev, old.st_ino) and old.st_nlink == 0
-                and old.st_size >= size and edited_marks(fd, size) == marks  # not rewritten
-                and (old.st_size == 0 or os.pread(fd, 1, old.st_size - 1) == b"\n")):
-            os.write(fd, EDITOR_READ % size)
-    except OSError:
-        pass  # (no queue file now, or no room: runners fall back on read_by_save's rules)
-    finally:
-        os.close(fd)
-
-
-def wait_edit(fd):
-    """Until the editor has exited: its sh writes to (or closes) fd."""
+def wait_edit(fd, edited):
+    """Until the editor has exited (its sh writes to or closes fd), watching
+    the file it edits."""
     while True:
         try:
-            os.read(fd, 1)
-            return
+            if select.select([fd], [], [], EDIT_WATCH)[0]:
+                os.read(fd, 1)
+                return
+            if edited is not None:
+                edited.watch()
         except KeyboardInterrupt:
             continue  # Ctrl-C is for the editor (it shares the terminal)
+        except OSError:
+            if edited is None:
+                raise
+            edited = None  # (the file cannot be read: no more watching)
 
 
 def wait_editor(editor):

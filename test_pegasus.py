@@ -3372,6 +3372,27 @@ def test_a_save_that_deletes_an_appended_job_runs_neither_it_nor_the_others_twic
     assert read(tmp_path / "queue.yaml") == "", err
 
 
+def test_an_append_while_lock_modes_editor_saves_in_place_is_kept(tmp_path):
+    # `>>` during a lock-mode edit, then the editor writes its buffer over
+    # the file in place: the appended job was lost (a hostile run, 3 of 3).
+    write(tmp_path / "queue.yaml", "- echo a\n")
+    editor = editor_script(tmp_path, 'cp "$1" buf; touch read\n'
+                                     'while [ ! -e appended ]; do sleep 0.05; done\n'
+                                     'sleep 1; sed "s/echo a/echo A/" buf > "$1"\n')
+    lock_mode = start_pegasus(tmp_path, "l", "--editor", editor)
+    try:
+        wait_for(lambda: (tmp_path / "read").exists(), what="the editor to read the file")
+        with open(str(tmp_path / "queue.yaml"), "a") as f:
+            f.write("- echo late\n")
+        write(tmp_path / "appended", "")
+        err = lock_mode.communicate(timeout=30)[1]
+    finally:
+        end_if_running(lock_mode)
+    assert lock_mode.returncode == 0, err
+    assert read(tmp_path / "queue.yaml") == "- echo A\n- echo late\n", err
+    assert "the editor saved over 12 bytes appended while it was open; appended again" in err
+
+
 def test_two_runners_and_a_writer_that_keeps_the_file_open_run_each_job_once(tmp_path, hosts):
     # Each runner watched the file the other's take replaced and carried
     # over what the writer appended to it late: 37 runs of 20 jobs (a hostile
