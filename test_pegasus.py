@@ -3308,6 +3308,19 @@ def test_daemon_picks_up_jobs_added_later(tmp_path):
 # ----------------------------------------------------------------------------
 
 
+def edit_then_finish(tmp_path, proc, editor_body, ran, count):
+    """Lock mode's editor runs `editor_body` while proc's first job waits for
+    `go`; then that job ends, until `count` jobs after it have written to
+    `ran`, and one Ctrl-C ends proc: its stderr."""
+    out = run_pegasus(tmp_path, "l", "--editor", editor_script(tmp_path, editor_body))
+    assert out.returncode == 0, out.stderr
+    write(tmp_path / "go", "")
+    wait_for(lambda: ran.exists() and len(read(ran).split()) >= count,
+             what="%d jobs to run" % count)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=30)[1]
+
+
 def editor_script(tmp_path, body):
     path = tmp_path / "editor.sh"
     path.write_text("#!/bin/sh\n" + body)
@@ -3359,13 +3372,7 @@ def test_a_save_that_deletes_an_appended_job_runs_neither_it_nor_the_others_twic
         for chunk in (jobs if appended == "one by one" else ["".join(jobs)]):
             with open(str(tmp_path / "queue.yaml"), "a") as f:
                 f.write(chunk)
-        editor = editor_script(tmp_path, 'sed -i "/a1/d" "$1"\n')
-        out = run_pegasus(tmp_path, "l", "--editor", editor)
-        assert out.returncode == 0, out.stderr
-        write(tmp_path / "go", "")
-        wait_for(lambda: ran.exists() and len(read(ran).split()) >= 2, what="a2 and a3")
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=30)[1]
+        err = edit_then_finish(tmp_path, proc, 'sed -i "/a1/d" "$1"\n', ran, 2)
     finally:
         end_if_running(proc)
     assert sorted(read(ran).split()) == ["a2", "a3"], err
@@ -3442,14 +3449,9 @@ def test_a_job_deleted_in_lock_mode_stays_deleted_and_one_appended_meanwhile_run
             f.write("- echo a1 >> %s\n" % ran)
         assert run_pegasus(tmp_path, "add", "echo a2 >> %s; echo a3 >> %s" % (ran, ran),
                            "echo gone >> %s" % ran).returncode == 0
-        editor = editor_script(tmp_path, 'cp "$1" "$1.new"; echo "- echo late >> %s" >> "$1"\n'
-                                         'sed -i "/gone/d" "$1.new"; mv "$1.new" "$1"\n' % ran)
-        out = run_pegasus(tmp_path, "l", "--editor", editor)
-        assert out.returncode == 0, out.stderr
-        write(tmp_path / "go", "")
-        wait_for(lambda: ran.exists() and len(read(ran).split()) >= 4, what="the four jobs")
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=30)[1]
+        err = edit_then_finish(tmp_path, proc, 'cp "$1" "$1.new"; echo "- echo late >> %s" >> '
+                                                '"$1"\nsed -i "/gone/d" "$1.new"; mv "$1.new" "$1"\n'
+                               % ran, ran, 4)
     finally:
         end_if_running(proc)
     assert sorted(read(ran).split()) == ["a1", "a2", "a3", "late"], err
