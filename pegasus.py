@@ -2809,10 +2809,11 @@ class QueueFile:
             return None
         try:
             st = os.fstat(fd)
-            if self.in_place(st):
+            ours = self.in_place(st)
+            if ours:
                 self.say_what_we_read(temp, st)
             os.unlink(temp)
-            return None if self.in_place(st) else os.pread(fd, st.st_size, 0)
+            return None if ours else os.pread(fd, st.st_size, 0)
         except OSError:
             return None
         finally:
@@ -8106,12 +8107,21 @@ def mode_lock(options):
     argv = editor_argv(options.editor or os.environ.get("EDITOR") or "vim")
     check_disk_space(options.queue_file)
     lock = wait_for_lock(options.queue_file, "l")
+    edited, ours = None, set()  # ours: the pipe ends not closed yet
+
+    def close(fd):
+        if fd in ours:
+            ours.discard(fd)
+            os.close(fd)
     try:
-        edited = EditedFile(options.queue_file)
-    except OSError:
-        edited = None  # (it cannot be written: the editor will say so)
-    done, go = os.pipe(), os.pipe()
-    try:
+        try:
+            edited = EditedFile(options.queue_file)
+        except OSError:
+            pass  # (it cannot be written: the editor will say so)
+        done = os.pipe()
+        ours.update(done)
+        go = os.pipe()
+        ours.update(go)
         # A small sh inherits the locked descriptor and waits for the editor:
         # if pegasus dies, the kernel keeps the lock until the editor exits,
         # so a save from its buffer never races with a runner. The editor
@@ -8126,23 +8136,20 @@ def mode_lock(options):
                   'read _ <&%d; rm -f "$l"; exit $s' % (lock.fd, done[1], go[0], done[1], go[0]))
         editor = subprocess.Popen(["sh", "-c", script, "sh", lock.path] + argv
                                   + [options.queue_file], pass_fds=(lock.fd, done[1], go[0]))
-        os.close(done[1])
-        os.close(go[0])
+        close(done[1])
+        close(go[0])
         lock.describe(" (editor %s, pid %d)" % (os.path.basename(argv[0]), editor.pid))
         wait_edit(done[0], edited)
         if edited is not None:
-            edited.done()
+            edited.done()  # (it closes its file)
             edited = None
-        os.close(go[1])
+        close(go[1])
         status = wait_editor(editor)
     finally:
         if edited is not None:
             os.close(edited.fd)
-        for fd in (done[0], done[1], go[0], go[1]):
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # closed already
+        for fd in list(ours):
+            close(fd)
         lock.release()
     if status != 0:
         note("the editor %r failed (%s); %s is as it saved it, if it did"
